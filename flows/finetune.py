@@ -1,0 +1,40 @@
+"""The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
+
+    collect -> clean -> quality_gate -> split -> train -> evaluate -> register -> report
+
+Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
+triggered with it. Tasks get the recipe section they need plus references to earlier stages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.stages import clean, collect, evaluate, quality_gate, register, report, save_recipe, split, train
+from tuneline.recipe import Recipe
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(recipe: Recipe) -> dict:
+    """Fine-tune a base model on the recipe's sources and register it; returns the run report."""
+    artifacts_dir = Path(recipe.artifacts_dir).resolve()
+    started = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = artifacts_dir / "runs" / f"{started}-{flow_run.get_name() or 'local'}"
+    save_recipe(run_dir, recipe)
+
+    collected = collect(artifacts_dir, recipe.sources)
+    cleaned = clean(artifacts_dir, collected, recipe.clean)
+    gated = quality_gate(artifacts_dir, cleaned, recipe.quality)
+    splits = split(artifacts_dir, gated, recipe.split)
+    trained = train(artifacts_dir, splits, recipe.model, recipe.train)
+    evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
+    registered = register(artifacts_dir, recipe, splits, trained, evaluated)
+
+    stages = {"collect": collected, "clean": cleaned, "quality_gate": gated, "split": splits,
+              "train": trained, "evaluate": evaluated, "register": registered}
+    summary = report(run_dir, stages)
+    return {**summary, "run_dir": str(run_dir)}

@@ -1,0 +1,111 @@
+"""One Prefect task per stage. Each sets retries and reporting, then calls one core function.
+
+Caching is content-addressed in the artifact store: a stage whose digest (recipe section,
+inputs, code) already has a finished folder returns it at once. That survives a reset of
+Prefect's database and never returns a reference to a deleted folder, so Prefect's own
+result cache is left off (`NO_CACHE`) rather than kept as a second, weaker copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from tuneline.clean import run_clean
+from tuneline.collect import SourceUnreachable, run_collect
+from tuneline.evaluate import run_evaluate
+from tuneline.gate import run_quality_gate
+from tuneline.recipe import CleanSpec, EvaluateSpec, FileSource, ModelSpec, QualitySpec, Recipe, SplitSpec, TrainSpec
+from tuneline.registry import run_register
+from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
+from tuneline.split import run_split
+from tuneline.store import StageRef
+from tuneline.train import run_train
+
+
+def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
+    """Retry what a second try can fix (an unreachable source), never a user's mistake."""
+    try:
+        state.result()
+    except SourceUnreachable:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+@task(
+    name="collect",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_network_errors,
+    cache_policy=NO_CACHE,
+)
+def collect(artifacts_dir: Path, sources: list[FileSource]) -> StageRef:
+    """Read every source into canonical records."""
+    return run_collect(artifacts_dir, sources)
+
+
+@task(name="clean", cache_policy=NO_CACHE)
+def clean(artifacts_dir: Path, collected: StageRef, spec: CleanSpec) -> StageRef:
+    """Normalize, filter and dedup."""
+    return run_clean(artifacts_dir, collected, spec)
+
+
+@task(name="quality_gate", cache_policy=NO_CACHE)
+def quality_gate(artifacts_dir: Path, cleaned: StageRef, spec: QualitySpec) -> StageRef:
+    """Stop bad data before any training time is spent."""
+    return run_quality_gate(artifacts_dir, cleaned, spec)
+
+
+@task(name="split", cache_policy=NO_CACHE)
+def split(artifacts_dir: Path, gated: StageRef, spec: SplitSpec) -> StageRef:
+    """Deal records into train, validation and test."""
+    return run_split(artifacts_dir, gated, spec)
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(artifacts_dir: Path, splits: StageRef, model: ModelSpec, spec: TrainSpec) -> StageRef:
+    """Fine-tune the base model on the train split."""
+    return run_train(artifacts_dir, splits, model, spec)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(
+    artifacts_dir: Path, splits: StageRef, trained: StageRef, model: ModelSpec, spec: EvaluateSpec
+) -> StageRef:
+    """Compare base and tuned model on the test split."""
+    return run_evaluate(artifacts_dir, splits, trained, model, spec)
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register(
+    artifacts_dir: Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
+) -> StageRef:
+    """Register the tuned model in MLflow and promote it if it beats the champion."""
+    return run_register(artifacts_dir, recipe, splits, trained, evaluated)
+
+
+@task(name="save_recipe", cache_policy=NO_CACHE)
+def save_recipe(run_dir: Path, recipe: Recipe) -> Path:
+    """Keep the resolved recipe beside the run's report."""
+    return save_run_recipe(run_dir, recipe)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(run_dir: Path, stages: dict[str, StageRef]) -> dict:
+    """Check the ledger across stages, write the run report and show the funnel in the UI."""
+    summary = build_report(stages)
+    write_report(run_dir, summary)
+    rows = [
+        {"stage": row["stage"], "in": row["in"], "out": row["out"],
+         "dropped": ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-"}
+        for row in summary["funnel"]
+    ]
+    create_table_artifact(rows, key="funnel", description="Records per stage and drop reasons")
+    create_markdown_artifact(render_markdown(summary), key="run-report", description="Tuneline run report")
+    return summary

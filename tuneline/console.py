@@ -1,0 +1,51 @@
+"""What a person sees at the end of a run: the funnel, base vs tuned, the registry, the UIs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tuneline.recipe import Recipe
+
+
+def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None = None) -> None:
+    """Print the run report the flow returned."""
+    console = console or Console()
+    funnel = Table(title="Funnel: records per stage")
+    for column in ("stage", "in", "out", "dropped (reason: count)"):
+        funnel.add_column(column, justify="right" if column in ("in", "out") else "left")
+    for row in report["funnel"]:
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-"
+        funnel.add_row(row["stage"], str(row["in"]), str(row["out"]), dropped)
+    console.print(funnel)
+    if splits := report.get("splits"):
+        console.print("splits: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
+
+    if evaluation := report.get("evaluation"):
+        metric = evaluation.get("metric", "exact_match")
+        scores = Table(title=f"Base vs tuned on the test split ({evaluation.get('examples')} examples)")
+        for column in ("model", "loss", "perplexity", metric):
+            scores.add_column(column)
+        for name in ("base", "tuned"):
+            row = evaluation[name]
+            scores.add_row(name, f"{row['loss']:.3f}", f"{row['perplexity']:.2f}", f"{row[metric]:.3f}")
+        console.print(scores)
+
+    if registry := report.get("registry"):
+        console.print(
+            f"MLflow run [bold]{registry['run_id']}[/bold]; registered [bold]{registry['model_uri']}[/bold]"
+            f" (alias candidate{', champion' if registry['promoted'] else ''}: {registry['reason']})"
+        )
+    console.print(f"Run folder: {report.get('run_dir')}")
+    console.print(
+        "Open the UIs: [bold]tuneline ui[/bold]  (Prefect on http://127.0.0.1:4200, "
+        f"MLflow on http://127.0.0.1:5000, tracking {recipe.register.tracking_uri})"
+    )
+
+
+def print_failure(error: BaseException, console: Console | None = None) -> None:
+    """A failed run: the reason in a sentence, never a traceback for a user's mistake."""
+    console = console or Console(stderr=True)
+    console.print(f"[bold red]Run failed:[/bold red] {type(error).__name__}: {error}", highlight=False)

@@ -1,0 +1,272 @@
+"""The recipe: one frozen, typed description of a whole fine-tuning project.
+
+It is loaded from YAML with `key=value` overrides, validated once (every error listed with its
+field path), passed to the `finetune` flow as its parameter (so the Prefect UI renders it as a
+form), and saved beside every run. Defaults live here and nowhere else.
+
+Relative paths in a recipe are relative to the project folder (the working directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Format = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "self_instruct"]
+
+
+class Section(BaseModel):
+    """Base of every recipe section: frozen, and unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def digest(self) -> str:
+        """Content digest of the section: what stage caching keys on."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class FileSource(Section):
+    """Records in a file: a local path or any fsspec URL (file://, https://, s3://...)."""
+
+    kind: Literal["file"] = "file"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    path: str = Field(description="Local path (relative to the project) or fsspec URL.")
+    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+
+
+class CleanSpec(Section):
+    """Normalization and cheap filters applied before the quality gate."""
+
+    normalize_text: bool = Field(True, description="Unicode NFC, unified newlines, trimmed turns.")
+    dedup: bool = Field(True, description="Drop exact duplicates of normalized conversations.")
+    min_chars: int = Field(2, ge=0, description="Shortest conversation kept, in characters.")
+    max_chars: int = Field(20_000, ge=1, description="Longest conversation kept, in characters.")
+
+
+class QualitySpec(Section):
+    """The quality gate: a Great Expectations suite from expectations/ and its thresholds."""
+
+    suite: str = Field("conversations", description="Suite file name in expectations/ (without .json).")
+    min_records: int = Field(10, ge=1, description="Fewer records than this fail the gate.")
+    min_chars: int = Field(2, ge=0, description="Shortest allowed user and assistant turn.")
+    max_chars: int = Field(20_000, ge=1, description="Longest allowed user and assistant turn.")
+    mostly: float = Field(1.0, gt=0, le=1, description="Share of rows each row-level check must pass.")
+    examples: int = Field(3, ge=0, le=50, description="Failing rows shown per failed expectation.")
+
+
+class SplitSpec(Section):
+    """Deterministic train/validation/test split, by hashing each record id with the seed."""
+
+    validation: float = Field(0.1, ge=0, lt=1, description="Share of records for validation.")
+    test: float = Field(0.1, ge=0, lt=1, description="Share of records held out for the test split.")
+    seed: int = Field(0, description="Changing the seed re-deals the records.")
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SplitSpec:
+        if self.validation + self.test >= 1:
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves nothing to train on; "
+                "keep their sum below 1"
+            )
+        return self
+
+
+class ModelSpec(Section):
+    """The base model: a Hugging Face hub name or a local folder, loaded with from_pretrained."""
+
+    name: str = Field(description="Hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    trust_remote_code: bool = False
+
+
+class LoraSpec(Section):
+    """LoRA adapter settings (peft.LoraConfig)."""
+
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapter, e.g. embed_tokens and lm_head.",
+    )
+
+
+class TrainSpec(Section):
+    """Supervised fine-tuning with TRL's SFT trainer; loss on assistant tokens only."""
+
+    method: Literal["lora"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="Stop after this many steps; -1 trains for `epochs`.")
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(512, ge=8, description="Longest tokenized example; longer ones are truncated.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    seed: int = 0
+    logging_steps: int = Field(5, ge=1)
+
+
+class EvaluateSpec(Section):
+    """Base vs tuned model on the test split: loss and a task metric on greedy generations."""
+
+    metric: Literal["exact_match"] = "exact_match"
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test records.")
+
+
+class RegisterSpec(Section):
+    """MLflow registration and the promotion rule for the `champion` alias."""
+
+    model_name: str = Field(description="Registered model name in MLflow.")
+    tracking_uri: str = Field("sqlite:///.tuneline/mlflow.db", description="MLflow tracking URI.")
+    experiment: str = "tuneline"
+    promote_metric: Literal["exact_match", "loss"] = "exact_match"
+    margin: float = Field(0.0, ge=0, description="How much the candidate must beat the champion by.")
+
+
+# `register` is the stage's name everywhere; on the model it only hides ABCMeta.register.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Recipe(Section):
+    """A whole fine-tuning project, from sources to a registered model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Project name.")
+    artifacts_dir: str = Field(".tuneline", description="Where stage artifacts are stored.")
+    sources: list[FileSource] = Field(min_length=1)
+    clean: CleanSpec = CleanSpec()
+    quality: QualitySpec = QualitySpec()
+    split: SplitSpec = SplitSpec()
+    model: ModelSpec
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    register: RegisterSpec
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> Recipe:
+        names = [source.name for source in self.sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"sources: names must be unique, repeated: {', '.join(repeated)}")
+        return self
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; `problems` holds one 'field.path: message' line per error."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `a.b.c=value` overrides, and validate it once."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RecipeError(str(path), [f"cannot read the recipe: {error.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(where, [f"not valid YAML: {getattr(error, 'problem', error)}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [f"expected a mapping of sections, got {type(data).__name__}"])
+    problems: list[str] = []
+    for override in overrides:
+        problem = apply_override(data, override)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return validate_recipe(data, str(path))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping, listing every error with its field path and the bad value."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(source, [describe_error(e) for e in error.errors()]) from None
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as 'field.path: message (got value)'."""
+    where = ".".join(str(part) for part in error["loc"]) or "(recipe)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key; check its spelling against `tuneline recipe schema`"
+    if error["type"] == "missing":
+        return f"{where}: required, but missing"
+    value = error.get("input")
+    shown = json.dumps(value, default=str)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{where}: {message} (got {shown})"
+
+
+def apply_override(data: dict[str, Any], override: str) -> str | None:
+    """Set `a.b.0.c=value` in the mapping (value parsed as YAML); returns a problem or None."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        return f"override {override!r}: expected key=value, e.g. train.learning_rate=1e-4"
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"override {key}: {'.'.join(parts[: depth + 1])} is not an item of the list"
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            return f"override {key}: {'.'.join(parts[: depth + 1])} holds a value, not a section"
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            return f"override {key}: {last} is not an item of the list"
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default written out: what a run actually used."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def flatten_recipe(recipe: Recipe) -> dict[str, str]:
+    """Recipe as flat `section.key` -> value strings, the shape MLflow params want."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat

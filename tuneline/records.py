@@ -1,0 +1,64 @@
+"""The canonical record: every example inside Tuneline is one conversation.
+
+A record is a plain dict (fast to build, to hash and to write as JSON lines):
+
+    {"id": "<content hash>",
+     "messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
+                   "tool_calls": [{"name": str, "arguments": str}]   # assistant only, optional
+                  }, ...],
+     "tools": None | str,          # JSON text of the tool schemas offered to the model
+     "meta": {"source": ..., "origin": "collected", ...}}
+
+The id is a digest of the content (messages and tools), never of the meta, so the same
+conversation collected twice has the same id and exact dedup is a set lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+Record = dict[str, Any]
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RecordError(ValueError):
+    """A record that cannot be read; the message is the reason that goes to rejects."""
+
+
+def content_digest(messages: list[dict[str, Any]], tools: str | None) -> str:
+    """Digest of what the model sees: same conversation, same id, whatever the meta says."""
+    payload = json.dumps([messages, tools], ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def make_record(
+    messages: list[dict[str, Any]], tools: str | None = None, meta: dict[str, Any] | None = None
+) -> Record:
+    """Build a canonical record after checking its messages; raises RecordError with the reason."""
+    check_messages(messages)
+    return {"id": content_digest(messages, tools), "messages": messages, "tools": tools, "meta": meta or {}}
+
+
+def check_messages(messages: Any) -> None:
+    """Reject what no later stage could use: no messages, unknown roles, non-text content."""
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("messages: no conversation turns")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RecordError(f"messages[{index}]: expected an object, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RecordError(f"messages[{index}].role: {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise RecordError(
+                f"messages[{index}].content: expected text, got {type(message.get('content')).__name__}"
+            )
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RecordError("messages: no assistant turn to learn from")
+
+
+def record_text(record: Record) -> str:
+    """All the text of a record, one turn per line: what length bounds and dedup look at."""
+    return "\n".join(m["content"] for m in record["messages"])

@@ -1,0 +1,93 @@
+"""The run report: the funnel from sources to training set, checked stage by stage, and results.
+
+The ledger is checked twice: inside each stage (records in = out + dropped) and across stages
+(what one stage put out is what the next one took in), so no record goes missing between them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from tuneline.recipe import Recipe, dump_recipe
+from tuneline.store import LedgerError, StageRef, check_ledger, read_stats
+
+# (stage, the stage that feeds it, which of the feeder's outputs it takes in)
+LINKS = (
+    ("clean", "collect", None),
+    ("quality_gate", "clean", None),
+    ("split", "quality_gate", None),
+    ("train", "split", "train"),
+    ("evaluate", "split", "test"),
+)
+
+
+def save_run_recipe(run_dir: Path, recipe: Recipe) -> Path:
+    """Save the resolved recipe (every default written out) beside the run's report."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "recipe.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_recipe(recipe), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def build_report(stages: dict[str, StageRef]) -> dict[str, Any]:
+    """Funnel rows, base vs tuned metrics and the registered model, after checking the ledger."""
+    ledgers = {name: check_ledger(ref) for name, ref in stages.items()}
+    split_counts = read_stats(stages["split"])["counts"] if "split" in stages else {}
+    for stage, feeder, part in LINKS:
+        if stage not in ledgers or feeder not in ledgers:
+            continue
+        fed = split_counts[part] if part else ledgers[feeder]["out"]
+        if ledgers[stage]["in"] != fed:
+            raise LedgerError(
+                f"stage {stage} took in {ledgers[stage]['in']} records but {feeder} gave it {fed}"
+            )
+    report: dict[str, Any] = {
+        "funnel": [
+            {"stage": name, "in": ledger["in"], "out": ledger["out"], "dropped": ledger["dropped"]}
+            for name, ledger in ledgers.items()
+            if name != "register"
+        ],
+        "splits": split_counts,
+        "stage_dirs": {name: ref.path for name, ref in stages.items()},
+    }
+    if "evaluate" in stages:
+        report["evaluation"] = read_stats(stages["evaluate"])
+    if "train" in stages:
+        trained = read_stats(stages["train"])
+        report["training"] = {key: trained.get(key) for key in ("steps", "train_loss", "seconds", "device")}
+    if "register" in stages:
+        report["registry"] = read_stats(stages["register"])
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown, for the Prefect UI and the run folder."""
+    lines = ["# Tuneline run", "", "## Funnel", "", "| stage | in | out | dropped |", "|---|---|---|---|"]
+    for row in report["funnel"]:
+        dropped = ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-"
+        lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {dropped} |")
+    if evaluation := report.get("evaluation"):
+        metric = evaluation.get("metric", "exact_match")
+        lines += ["", "## Base vs tuned (test split)", "", f"| model | loss | {metric} |", "|---|---|---|"]
+        for name in ("base", "tuned"):
+            scores = evaluation[name]
+            lines.append(f"| {name} | {scores['loss']:.4f} | {scores[metric]:.3f} |")
+    if registry := report.get("registry"):
+        lines += ["", "## Registry", "", f"- model: `{registry['model_uri']}`", f"- MLflow run: `{registry['run_id']}`",
+                  f"- promoted to champion: {registry['promoted']} ({registry['reason']})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
+    """Write report.json and report.md into the run folder, each atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", render_markdown(report))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, run_dir / name)
+    return run_dir / "report.json"

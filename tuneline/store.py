@@ -1,0 +1,243 @@
+"""The artifact store: one content-addressed folder per stage output, proven by a manifest.
+
+A stage folder is `<artifacts_dir>/stages/<stage>/<digest>/` where the digest covers the stage
+name, its recipe section, its inputs' digests and its code. Inside: the data, `rejects.jsonl`
+(every dropped record with its reason), `stats.json`, and `manifest.json`, written last. Writes
+happen in a temporary sibling folder renamed into place, so a crash or a retry never leaves a
+half-written stage that a later one could read: no manifest, no stage.
+
+Every manifest carries the ledger `records in = records out + sum(dropped by reason)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tuneline import __version__
+
+MANIFEST = "manifest.json"
+RECORDS = "records.jsonl"
+REJECTS = "rejects.jsonl"
+STATS = "stats.json"
+
+
+class StageRef(BaseModel):
+    """What tasks pass between each other: where a finished stage lies and its digest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    digest: str
+    path: str
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    def file(self, name: str) -> Path:
+        """A file of the stage, e.g. ref.file(RECORDS)."""
+        return Path(self.path) / name
+
+
+class LedgerError(RuntimeError):
+    """A stage whose counts do not add up: records were lost or invented."""
+
+
+class StageCorrupt(RuntimeError):
+    """A finished stage whose files no longer match their manifest."""
+
+
+def stage_digest(stage: str, *parts: Any) -> str:
+    """Digest of everything that decides a stage's output: name, section, input digests, code."""
+    payload = json.dumps([stage, __version__, *parts], sort_keys=True, default=_jsonable)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot digest {type(value).__name__}")
+
+
+def code_digest(*paths: str | Path) -> str:
+    """Digest of source files, so that changing a stage's code re-runs it."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_dir(artifacts_dir: str | Path, stage: str, digest: str) -> Path:
+    return Path(artifacts_dir) / "stages" / stage / digest
+
+
+def find_stage(artifacts_dir: str | Path, stage: str, digest: str) -> StageRef | None:
+    """The finished stage with this digest, or None: a folder without a manifest does not count."""
+    folder = stage_dir(artifacts_dir, stage, digest)
+    if not (folder / MANIFEST).is_file():
+        return None
+    return StageRef(stage=stage, digest=digest, path=str(folder.resolve()))
+
+
+class StageWriter:
+    """Collects a stage's outputs in a temporary folder and its ledger while records stream by."""
+
+    def __init__(self, tmp_dir: Path, stage: str, digest: str, inputs: list[StageRef]) -> None:
+        self.dir = tmp_dir
+        self.stage = stage
+        self.digest = digest
+        self.inputs = inputs
+        self.records_in = 0
+        self.records_out = 0
+        self.dropped: Counter[str] = Counter()
+        self.stats: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}
+
+    def path(self, name: str) -> Path:
+        """Where to write an extra file (a model, a report) inside the stage."""
+        return self.dir / name
+
+    def count_in(self, n: int = 1) -> None:
+        self.records_in += n
+
+    def keep(self, record: dict[str, Any], name: str = RECORDS) -> None:
+        """Write a record to the stage's output."""
+        self._write_line(name, record)
+        self.records_out += 1
+
+    def drop(self, record: Any, reason: str, detail: str | None = None) -> None:
+        """Quarantine a record in rejects.jsonl; `reason` is the short key counted in the ledger."""
+        self._write_line(REJECTS, {"reason": reason, "detail": detail, "record": record})
+        self.dropped[reason] += 1
+
+    def _write_line(self, name: str, obj: Any) -> None:
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = self._handles[name] = open(self.dir / name, "w", encoding="utf-8")  # noqa: SIM115
+        handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+    def close_files(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+@contextmanager
+def write_stage(
+    artifacts_dir: str | Path, stage: str, digest: str, inputs: list[StageRef] = ()
+) -> Iterator[StageWriter]:
+    """Write a stage atomically: yields a writer, then checks the ledger, writes the manifest
+    last and renames the folder into place. On any error the temporary folder is removed."""
+    final = stage_dir(artifacts_dir, stage, digest)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    writer = StageWriter(tmp, stage, digest, list(inputs))
+    try:
+        yield writer
+        writer.close_files()
+        (tmp / REJECTS).touch()  # always present, so "no rejects" is a file you can open
+        check_ledger_counts(stage, writer.records_in, writer.records_out, writer.dropped)
+        (tmp / STATS).write_text(json.dumps(writer.stats, indent=2, default=str), encoding="utf-8")
+        manifest = {
+            "stage": stage,
+            "digest": digest,
+            "code_version": __version__,
+            "inputs": [{"stage": ref.stage, "digest": ref.digest} for ref in writer.inputs],
+            "ledger": {
+                "in": writer.records_in,
+                "out": writer.records_out,
+                "dropped": dict(sorted(writer.dropped.items())),
+            },
+            "files": {name: sha256_file(tmp / name) for name in sorted(_relative_files(tmp))},
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        if final.exists():  # a stage without manifest left by a crash before the rename
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        writer.close_files()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _relative_files(folder: Path) -> Iterator[str]:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            yield path.relative_to(folder).as_posix()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_ledger_counts(stage: str, records_in: int, records_out: int, dropped: dict[str, int]) -> None:
+    """The invariant every stage keeps: nothing lost, nothing invented."""
+    if records_in != records_out + sum(dropped.values()):
+        raise LedgerError(
+            f"stage {stage}: {records_in} records in but {records_out} out + "
+            f"{sum(dropped.values())} dropped {dict(dropped)}; a record was lost or invented"
+        )
+
+
+def read_manifest(ref: StageRef) -> dict[str, Any]:
+    return json.loads(ref.file(MANIFEST).read_text(encoding="utf-8"))
+
+
+def read_stats(ref: StageRef) -> dict[str, Any]:
+    return json.loads(ref.file(STATS).read_text(encoding="utf-8"))
+
+
+def check_ledger(ref: StageRef) -> dict[str, Any]:
+    """Re-check a finished stage's ledger from its manifest; returns the ledger."""
+    ledger = read_manifest(ref)["ledger"]
+    check_ledger_counts(ref.stage, ledger["in"], ledger["out"], ledger["dropped"])
+    return ledger
+
+
+def verify_stage(ref: StageRef) -> None:
+    """Check every file against the manifest's sha256, before trusting a cached stage."""
+    for name, expected in read_manifest(ref)["files"].items():
+        path = ref.file(name)
+        if not path.is_file() or sha256_file(path) != expected:
+            raise StageCorrupt(
+                f"{path}: missing or changed since the stage finished; delete {ref.path} to re-run it"
+            )
+
+
+def iter_records(ref: StageRef, name: str = RECORDS) -> Iterator[dict[str, Any]]:
+    """Stream the records of a finished stage."""
+    path = ref.file(name)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def write_lines(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write JSON lines to a path inside a stage being written; returns the count."""
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
