@@ -67,7 +67,11 @@ def run_collect(artifacts_dir: str | Path, sources: list[FileSource]) -> StageRe
                 for item in iter_file(source.path, source.format, source.name):
                     writer.count_in()
                     if item.record is None:
-                        writer.drop({"source": source.name, "line": item.line}, "unreadable", item.reason)
+                        writer.drop(
+                            {"source": source.name, "line": item.line},
+                            "unreadable",
+                            f"{source.path}:{item.line}: {item.reason}",
+                        )
                         counts["rejected"] += 1
                     else:
                         item.record["meta"]["fetched_at"] = fetched_at

@@ -135,7 +135,8 @@ class RegisterSpec(Section):
     margin: float = Field(0.0, ge=0, description="How much the candidate must beat the champion by.")
 
 
-# `register` is the stage's name everywhere; on the model it only hides ABCMeta.register.
+# `register` is the stage's name everywhere. As a field it shadows ABCMeta.register, which
+# pydantic would take as its default: the explicit `Field(...)` below keeps it required.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
@@ -151,7 +152,7 @@ class Recipe(Section):
     model: ModelSpec
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
-    register: RegisterSpec
+    register: RegisterSpec = Field(...)
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Recipe:
