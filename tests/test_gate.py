@@ -1,0 +1,177 @@
+"""The quality gate: a real Great Expectations run over a small cleaned stage.
+
+Checks what a user relies on: good data passes through untouched with GE's result beside it; bad
+data stops the run with every failed expectation and sample record ids in the message; the
+recipe's thresholds decide; a finished gate is reused; a failed one leaves no stage behind.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneline import gate
+from tuneline.gate import QualityGateFailed, run_quality_gate
+from tuneline.recipe import QualitySpec
+from tuneline.records import make_record
+from tuneline.store import find_stage, iter_records, read_manifest, read_stats, write_stage
+
+
+def conversation(question: str, answer: str, *, system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return make_record(messages, meta={"source": "test"})
+
+
+def good_records(n: int = 30) -> list[dict]:
+    return [
+        conversation(f"How do I reset password number {i}?", f"Open settings, step {i}.") for i in range(n)
+    ]
+
+
+def cleaned_stage(artifacts_dir: Path, records: list[dict], name: str = "c1"):
+    """A finished `clean` stage holding exactly these records."""
+    with write_stage(artifacts_dir, "clean", name) as writer:
+        for record in records:
+            writer.count_in()
+            writer.keep(record)
+    return find_stage(artifacts_dir, "clean", name)
+
+
+def gate_dirs(artifacts_dir: Path) -> list[Path]:
+    folder = artifacts_dir / "stages" / "quality_gate"
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def test_passing_data_goes_through_with_validation_result_and_docs(tmp_path):
+    records = good_records()
+    cleaned = cleaned_stage(tmp_path, records)
+    gated = run_quality_gate(tmp_path, cleaned, QualitySpec(min_records=10))
+    assert list(iter_records(gated)) == records
+    assert read_manifest(gated)["ledger"] == {"in": 30, "out": 30, "dropped": {}}
+    stats = read_stats(gated)
+    assert len(stats["expectations"]) == 8 and all(row["success"] for row in stats["expectations"])
+    assert stats["parameters"] == {"min_records": 10, "min_chars": 2, "max_chars": 20_000, "mostly": 1.0}
+    validation = json.loads(gated.file("validation.json").read_text())
+    assert validation["success"] is True
+    assert gated.file("data_docs/index.html").is_file()
+
+
+def test_failing_data_lists_each_failed_expectation_with_sample_ids_and_leaves_no_stage(tmp_path):
+    blank_answer = conversation("What are your opening hours?", "   ")
+    blank_question = conversation(" \n ", "We open at nine.")
+    ends_on_user = make_record(
+        [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Are you there?"}]
+    )
+    records = [*good_records(), blank_answer, blank_question, ends_on_user, good_records(1)[0]]
+    cleaned = cleaned_stage(tmp_path, records)
+    with pytest.raises(QualityGateFailed) as caught:
+        run_quality_gate(tmp_path, cleaned, QualitySpec(min_records=10, examples=2))
+    message = str(caught.value)
+    failed = {line.split(":")[0] for line in caught.value.failures}
+    assert failed == {
+        "expect_column_values_to_be_unique on id",
+        "expect_column_values_to_not_match_regex on assistant_text",
+        "expect_column_values_to_not_match_regex on user_text",
+        "expect_column_values_to_be_between on user_chars",
+        "expect_column_values_to_be_between on assistant_chars",
+        "expect_column_values_to_be_in_set on last_role",
+    }
+    assert blank_answer["id"] in message and blank_question["id"] in message and ends_on_user["id"] in message
+    assert '"Hello! Are you there?"' in message  # a short excerpt of the failing record
+    assert "expected mostly=1.0, min_value=2" in message
+    assert gate_dirs(tmp_path) == []  # neither a stage nor a temporary folder
+
+
+@pytest.mark.parametrize(
+    ("quality", "passes"),
+    [
+        (QualitySpec(min_records=10), True),
+        (QualitySpec(min_records=10, min_chars=5), False),  # the two "Yes." answers are too short
+        (QualitySpec(min_records=10, min_chars=5, mostly=0.9), True),  # ... unless 10% may fail
+        (QualitySpec(min_records=10, max_chars=20), False),  # every question is longer than 20
+        (QualitySpec(min_records=31), False),
+    ],
+)
+def test_recipe_thresholds_decide_the_outcome(tmp_path, quality, passes):
+    short_answers = [conversation(f"Is it open on day {i}?", "Yes.") for i in range(2)]
+    cleaned = cleaned_stage(tmp_path, [*good_records(28), *short_answers])
+    if passes:
+        run_quality_gate(tmp_path, cleaned, quality)
+    else:
+        with pytest.raises(QualityGateFailed, match="expect_"):
+            run_quality_gate(tmp_path, cleaned, quality)
+
+
+def test_row_count_failure_names_the_observed_count_and_threshold(tmp_path):
+    cleaned = cleaned_stage(tmp_path, good_records(5))
+    with pytest.raises(QualityGateFailed) as caught:
+        run_quality_gate(tmp_path, cleaned, QualitySpec(min_records=10000))
+    (failure,) = caught.value.failures
+    assert failure == "expect_table_row_count_to_be_between: observed 5; expected min_value=10000"
+
+
+def test_finished_gate_is_reused_without_running_great_expectations(tmp_path, monkeypatch):
+    cleaned = cleaned_stage(tmp_path, good_records())
+    first = run_quality_gate(tmp_path, cleaned, QualitySpec())
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cached gate ran the suite again")
+
+    monkeypatch.setattr(gate, "validate_frame", must_not_run)
+    assert run_quality_gate(tmp_path, cleaned, QualitySpec()) == first
+    with pytest.raises(AssertionError, match="ran the suite again"):  # a new threshold is a new stage
+        run_quality_gate(tmp_path, cleaned, QualitySpec(min_chars=3))
+
+
+def test_suite_file_loads_every_expectation():
+    suite_file = gate.suite_path("conversations")
+    suite = gate.load_suite(suite_file)
+    assert len(suite.expectations) == len(json.loads(suite_file.read_text())["expectations"]) == 8
+    columns = {e.column for e in suite.expectations if hasattr(e, "column")}
+    assert columns <= set(gate.records_frame([]).columns)
+
+
+def test_unknown_expectation_type_is_an_error_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(
+        json.dumps({"name": "bad", "expectations": [{"type": "expect_custom_thing", "kwargs": {}}]})
+    )
+    with pytest.raises(ValueError, match="bad.json: .*expect_custom_thing"):
+        gate.load_suite(bad)
+
+
+def test_expectation_on_a_missing_column_fails_with_its_error(tmp_path, monkeypatch):
+    suite = json.loads(gate.suite_path("conversations").read_text())
+    suite["expectations"].append(
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "nope"}}
+    )
+    (tmp_path / "typo.json").write_text(json.dumps(suite))
+    monkeypatch.setattr(gate, "EXPECTATIONS_DIR", tmp_path)
+    cleaned = cleaned_stage(tmp_path, good_records())
+    with pytest.raises(QualityGateFailed) as caught:
+        run_quality_gate(tmp_path, cleaned, QualitySpec(suite="typo"))
+    (failure,) = caught.value.failures
+    assert failure.startswith("expect_column_values_to_not_be_null on nope: could not run: ")
+    assert "nope" in failure.split("could not run: ")[1]
+
+
+def test_unknown_suite_name_names_the_recipe_field(tmp_path):
+    cleaned = cleaned_stage(tmp_path, good_records())
+    with pytest.raises(FileNotFoundError, match="quality.suite: 'nope'"):
+        run_quality_gate(tmp_path, cleaned, QualitySpec(suite="nope"))
+
+
+def test_row_takes_the_weakest_turn_of_each_role():
+    record = make_record(
+        [
+            {"role": "user", "content": "A long enough question"},
+            {"role": "assistant", "content": "A fine answer"},
+            {"role": "user", "content": "  "},
+            {"role": "assistant", "content": "ok"},
+        ]
+    )
+    row = gate.conversation_row(record)
+    assert (row["user_text"], row["user_chars"]) == ("  ", 0)
+    assert (row["assistant_text"], row["assistant_chars"]) == ("ok", 2)
+    assert (row["longest_turn_chars"], row["n_turns"], row["last_role"]) == (22, 4, "assistant")
