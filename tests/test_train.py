@@ -1,0 +1,178 @@
+"""The train stage on a tiny local model: a few LoRA steps, the saved adapter and merged model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tuneline import models, train
+from tuneline.recipe import LoraSpec, ModelSpec, TrainSpec
+from tuneline.records import make_record
+from tuneline.store import (
+    check_ledger,
+    find_stage,
+    iter_records,
+    read_manifest,
+    read_stats,
+    sha256_file,
+    write_stage,
+)
+
+QUESTIONS = {
+    "refund": ["I want my money back", "refund the lamp please", "can I get a refund"],
+    "shipping_status": ["where is my order", "my parcel has not arrived", "track order 12"],
+    "cancel_order": ["cancel order 7", "stop my order please", "I do not want the order"],
+}
+# ChatML without {% generation %} markers, as most hub templates: training falls back to
+# prompt/completion data with completion-only loss.
+PLAIN_CHATML = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def conversation(question: str, label: str) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": "Label the message."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": label},
+    ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    records = [make_record(conversation(q, label)) for label, qs in QUESTIONS.items() for q in qs]
+    no_reply = {"id": "no-reply", "messages": conversation("hello", "x")[:2], "tools": None, "meta": {}}
+    too_long = make_record(conversation("where is my order " * 40, "shipping_status"))
+    with write_stage(root / "art", "split", "s0") as writer:
+        for record in [*records, no_reply, too_long]:
+            writer.count_in()
+            writer.keep(record, "train.jsonl")
+    splits = find_stage(root / "art", "split", "s0")
+    corpus = [m["content"] for r in records for m in r["messages"]]
+    base_dir = models.make_tiny_model(
+        root / "base", corpus, vocab_size=300, hidden_size=32, num_layers=2, num_heads=2
+    )
+    base_sha = sha256_file(base_dir / "model.safetensors")
+    spec = TrainSpec(
+        lora=LoraSpec(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"]),
+        max_steps=3,
+        learning_rate=1e-2,
+        batch_size=4,
+        max_length=64,
+        logging_steps=1,
+    )
+    model_spec = ModelSpec(name=str(base_dir))
+    ref = train.run_train(root / "art", splits, model_spec, spec)
+    return {
+        "root": root,
+        "splits": splits,
+        "base_dir": base_dir,
+        "base_sha": base_sha,
+        "spec": spec,
+        "model": model_spec,
+        "ref": ref,
+        "records": records,
+    }
+
+
+def test_loss_is_finite_and_logged(setup):
+    stats = read_stats(setup["ref"])
+    assert stats["loss_mode"] == "assistant_only"
+    assert stats["steps"] == 3 and stats["method"] == "lora"
+    assert math.isfinite(stats["train_loss"])
+    assert [row["step"] for row in stats["log_history"]] == [1, 2, 3]
+    assert all(math.isfinite(row["loss"]) for row in stats["log_history"])
+    assert 0 < stats["trainable_params"] < stats["total_params"]
+    assert stats["device"] in ("cpu", "cuda:0")
+
+
+def test_ledger_holds_with_reasons(setup):
+    ledger = check_ledger(setup["ref"])
+    assert ledger == {
+        "in": len(setup["records"]) + 2,
+        "out": len(setup["records"]),
+        "dropped": {"no_assistant_turn": 1, "prompt_exceeds_max_length": 1},
+    }
+    trained = {row["id"] for row in iter_records(setup["ref"], "trained.jsonl")}
+    assert trained == {r["id"] for r in setup["records"]}
+    reasons = [
+        json.loads(line)["reason"] for line in setup["ref"].file("rejects.jsonl").read_text().splitlines()
+    ]
+    assert sorted(reasons) == ["no_assistant_turn", "prompt_exceeds_max_length"]
+
+
+def test_lora_weights_trained_and_base_untouched(setup):
+    adapter = load_file(setup["ref"].file("adapter") / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+    assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)  # LoRA B starts at zero
+    assert any("lm_head" in name for name in adapter)  # modules_to_save travel with the adapter
+    assert sha256_file(setup["base_dir"] / "model.safetensors") == setup["base_sha"]
+    base = AutoModelForCausalLM.from_pretrained(setup["base_dir"]).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(setup["ref"].file("model")).state_dict()
+    assert not torch.equal(base["lm_head.weight"], merged["lm_head.weight"])
+    assert torch.equal(base["model.norm.weight"], merged["model.norm.weight"])  # not a LoRA target
+
+
+def test_merged_model_matches_peft_model(setup):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(setup["base_dir"])
+    peft_model = PeftModel.from_pretrained(base, setup["ref"].file("adapter")).eval()
+    merged = AutoModelForCausalLM.from_pretrained(setup["ref"].file("model")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(setup["ref"].file("model"))
+    text = tokenizer.apply_chat_template(conversation("where is my order", "shipping_status"), tokenize=False)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        got = merged(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(setup["base_dir"]).chat_template
+
+
+def test_second_call_is_cached(setup):
+    manifest = read_manifest(setup["ref"])
+    again = train.run_train(setup["root"] / "art", setup["splits"], setup["model"], setup["spec"])
+    assert again == setup["ref"]
+    assert read_manifest(again)["finished_at"] == manifest["finished_at"]
+
+
+def test_template_without_markers_trains_on_completions(setup):
+    spec = setup["spec"].model_copy(update={"max_steps": 1})
+    model_spec = ModelSpec(name=str(setup["base_dir"]), chat_template=PLAIN_CHATML)
+    ref = train.run_train(setup["root"] / "art", setup["splits"], model_spec, spec)
+    stats = read_stats(ref)
+    assert stats["loss_mode"] == "completion_only"
+    assert math.isfinite(stats["train_loss"])
+    assert AutoTokenizer.from_pretrained(ref.file("model")).chat_template == PLAIN_CHATML
+
+
+def test_build_peft_config():
+    config = train.build_peft_config(
+        TrainSpec(lora=LoraSpec(r=8, alpha=16, modules_to_save=["embed_tokens"]))
+    )
+    assert (config.r, config.lora_alpha, config.task_type) == (8, 16, "CAUSAL_LM")
+    assert config.target_modules == "all-linear" and config.modules_to_save == ["embed_tokens"]
+    assert train.build_peft_config(TrainSpec()).modules_to_save is None
+
+
+@pytest.mark.parametrize("loss_mode", ["assistant_only", "completion_only"])
+def test_build_sft_config(tmp_path, loss_mode):
+    spec = TrainSpec(epochs=2, learning_rate=1e-3, batch_size=4, max_length=96, seed=7, warmup_ratio=0.1)
+    config = train.build_sft_config(spec, tmp_path, loss_mode=loss_mode)
+    assert config.assistant_only_loss is (loss_mode == "assistant_only")
+    assert config.completion_only_loss is (loss_mode == "completion_only")
+    assert (config.num_train_epochs, config.learning_rate, config.per_device_train_batch_size) == (2, 1e-3, 4)
+    assert (config.max_length, config.seed, config.warmup_steps) == (96, 7, 0.1)
+    assert config.report_to in ("none", [], ["none"]) and config.save_strategy == "no"
+    assert config.gradient_checkpointing is False
+    if not torch.cuda.is_available():
+        assert config.use_cpu and not config.bf16

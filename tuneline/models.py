@@ -1,0 +1,198 @@
+"""Models and tokenizers: build a tiny local model, load any model through the Auto classes.
+
+Real runs name a hub model (e.g. `Qwen/Qwen2.5-0.5B-Instruct`); tests, CI and the quickstart
+cannot download one, so `make_tiny_model` trains a small byte-level BPE tokenizer on the caller's
+texts and saves a randomly initialised Llama-architecture model beside it. Both kinds load through
+the same `from_pretrained` code path, so the pipeline never special-cases the tiny model.
+
+Device and dtype are chosen in one place, `choose_device`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneline.recipe import ModelSpec
+
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+
+# ChatML. The assistant turn sits inside {% generation %} together with its <|im_end|>, so
+# assistant-only loss trains the label *and* the stop token (without it the model never learns to
+# end its reply). The newline after <|im_end|> stays outside: it is part of the next turn's frame.
+# Prompt rendering (add_generation_prompt) is a prefix of the full rendering, as TRL needs.
+CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n# Tools\\n' }}"
+    "{{- (tools if tools is string else (tools | tojson)) + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{{- message['content'] or '' }}"
+    "{%- if message['tool_calls'] %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- if call['function'] is defined %}{%- set call = call['function'] %}{%- endif %}"
+    "{{- '<tool_call>' + ({'name': call['name'], 'arguments': call['arguments']} | tojson) }}"
+    "{{- '</tool_call>' }}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def choose_device() -> tuple[str, torch.dtype]:
+    """The device and weight dtype for training and inference: bf16 on a GPU that has it, else fp32.
+
+    fp16 weights are avoided on purpose: fully trained modules (`modules_to_save`) in fp16 break
+    the trainer's gradient scaler, and the small models this runs on CPU need fp32 anyway.
+    """
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return "cpu", torch.float32
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    corpus: Iterable[str],
+    *,
+    vocab_size: int = 1000,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Train a byte-level BPE tokenizer on `corpus`, build a random Llama model, save both.
+
+    The folder then loads with AutoTokenizer/AutoModelForCausalLM like any hub model. The
+    tokenizer carries a ChatML chat template with `{% generation %}` markers, `<|im_end|>` as
+    its eos token and `<|pad|>` for padding.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specials = [PAD, IM_START, IM_END]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, no <unk>
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=IM_END,
+        pad_token=PAD,
+        additional_special_tokens=[IM_START],
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """The model's tokenizer with the recipe's chat template applied; a pad token is ensured.
+
+    Raises ValueError naming `model.chat_template` when neither the tokenizer nor the recipe
+    provides a template: conversations cannot be rendered without one.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
+    if spec.chat_template:
+        tokenizer.chat_template = spec.chat_template
+    if not tokenizer.chat_template:
+        raise ValueError(
+            f"model.name: tokenizer of {spec.name!r} has no chat template; set `model.chat_template` "
+            "in the recipe to a Jinja template (e.g. ChatML), or use an instruct/chat model"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """A causal LM from a hub name or a local folder, on the chosen device and dtype, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = choose_device()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
+    )
+    return model.to(device).eval()
+
+
+def has_generation_markers(chat_template: str | dict[str, str] | None) -> bool:
+    """Whether a chat template marks assistant output with `{% generation %}` (assistant-only loss).
+
+    A template shipped as named variants is judged by its `default` variant.
+    """
+    if isinstance(chat_template, dict):
+        chat_template = chat_template.get("default")
+    return bool(chat_template) and re.search(r"\{%-?\s*generation\s*-?%\}", chat_template) is not None
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def last_assistant_index(messages: list[dict[str, Any]]) -> int | None:
+    """Index of the last assistant turn, or None when the conversation has none."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index]["role"] == "assistant":
+            return index
+    return None
+
+
+def clean_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A turn as the chat template reads it: role, content and tool calls when there are some."""
+    turn = {"role": message["role"], "content": message["content"]}
+    if message.get("tool_calls"):
+        turn["tool_calls"] = message["tool_calls"]
+    return turn
