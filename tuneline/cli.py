@@ -97,11 +97,23 @@ def quickstart() -> None:
     run_recipe(recipe)
 
 
+def quiet_environment(prefect_home: Path) -> None:
+    """The project's Prefect home, no analytics, and no progress bars in the run's log."""
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    for name, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TQDM_DISABLE", "1"),
+        ("GX_ANALYTICS_ENABLED", "false"),
+    ):
+        os.environ.setdefault(name, value)
+
+
 def run_recipe(recipe: Recipe) -> dict:
     """Start (or reuse) a Prefect server, run the flow, print the report; exit 1 if it failed."""
     home = Path(recipe.artifacts_dir).resolve() / "prefect"
-    os.environ.setdefault("PREFECT_HOME", str(home))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    quiet_environment(home)
     from tuneline.console import print_failure, print_report
 
     from flows.server import ServerStartError, local_prefect_server
@@ -112,12 +124,16 @@ def run_recipe(recipe: Recipe) -> dict:
 
             from flows.finetune import finetune
 
+            from prefect.logging.handlers import APILogHandler
+
             with temporary_settings({PREFECT_API_URL: api_url}):
                 try:
                     summary = finetune(recipe)
                 except Exception as error:  # noqa: BLE001 - the flow's failure is shown, not re-raised
                     print_failure(error)
                     raise typer.Exit(1) from None
+                finally:
+                    APILogHandler.flush()  # send the last logs before the server stops
     except ServerStartError as error:
         raise fail(str(error), 1) from None
     print_report(summary, recipe)

@@ -36,7 +36,7 @@ def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None
     if registry := report.get("registry"):
         console.print(
             f"MLflow run [bold]{registry['run_id']}[/bold]; registered [bold]{registry['model_uri']}[/bold]"
-            f" (alias candidate{', champion' if registry['promoted'] else ''}: {registry['reason']})"
+            f"; aliases: candidate{', champion' if registry['promoted'] else ''} ({registry['reason']})"
         )
     console.print(f"Run folder: {report.get('run_dir')}")
     console.print(

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from tuneline import models
+
+# TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every training step.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 from tuneline.recipe import ModelSpec, TrainSpec
 from tuneline.store import (
     StageRef,
