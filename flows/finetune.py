@@ -8,7 +8,7 @@ triggered with it. Tasks get the recipe section they need plus references to ear
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow
@@ -18,11 +18,11 @@ from tasks.stages import clean, collect, evaluate, quality_gate, register, repor
 from tuneline.recipe import Recipe
 
 
-@flow(name="finetune", log_prints=True)
+@flow(name="finetune")
 def finetune(recipe: Recipe) -> dict:
     """Fine-tune a base model on the recipe's sources and register it; returns the run report."""
     artifacts_dir = Path(recipe.artifacts_dir).resolve()
-    started = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = artifacts_dir / "runs" / f"{started}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
 
@@ -34,7 +34,14 @@ def finetune(recipe: Recipe) -> dict:
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
-    stages = {"collect": collected, "clean": cleaned, "quality_gate": gated, "split": splits,
-              "train": trained, "evaluate": evaluated, "register": registered}
+    stages = {
+        "collect": collected,
+        "clean": cleaned,
+        "quality_gate": gated,
+        "split": splits,
+        "train": trained,
+        "evaluate": evaluated,
+        "register": registered,
+    }
     summary = report(run_dir, stages)
     return {**summary, "run_dir": str(run_dir)}

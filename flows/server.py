@@ -35,7 +35,9 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float, log_path: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServerStartError(f"the Prefect server exited with code {process.returncode}; see {log_path}")
+            raise ServerStartError(
+                f"the Prefect server exited with code {process.returncode}; see {log_path}"
+            )
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -59,7 +61,10 @@ def local_prefect_server(prefect_home: Path, timeout: float = 90) -> Iterator[st
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
     try:
         wait_healthy(url, process, timeout, log_path)

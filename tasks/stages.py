@@ -19,7 +19,16 @@ from tuneline.clean import run_clean
 from tuneline.collect import SourceUnreachable, run_collect
 from tuneline.evaluate import run_evaluate
 from tuneline.gate import run_quality_gate
-from tuneline.recipe import CleanSpec, EvaluateSpec, FileSource, ModelSpec, QualitySpec, Recipe, SplitSpec, TrainSpec
+from tuneline.recipe import (
+    CleanSpec,
+    EvaluateSpec,
+    FileSource,
+    ModelSpec,
+    QualitySpec,
+    Recipe,
+    SplitSpec,
+    TrainSpec,
+)
 from tuneline.registry import run_register
 from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
 from tuneline.split import run_split
@@ -102,8 +111,12 @@ def report(run_dir: Path, stages: dict[str, StageRef]) -> dict:
     summary = build_report(stages)
     write_report(run_dir, summary)
     rows = [
-        {"stage": row["stage"], "in": row["in"], "out": row["out"],
-         "dropped": ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-"}
+        {
+            "stage": row["stage"],
+            "in": row["in"],
+            "out": row["out"],
+            "dropped": ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-",
+        }
         for row in summary["funnel"]
     ]
     create_table_artifact(rows, key="funnel", description="Records per stage and drop reasons")

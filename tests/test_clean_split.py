@@ -37,8 +37,11 @@ def test_each_filter_drops_with_its_reason(tmp_path, record, spec, reason):
 
 
 def test_duplicates_after_normalization_are_dropped(tmp_path):
-    records = [conversation("Caf\u0065\u0301 hours?", "open"), conversation("  Caf\u00e9 hours?\r\n", "open"),
-               conversation("other question", "closed")]
+    records = [
+        conversation("Caf\u0065\u0301 hours?", "open"),
+        conversation("  Caf\u00e9 hours?\r\n", "open"),
+        conversation("other question", "closed"),
+    ]
     ref = run_clean(tmp_path, stage_of(tmp_path, records), CleanSpec())
     assert read_manifest(ref)["ledger"] == {"in": 3, "out": 2, "dropped": {"duplicate": 1}}
     assert [r["messages"][0]["content"] for r in iter_records(ref)] == ["Caf\u00e9 hours?", "other question"]
@@ -60,9 +63,16 @@ def test_split_is_deterministic_and_complete(tmp_path):
     records = [conversation(f"question {n}", f"answer {n}") for n in range(400)]
     spec = SplitSpec(validation=0.1, test=0.2, seed=3)
     ref = run_split(tmp_path, stage_of(tmp_path, records, "quality_gate"), spec)
-    names = {name: [r["id"] for r in iter_records(ref, f"{name}.jsonl")] for name in ("train", "validation", "test")}
+    names = {
+        name: [r["id"] for r in iter_records(ref, f"{name}.jsonl")]
+        for name in ("train", "validation", "test")
+    }
     assert sum(map(len, names.values())) == 400
     assert 50 < len(names["test"]) < 110 and 20 < len(names["validation"]) < 65
     assert all(assign_split(rid, spec) == "test" for rid in names["test"])
-    assert assign_split(names["test"][0], SplitSpec(validation=0.1, test=0.2, seed=4)) in ("train", "validation", "test")
+    assert assign_split(names["test"][0], SplitSpec(validation=0.1, test=0.2, seed=4)) in (
+        "train",
+        "validation",
+        "test",
+    )
     assert read_manifest(ref)["ledger"] == {"in": 400, "out": 400, "dropped": {}}

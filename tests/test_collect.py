@@ -26,7 +26,10 @@ def test_collects_sources_with_rejects_and_counts(tmp_path):
     assert read_manifest(ref)["ledger"] == {"in": 4, "out": 3, "dropped": {"unreadable": 1}}
     reject = json.loads(ref.file("rejects.jsonl").read_text())
     assert reject["detail"].startswith(f"{first}:3:")
-    assert read_stats(ref)["sources"] == {"a": {"records": 2, "rejected": 1}, "b": {"records": 1, "rejected": 0}}
+    assert read_stats(ref)["sources"] == {
+        "a": {"records": 2, "rejected": 1},
+        "b": {"records": 1, "rejected": 0},
+    }
 
 
 def test_cache_follows_content_not_path(tmp_path):

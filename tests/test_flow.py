@@ -31,8 +31,14 @@ def project(tmp_path_factory):
     lines = DATA.read_text().splitlines()[:260]
     (root / "tickets.jsonl").write_text("\n".join(lines) + "\n")
     texts = [json.loads(line)["instruction"] for line in lines if line.endswith("}")]
-    make_tiny_model(root / "base", texts + ["refund", "complaint"], vocab_size=400, hidden_size=48,
-                    num_layers=2, num_heads=4)
+    make_tiny_model(
+        root / "base",
+        texts + ["refund", "complaint"],
+        vocab_size=400,
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+    )
     return root
 
 
@@ -43,8 +49,13 @@ def recipe_for(project, **sections):
         "sources": [{"name": "tickets", "path": str(project / "tickets.jsonl")}],
         "quality": {"min_records": 50, "min_chars": 1, "max_chars": 400},
         "model": {"name": str(project / "base")},
-        "train": {"max_steps": 12, "batch_size": 16, "learning_rate": 0.003, "max_length": 96,
-                  "lora": {"r": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]}},
+        "train": {
+            "max_steps": 12,
+            "batch_size": 16,
+            "learning_rate": 0.003,
+            "max_length": 96,
+            "lora": {"r": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]},
+        },
         "evaluate": {"max_new_tokens": 6, "max_examples": 12},
         "register": {"model_name": "flow-test", "tracking_uri": f"sqlite:///{project / 'mlflow.db'}"},
     }
@@ -91,8 +102,13 @@ def test_registered_model_reloads_by_alias_in_a_fresh_process(first_run, project
         model = mlflow.pyfunc.load_model("models:/flow-test@champion")
         print(json.dumps(list(model.predict(json.load(sys.stdin)))))
     """)
-    result = subprocess.run([sys.executable, "-c", script], input=json.dumps(conversations),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(conversations),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     replies = json.loads(result.stdout.strip().splitlines()[-1])
     assert replies == [p["tuned"] for p in predictions]

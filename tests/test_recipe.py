@@ -48,7 +48,10 @@ def test_every_error_is_listed_with_its_path(tmp_path):
     ("override", "check"),
     [
         ("train.learning_rate=1e-3", lambda r: r.train.learning_rate == 1e-3),
-        ("train.lora.target_modules=[q_proj,v_proj]", lambda r: r.train.lora.target_modules == ["q_proj", "v_proj"]),
+        (
+            "train.lora.target_modules=[q_proj,v_proj]",
+            lambda r: r.train.lora.target_modules == ["q_proj", "v_proj"],
+        ),
         ("sources.0.path=other.jsonl", lambda r: r.sources[0].path == "other.jsonl"),
         ("evaluate.max_examples=5", lambda r: r.evaluate.max_examples == 5),
     ],
@@ -72,7 +75,9 @@ def test_bad_overrides_name_the_problem(tmp_path, override, message):
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
-    with pytest.raises(RecipeError, match=r"(?s)recipe.yaml:2: .*not valid YAML: mapping values are not allowed"):
+    with pytest.raises(
+        RecipeError, match=r"(?s)recipe.yaml:2: .*not valid YAML: mapping values are not allowed"
+    ):
         load_recipe(write(tmp_path, "name: x\nmodel: name: y\n"))
 
 
@@ -89,7 +94,9 @@ def test_check_command_exit_codes(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["recipe", "check", str(write(tmp_path, GOOD))])
     assert ok.exit_code == 0, ok.output
-    bad = runner.invoke(app, ["recipe", "check", str(write(tmp_path, {**GOOD, "split": {"test": 0.6, "validation": 0.5}}))])
+    bad = runner.invoke(
+        app, ["recipe", "check", str(write(tmp_path, {**GOOD, "split": {"test": 0.6, "validation": 0.5}}))]
+    )
     assert bad.exit_code == 2
     assert "leaves nothing to train on" in bad.output
     missing = runner.invoke(app, ["recipe", "check", str(tmp_path / "nope.yaml")])

@@ -47,7 +47,10 @@ def test_a_crash_leaves_no_stage_and_no_temp_folder(tmp_path):
 
 
 def test_a_lost_record_fails_the_stage(tmp_path):
-    with pytest.raises(LedgerError, match="3 records in but 1 out"), write_stage(tmp_path, "clean", "abc") as w:
+    with (
+        pytest.raises(LedgerError, match="3 records in but 1 out"),
+        write_stage(tmp_path, "clean", "abc") as w,
+    ):
         w.count_in(3)
         w.keep({"n": 1})
     assert find_stage(tmp_path, "clean", "abc") is None

@@ -9,6 +9,7 @@ into `flows/`, which sits above this package.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated
@@ -16,9 +17,12 @@ from typing import Annotated
 import typer
 
 from tuneline.data_cli import data_app
+from tuneline.errors import UserError
 from tuneline.recipe import Recipe, RecipeError, load_recipe
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune language models as one pipeline.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Fine-tune language models as one pipeline."
+)
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipes and show their schema.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data", help="Inspect and convert datasets.")
@@ -69,12 +73,16 @@ def make_tiny_model_command(
     from tuneline.models import make_tiny_model
 
     try:
-        texts = [m["content"] for item in iter_file(str(corpus)) if item.record for m in item.record["messages"]]
+        texts = [
+            m["content"] for item in iter_file(str(corpus)) if item.record for m in item.record["messages"]
+        ]
     except (FormatError, OSError) as error:
         raise fail(f"--corpus {corpus}: {error}", 2) from None
     if not texts:
         raise fail(f"--corpus {corpus}: no readable records to train a tokenizer on", 2)
-    path = make_tiny_model(out_dir, texts, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers)
+    path = make_tiny_model(
+        out_dir, texts, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers
+    )
     typer.echo(f"tiny model and tokenizer written to {path}")
 
 
@@ -91,8 +99,11 @@ def quickstart() -> None:
     if not QUICKSTART_RECIPE.is_file():
         raise fail(f"{QUICKSTART_RECIPE} not found: run the quickstart from the Tuneline project folder", 2)
     recipe = read_recipe(QUICKSTART_RECIPE, None)
+    quiet_environment(Path(recipe.artifacts_dir).resolve() / "prefect")
     if not (QUICKSTART_MODEL / "config.json").is_file():
-        typer.echo(f"Building the quickstart's tiny base model in {QUICKSTART_MODEL} (nothing is downloaded)...")
+        typer.echo(
+            f"Building the quickstart's tiny base model in {QUICKSTART_MODEL} (nothing is downloaded)..."
+        )
         make_tiny_model_command(QUICKSTART_MODEL, QUICKSTART_DATA)
     run_recipe(recipe)
 
@@ -108,23 +119,36 @@ def quiet_environment(prefect_home: Path) -> None:
         ("GX_ANALYTICS_ENABLED", "false"),
     ):
         os.environ.setdefault(name, value)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def hide_user_error_tracebacks(record: logging.LogRecord) -> bool:
+    """Logging filter: a user's mistake is logged as its message, without Tuneline's traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], UserError):
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def run_recipe(recipe: Recipe) -> dict:
     """Start (or reuse) a Prefect server, run the flow, print the report; exit 1 if it failed."""
     home = Path(recipe.artifacts_dir).resolve() / "prefect"
     quiet_environment(home)
-    from tuneline.console import print_failure, print_report
-
     from flows.server import ServerStartError, local_prefect_server
+    from tuneline.console import print_failure, print_report
 
     try:
         with local_prefect_server(home) as api_url:
+            from prefect.logging.handlers import APILogHandler
             from prefect.settings import PREFECT_API_URL, temporary_settings
 
             from flows.finetune import finetune
 
-            from prefect.logging.handlers import APILogHandler
+            for name in ("prefect.flow_runs", "prefect.task_runs", ""):  # "" is the root's console
+                for handler in logging.getLogger(name).handlers:
+                    handler.addFilter(hide_user_error_tracebacks)
 
             with temporary_settings({PREFECT_API_URL: api_url}):
                 try:
@@ -133,7 +157,7 @@ def run_recipe(recipe: Recipe) -> dict:
                     print_failure(error)
                     raise typer.Exit(1) from None
                 finally:
-                    APILogHandler.flush()  # send the last logs before the server stops
+                    APILogHandler().flush()  # send the last logs before the server stops
     except ServerStartError as error:
         raise fail(str(error), 1) from None
     print_report(summary, recipe)
@@ -142,7 +166,9 @@ def run_recipe(recipe: Recipe) -> dict:
 
 @app.command("ui")
 def ui(
-    recipe_path: Annotated[Path, typer.Argument(help="Recipe whose artifacts and MLflow store to show.")] = QUICKSTART_RECIPE,
+    recipe_path: Annotated[
+        Path, typer.Argument(help="Recipe whose artifacts and MLflow store to show.")
+    ] = QUICKSTART_RECIPE,
     prefect_port: int = 4200,
     mlflow_port: int = 5000,
 ) -> None:
@@ -155,12 +181,34 @@ def ui(
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
     commands = [
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(mlflow_port),
-         "--backend-store-uri", recipe.register.tracking_uri],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(prefect_port),
+        ],
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--backend-store-uri",
+            recipe.register.tracking_uri,
+        ],
     ]
     processes = [subprocess.Popen(command, env=env) for command in commands]
-    typer.echo(f"Prefect: http://127.0.0.1:{prefect_port}   MLflow: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)")
+    typer.echo(
+        f"Prefect: http://127.0.0.1:{prefect_port}   MLflow: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)"
+    )
     try:
         for process in processes:
             process.wait()

@@ -9,18 +9,19 @@ again and an unchanged one is not. A record that cannot be read goes to rejects 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fsspec
 
+from tuneline.errors import UserError
 from tuneline.formats import FormatError, iter_file
 from tuneline.recipe import FileSource
 from tuneline.store import StageRef, code_digest, find_stage, stage_digest, write_stage
 
 
-class SourceError(RuntimeError):
+class SourceError(UserError, RuntimeError):
     """A source that cannot be read at all: missing file, unreachable URL, unknown format."""
 
 
@@ -58,7 +59,7 @@ def run_collect(artifacts_dir: str | Path, sources: list[FileSource]) -> StageRe
     digest = stage_digest("collect", sources, fingerprints, code_digest(__file__))
     if cached := find_stage(artifacts_dir, "collect", digest):
         return cached
-    fetched_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    fetched_at = datetime.now(UTC).isoformat(timespec="seconds")
     per_source: dict[str, dict[str, int]] = {}
     with write_stage(artifacts_dir, "collect", digest) as writer:
         for source in sources:
@@ -80,6 +81,8 @@ def run_collect(artifacts_dir: str | Path, sources: list[FileSource]) -> StageRe
             except FormatError as error:
                 raise SourceError(f"source {source.name!r}: {error}") from None
             except (OSError, TimeoutError) as error:
-                raise SourceUnreachable(f"source {source.name!r}: reading {source.path} failed: {error}") from error
+                raise SourceUnreachable(
+                    f"source {source.name!r}: reading {source.path} failed: {error}"
+                ) from error
         writer.stats = {"sources": per_source}
     return find_stage(artifacts_dir, "collect", digest)

@@ -22,6 +22,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 
+from tuneline.errors import UserError
 from tuneline.formats_io import WRITABLE_FORMATS, ConversionError, Format, json_type, parse_object, to_format
 from tuneline.records import Record, RecordError, make_record
 
@@ -32,7 +33,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """A whole file (or a request) in a format Tuneline cannot handle; the message says the fix."""
 
 

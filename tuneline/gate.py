@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuneline.errors import UserError
 from tuneline.recipe import QualitySpec
 from tuneline.records import Record, record_text
 from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
@@ -29,7 +30,7 @@ EXCERPT_CHARS = 60
 SUMMARY_KEYS = ("observed_value", "element_count", "unexpected_count", "unexpected_percent")
 
 
-class QualityGateFailed(RuntimeError):
+class QualityGateFailed(UserError, RuntimeError):
     """The records failed the quality suite; the message lists each failed expectation."""
 
     def __init__(self, suite: str, failures: list[str]) -> None:

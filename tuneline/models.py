@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tuneline.errors import UserError
 from tuneline.recipe import ModelSpec
 
 IM_START = "<|im_start|>"
@@ -129,21 +130,32 @@ def make_tiny_model(
     return out_dir
 
 
+class ModelError(UserError, ValueError):
+    """A base model the recipe names that cannot be loaded, or lacks what training needs."""
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
     """The model's tokenizer with the recipe's chat template applied; a pad token is ensured.
 
-    Raises ValueError naming `model.chat_template` when neither the tokenizer nor the recipe
+    Raises ModelError naming `model.chat_template` when neither the tokenizer nor the recipe
     provides a template: conversations cannot be rendered without one.
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+    except OSError as error:
+        raise ModelError(
+            f"model.name: cannot load {spec.name!r}: it is not a local model folder and the hub "
+            f"did not provide it ({str(error).splitlines()[0]}); fix the name or path, set HF_TOKEN "
+            "for a gated model, or build a local one with `tuneline make-tiny-model`"
+        ) from None
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template
     if not tokenizer.chat_template:
-        raise ValueError(
+        raise ModelError(
             f"model.name: tokenizer of {spec.name!r} has no chat template; set `model.chat_template` "
             "in the recipe to a Jinja template (e.g. ChatML), or use an instruct/chat model"
         )

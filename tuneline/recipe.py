@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tuneline.errors import UserError
+
 Format = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "self_instruct"]
 
 
@@ -163,7 +165,7 @@ class Recipe(Section):
         return self
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be used; `problems` holds one 'field.path: message' line per error."""
 
     def __init__(self, source: str, problems: list[str]) -> None:

@@ -78,8 +78,14 @@ def render_markdown(report: dict[str, Any]) -> str:
             scores = evaluation[name]
             lines.append(f"| {name} | {scores['loss']:.4f} | {scores[metric]:.3f} |")
     if registry := report.get("registry"):
-        lines += ["", "## Registry", "", f"- model: `{registry['model_uri']}`", f"- MLflow run: `{registry['run_id']}`",
-                  f"- promoted to champion: {registry['promoted']} ({registry['reason']})"]
+        lines += [
+            "",
+            "## Registry",
+            "",
+            f"- model: `{registry['model_uri']}`",
+            f"- MLflow run: `{registry['run_id']}`",
+            f"- promoted to champion: {registry['promoted']} ({registry['reason']})",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -24,9 +24,6 @@ from typing import Any, Literal
 import torch
 
 from tuneline import models
-
-# TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every training step.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 from tuneline.recipe import ModelSpec, TrainSpec
 from tuneline.store import (
     StageRef,
@@ -37,6 +34,9 @@ from tuneline.store import (
     stage_digest,
     write_stage,
 )
+
+# TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every training step.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 STAGE = "train"
 LossMode = Literal["assistant_only", "completion_only"]

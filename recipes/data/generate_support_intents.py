@@ -96,8 +96,20 @@ TEMPLATES = {
         "I want to file a complaint about the {product}",
     ],
 }
-PRODUCTS = ["blender", "headphones", "jacket", "laptop bag", "coffee maker", "desk lamp", "running shoes",
-            "backpack", "phone case", "toaster", "smart watch", "yoga mat"]
+PRODUCTS = [
+    "blender",
+    "headphones",
+    "jacket",
+    "laptop bag",
+    "coffee maker",
+    "desk lamp",
+    "running shoes",
+    "backpack",
+    "phone case",
+    "toaster",
+    "smart watch",
+    "yoga mat",
+]
 CITIES = ["Lyon", "Boston", "Leeds", "Porto", "Austin", "Dublin", "Oslo", "Denver"]
 DAYS = ["Monday", "Tuesday", "Friday", "Sunday", "the weekend", "Christmas Eve"]
 
@@ -108,8 +120,11 @@ def main() -> None:
     for intent, templates in TEMPLATES.items():
         for _ in range(66):
             text = rng.choice(templates).format(
-                product=rng.choice(PRODUCTS), order=rng.randint(10000, 99999),
-                city=rng.choice(CITIES), day=rng.choice(DAYS))
+                product=rng.choice(PRODUCTS),
+                order=rng.randint(10000, 99999),
+                city=rng.choice(CITIES),
+                day=rng.choice(DAYS),
+            )
             if rng.random() < 0.3:
                 text = text.capitalize()
             rows.append({"system": SYSTEM, "instruction": text, "input": "", "output": intent})
