@@ -1,10 +1,13 @@
 """Collect: local files and fsspec URLs into one record set; sources named in every failure."""
 
+import functools
+import http.server
 import json
+import threading
 
 import pytest
 
-from tuneline.collect import SourceError, run_collect, source_fingerprint
+from tuneline.collect import SourceError, SourceUnreachable, run_collect, source_fingerprint
 from tuneline.recipe import FileSource
 from tuneline.store import iter_records, read_manifest, read_stats
 
@@ -44,3 +47,65 @@ def test_cache_follows_content_not_path(tmp_path):
 def test_missing_source_is_named(tmp_path):
     with pytest.raises(SourceError, match=r"source 'gone': .*nope.jsonl does not exist"):
         source_fingerprint(FileSource(name="gone", path=str(tmp_path / "nope.jsonl")))
+
+
+class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves the test folder; answers 500 to the first `failures` requests of each path."""
+
+    failures: dict[str, int] = {}
+
+    def send_head(self):
+        left = self.failures.get(self.path, 0)
+        if left:
+            self.failures[self.path] = left - 1
+            self.send_error(500, "flaky")
+            return None
+        return super().send_head()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web(tmp_path):
+    """A loopback HTTP server on an OS-chosen port, serving tmp_path."""
+    handler = functools.partial(FlakyHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+    FlakyHandler.failures.clear()
+
+
+def test_collects_over_http(tmp_path, web):
+    alpaca_file(tmp_path / "a.jsonl", [("q1", "a1"), ("q2", "a2")])
+    ref = run_collect(tmp_path / "store", [FileSource(name="web", path=f"{web}/a.jsonl")])
+    assert read_manifest(ref)["ledger"]["out"] == 2
+
+
+def test_missing_url_is_a_user_error_and_a_down_server_is_retryable(tmp_path, web):
+    with pytest.raises(SourceError, match="does not exist") as missing:
+        source_fingerprint(FileSource(name="web", path=f"{web}/nope.jsonl"))
+    assert not isinstance(missing.value, SourceUnreachable)
+    FlakyHandler.failures["/a.jsonl"] = 100
+    alpaca_file(tmp_path / "a.jsonl", [("q1", "a1")])
+    with pytest.raises(SourceUnreachable, match="source 'web': cannot reach .*500"):
+        source_fingerprint(FileSource(name="web", path=f"{web}/a.jsonl"))
+
+
+def test_collect_task_retries_a_failing_source_then_succeeds(tmp_path, web, prefect_server):
+    from prefect import flow
+
+    from tasks.stages import collect
+
+    alpaca_file(tmp_path / "a.jsonl", [("q1", "a1")])
+    FlakyHandler.failures["/a.jsonl"] = 2  # HEAD and GET of the first try fail with 500
+
+    @flow
+    def collect_only():
+        return collect(tmp_path / "store", [FileSource(name="web", path=f"{web}/a.jsonl")])
+
+    ref = collect_only()
+    assert read_manifest(ref)["ledger"]["out"] == 1

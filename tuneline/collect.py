@@ -34,7 +34,20 @@ def source_fingerprint(source: FileSource) -> dict[str, Any]:
     try:
         fs, path = fsspec.core.url_to_fs(source.path)
         info = fs.info(path)
-    except FileNotFoundError:
+    except FileNotFoundError as error:
+        # fsspec's HTTP filesystem reports every failure as FileNotFoundError; its cause tells
+        # a missing file (404, or none) from a server that is down or failing (worth a retry).
+        cause = error.__cause__
+        status = getattr(cause, "status", None)
+        if status is not None and 400 <= status < 500 and status not in (404, 408, 410, 429):
+            raise SourceError(
+                f"source {source.name!r}: {source.path} answered HTTP {status}; check the URL "
+                "and the credentials it needs"
+            ) from None
+        if cause is not None and not isinstance(cause, FileNotFoundError) and status not in (404, 410):
+            raise SourceUnreachable(
+                f"source {source.name!r}: cannot reach {source.path}: {type(cause).__name__}: {cause}"
+            ) from error
         raise SourceError(
             f"source {source.name!r}: {source.path} does not exist; fix sources[].path "
             "(relative paths are relative to the project folder)"

@@ -11,6 +11,7 @@ conversation) lives in `tuneline.formats_io`; import everything from here.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import zlib
@@ -21,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import fsspec
+from fsspec.spec import AbstractBufferedFile
 
 from tuneline.errors import UserError
 from tuneline.formats_io import WRITABLE_FORMATS, ConversionError, Format, json_type, parse_object, to_format
@@ -78,6 +80,8 @@ def source_name(path: str) -> str:
 def iter_json_values(path: str) -> Iterator[RawValue]:
     """Every JSON value of a JSON-lines or JSON-array file, in order; bad ones as reasons."""
     with fsspec.open(path, "rb", compression="infer") as stream:
+        if isinstance(stream, AbstractBufferedFile):  # remote files: readline() takes no size
+            stream = io.BufferedReader(stream, buffer_size=1 << 20)
         yield from _iter_stream(stream)
 
 
