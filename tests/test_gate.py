@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tuneline import gate
-from tuneline.gate import QualityGateFailed, run_quality_gate
+from tuneline.gate import QualityGateFailed, SuiteError, run_quality_gate
 from tuneline.recipe import QualitySpec
 from tuneline.records import make_record
 from tuneline.store import find_stage, iter_records, read_manifest, read_stats, write_stage
@@ -158,7 +158,7 @@ def test_expectation_on_a_missing_column_fails_with_its_error(tmp_path, monkeypa
 
 def test_unknown_suite_name_names_the_recipe_field(tmp_path):
     cleaned = cleaned_stage(tmp_path, good_records())
-    with pytest.raises(FileNotFoundError, match="quality.suite: 'nope'"):
+    with pytest.raises(SuiteError, match="quality.suite: 'nope'"):
         run_quality_gate(tmp_path, cleaned, QualitySpec(suite="nope"))
 
 

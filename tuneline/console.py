@@ -30,7 +30,7 @@ def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None
             scores.add_column(column)
         for name in ("base", "tuned"):
             row = evaluation[name]
-            scores.add_row(name, f"{row['loss']:.3f}", f"{row['perplexity']:.2f}", f"{row[metric]:.3f}")
+            scores.add_row(name, *(number(row[key]) for key in ("loss", "perplexity", metric)))
         console.print(scores)
 
     if registry := report.get("registry"):
@@ -43,6 +43,11 @@ def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None
         "Open the UIs: [bold]tuneline ui[/bold]  (Prefect on http://127.0.0.1:4200, "
         f"MLflow on http://127.0.0.1:5000, tracking {recipe.register.tracking_uri})"
     )
+
+
+def number(value: float | None) -> str:
+    """A metric for a table; None (nothing to score) shows as a dash."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def print_failure(error: BaseException, console: Console | None = None) -> None:

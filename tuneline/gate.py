@@ -43,12 +43,16 @@ class QualityGateFailed(UserError, RuntimeError):
         )
 
 
+class SuiteError(UserError, ValueError):
+    """The suite named by `quality.suite` is missing from expectations/ or cannot be loaded."""
+
+
 def suite_path(suite: str) -> Path:
-    """The suite file named by `quality.suite`; raises FileNotFoundError naming the field."""
+    """The suite file named by `quality.suite`; raises SuiteError naming the field."""
     path = EXPECTATIONS_DIR / f"{suite}.json"
     if not path.is_file():
         known = sorted(p.stem for p in EXPECTATIONS_DIR.glob("*.json"))
-        raise FileNotFoundError(f"quality.suite: {suite!r} has no file {path}; choose one of {known}")
+        raise SuiteError(f"quality.suite: {suite!r} has no file {path}; choose one of {known}")
     return path
 
 
@@ -149,13 +153,13 @@ def load_suite(suite_file: Path) -> Any:
     try:
         suite = gx.ExpectationSuite(**data)
     except InvalidExpectationConfigurationError as error:
-        raise ValueError(
+        raise SuiteError(
             f"{suite_file}: {error}; check the type's spelling, or import a custom expectation's class first"
         ) from None
     if len(suite.expectations) != len(data.get("expectations", [])):
         loaded = {e.expectation_type for e in suite.expectations}
         missing = sorted({e["type"] for e in data["expectations"]} - loaded)
-        raise ValueError(
+        raise SuiteError(
             f"{suite_file}: {len(data['expectations'])} expectations in the file but "
             f"{len(suite.expectations)} loaded; unknown types {missing}: "
             "import their classes before the gate runs"

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tuneline.console import number
 from tuneline.recipe import Recipe, dump_recipe
 from tuneline.store import LedgerError, StageRef, check_ledger, read_stats
 
@@ -76,7 +77,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Base vs tuned (test split)", "", f"| model | loss | {metric} |", "|---|---|---|"]
         for name in ("base", "tuned"):
             scores = evaluation[name]
-            lines.append(f"| {name} | {scores['loss']:.4f} | {scores[metric]:.3f} |")
+            lines.append(f"| {name} | {number(scores['loss'])} | {number(scores[metric])} |")
     if registry := report.get("registry"):
         lines += [
             "",
