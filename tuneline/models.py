@@ -10,7 +10,10 @@ Device and dtype are chosen in one place, `choose_device`.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -87,7 +90,10 @@ def make_tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside the target and renamed into place: an interrupted build leaves no folder
+    # that looks like a model (config.json is written before the weights).
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     specials = [PAD, IM_START, IM_END]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -107,7 +113,7 @@ def make_tiny_model(
         model_max_length=2048,
     )
     tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.save_pretrained(out_dir)
+    tokenizer.save_pretrained(tmp_dir)
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -126,7 +132,10 @@ def make_tiny_model(
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out_dir)
+    model.save_pretrained(tmp_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
     return out_dir
 
 
