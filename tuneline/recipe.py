@@ -43,13 +43,50 @@ class FileSource(Section):
     format: Format | None = Field(None, description="Record format; detected from the file when empty.")
 
 
+PiiKind = Literal["email", "phone", "ip", "card", "secret"]
+
+
 class CleanSpec(Section):
-    """Normalization and cheap filters applied before the quality gate."""
+    """Repairs, filters and dedup applied before the quality gate; every drop has a named reason."""
 
     normalize_text: bool = Field(True, description="Unicode NFC, unified newlines, trimmed turns.")
-    dedup: bool = Field(True, description="Drop exact duplicates of normalized conversations.")
+    fix_mojibake: bool = Field(True, description="Repair mojibake and bad escapes with ftfy.")
+    strip_control: bool = Field(
+        True, description="Remove control and zero-width characters; collapse runs of spaces."
+    )
+    html: Literal["strip", "drop", "keep"] = Field(
+        "strip", description="HTML tags and entities: strip them, drop the record, or keep them."
+    )
+    check_structure: bool = Field(
+        True, description="Roles alternate, the last turn is the assistant's, tool turns are well formed."
+    )
     min_chars: int = Field(2, ge=0, description="Shortest conversation kept, in characters.")
     max_chars: int = Field(20_000, ge=1, description="Longest conversation kept, in characters.")
+    min_tokens: int = Field(0, ge=0, description="Fewest base-model tokens kept (needs the model section).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most base-model tokens kept; None skips tokenizing (cheaper)."
+    )
+    over_length: Literal["drop", "truncate"] = Field(
+        "drop", description="Over max_chars/max_tokens: drop the record, or truncate its last turn."
+    )
+    languages: list[str] = Field(
+        default_factory=list, description="Allowed ISO 639-1 languages (e.g. [en, de]); empty keeps all."
+    )
+    min_language_confidence: float = Field(
+        0.5, ge=0, le=1, description="Lowest language-identification confidence kept."
+    )
+    redact_pii: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "card", "secret"],
+        description="PII kinds replaced by a placeholder such as <EMAIL>; empty turns redaction off.",
+    )
+    dedup: bool = Field(True, description="Drop exact duplicates of normalized conversations.")
+    near_dedup: bool = Field(True, description="Drop near duplicates found by MinHash LSH.")
+    near_dedup_threshold: float = Field(
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of word n-grams that counts as near."
+    )
+    near_dedup_ngram: int = Field(5, ge=1, description="Words per shingle for near-dedup.")
+    near_dedup_permutations: int = Field(64, ge=8, le=512, description="MinHash permutations.")
+    batch_size: int = Field(10_000, ge=1, description="Records processed per batch (memory stays flat).")
 
 
 class QualitySpec(Section):
@@ -59,6 +96,17 @@ class QualitySpec(Section):
     min_records: int = Field(10, ge=1, description="Fewer records than this fail the gate.")
     min_chars: int = Field(2, ge=0, description="Shortest allowed user and assistant turn.")
     max_chars: int = Field(20_000, ge=1, description="Longest allowed user and assistant turn.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most base-model tokens per record (counted by clean when it tokenizes)."
+    )
+    max_duplicate_rate: float = Field(0.0, ge=0, le=1, description="Highest share of repeated record ids.")
+    languages: list[str] = Field(
+        default_factory=list, description="Languages the data should be in; empty skips the check."
+    )
+    min_language_share: float = Field(0.95, ge=0, le=1, description="Least share of records in `languages`.")
+    max_label_share: float = Field(
+        1.0, gt=0, le=1, description="Highest share of the most common final assistant answer (labels)."
+    )
     mostly: float = Field(1.0, gt=0, le=1, description="Share of rows each row-level check must pass.")
     examples: int = Field(3, ge=0, le=50, description="Failing rows shown per failed expectation.")
 
@@ -69,6 +117,14 @@ class SplitSpec(Section):
     validation: float = Field(0.1, ge=0, lt=1, description="Share of records for validation.")
     test: float = Field(0.1, ge=0, lt=1, description="Share of records held out for the test split.")
     seed: int = Field(0, description="Changing the seed re-deals the records.")
+    decontaminate: bool = Field(
+        True, description="Drop training records sharing a long n-gram with validation, test or benchmarks."
+    )
+    decontaminate_ngram: int = Field(13, ge=3, description="Words per n-gram for decontamination.")
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="Benchmark prompt files (dataset files, or .txt: one prompt a line) kept out.",
+    )
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitSpec:

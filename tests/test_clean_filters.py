@@ -1,0 +1,126 @@
+"""Clean filters, repairs, PII redaction and near-dedup: each drop asserts its reason."""
+
+from collections import Counter
+
+import pytest
+
+from tuneline.clean import Cleaner, repair_text, run_clean
+from tuneline.dedup import NearDedup, choose_bands, near_duplicate_pairs
+from tuneline.pii import redact_text
+from tuneline.recipe import CleanSpec
+from tuneline.records import make_record
+from tuneline.store import find_stage, iter_records, read_manifest, read_stats, write_stage
+
+
+def conv(*turns):
+    roles = ["user", "assistant"]
+    return make_record([{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)])
+
+
+def msgs(*pairs):
+    return {"id": "x", "messages": [{"role": r, "content": c} for r, c in pairs], "tools": None, "meta": {}}
+
+
+def reasons(records, **spec):
+    return [reason for _, reason in Cleaner(CleanSpec(**spec)).clean_batch(records)]
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (msgs(("user", "a question"), ("user", "again"), ("assistant", "answer")), "roles_out_of_order"),
+        (msgs(("user", "a question"), ("assistant", "answer"), ("user", "more?")), "last_turn_not_assistant"),
+        (msgs(("assistant", "hello"), ("user", "q"), ("assistant", "a")), "roles_out_of_order"),
+        (msgs(("user", "q"), ("system", "be nice"), ("assistant", "a")), "system_not_first"),
+        (
+            msgs(("user", "q"), ("assistant", "calling"), ("tool", "42"), ("assistant", "a")),
+            "tool_turn_malformed",
+        ),
+        (msgs(("user", "question"), ("assistant", "  ")), "empty_turn"),
+        (conv("q", "a"), "too_short"),
+    ],
+)
+def test_structure_and_length_filters_name_their_reason(record, reason):
+    assert reasons([record], min_chars=5) == [reason]
+
+
+def test_tool_call_with_bad_arguments_is_malformed():
+    record = msgs(("user", "weather?"), ("assistant", ""), ("tool", "sunny"), ("assistant", "It is sunny."))
+    record["messages"][1]["tool_calls"] = [{"name": "weather", "arguments": "{not json"}]
+    assert reasons([record]) == ["tool_turn_malformed"]
+    record["messages"][1]["tool_calls"] = [{"name": "weather", "arguments": '{"city": "Oslo"}'}]
+    assert reasons([record]) == [None]
+
+
+def test_repairs_mojibake_control_chars_and_html():
+    repairs = Counter()
+    text = repair_text(
+        "Caf\u00c3\u00a9 <b>open</b> &amp; ready\u200b\x07  \n\n\n\nnext", CleanSpec(), repairs
+    )
+    assert text == "Café open & ready\n\nnext"
+    assert repairs == Counter({"mojibake": 1, "control_chars": 1, "html": 1})
+
+
+def test_html_drop_mode_and_over_length_truncation():
+    assert reasons([conv("question <div>x</div>", "answer")], html="drop") == ["html_remnants"]
+    [(record, reason)] = Cleaner(CleanSpec(max_chars=30, over_length="truncate")).clean_batch(
+        [conv("short question", "a" * 100)]
+    )
+    assert reason is None and len(record["messages"][1]["content"]) == 30 - len("short question\n")
+    assert reasons([conv("q" * 50, "a")], max_chars=30, over_length="truncate") == ["too_long"]
+
+
+def test_pii_is_redacted_with_counts_by_kind():
+    counts = Counter()
+    text = redact_text(
+        "mail bob@example.com, call +1 415-555-0132, host 10.0.0.12, card 4111 1111 1111 1111, "
+        "order 1234567890123, key sk-proj-abcdefghijklmnopqrstuvwxyz123456",
+        ["email", "phone", "ip", "card", "secret"],
+        counts,
+    )
+    assert text == ("mail <EMAIL>, call <PHONE>, host <IP>, card <CARD>, order 1234567890123, key <SECRET>")
+    assert counts == Counter(email=1, phone=1, ip=1, card=1, secret=1)
+
+
+def test_language_filter_keeps_allowed_languages():
+    english = conv("How do I reset my password?", "Open the settings page and choose reset password.")
+    german = conv(
+        "Wie setze ich mein Passwort zurück?", "Öffnen Sie die Einstellungen und wählen Sie Zurücksetzen."
+    )
+    assert reasons([english, german], languages=["en"]) == [None, "language_not_allowed"]
+
+
+def test_near_duplicates_are_dropped_first_kept():
+    base = "the quick brown fox jumps over the lazy dog near the river bank on a sunny day in june"
+    records = [
+        conv("tell me a story", base),
+        conv("tell me a story", base + " again"),
+        conv("other", "x y z w"),
+    ]
+    assert reasons(records) == [None, "near_duplicate", None]
+    assert reasons(records, near_dedup=False) == [None, None, None]
+
+
+def test_near_dedup_is_deterministic_and_pairs_are_found():
+    texts = [f"record number {i} has some words that repeat across the set of texts" for i in range(3)]
+    texts.append("completely different content about cooking pasta with tomatoes and basil")
+    first = NearDedup(0.5, 3, 64).flags(texts)
+    assert first == NearDedup(0.5, 3, 64).flags(texts)
+    pairs = near_duplicate_pairs(texts, 0.5, 3, 64)
+    assert {(a, b) for a, b, _ in pairs} <= {(0, 1), (0, 2), (1, 2)} and pairs
+    assert choose_bands(64, 0.8) == 8
+
+
+def test_stage_ledger_and_stats(tmp_path):
+    records = [conv(f"question {i} about things", f"answer {i} with detail") for i in range(25)]
+    records += [records[0], conv("mail me at bob@example.com please", "sure thing")]
+    with write_stage(tmp_path, "collect", "in") as writer:
+        for record in records:
+            writer.count_in()
+            writer.keep(record)
+    ref = run_clean(
+        tmp_path, find_stage(tmp_path, "collect", "in"), CleanSpec(batch_size=4, near_dedup=False)
+    )
+    assert read_manifest(ref)["ledger"] == {"in": 27, "out": 26, "dropped": {"duplicate": 1}}
+    assert read_stats(ref)["pii_redacted"]["email"] == 1
+    assert any("<EMAIL>" in r["messages"][0]["content"] for r in iter_records(ref))
