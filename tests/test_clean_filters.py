@@ -124,3 +124,51 @@ def test_stage_ledger_and_stats(tmp_path):
     assert read_manifest(ref)["ledger"] == {"in": 27, "out": 26, "dropped": {"duplicate": 1}}
     assert read_stats(ref)["pii_redacted"]["email"] == 1
     assert any("<EMAIL>" in r["messages"][0]["content"] for r in iter_records(ref))
+
+
+def test_split_drops_training_records_overlapping_held_out_and_benchmarks(tmp_path):
+    from tuneline.recipe import SplitSpec
+    from tuneline.split import run_split
+
+    long_tail = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    records = [conv(f"question {i} " + long_tail, f"answer {i}") for i in range(60)]
+    records += [conv("a benchmark item: what is the capital city of france asked in a quiz show today", "x")]
+    bench = tmp_path / "bench.txt"
+    bench.write_text("A benchmark item: what is the capital city of France, asked in a quiz show today?\n")
+    with write_stage(tmp_path, "quality_gate", "in") as writer:
+        for record in records:
+            writer.count_in()
+            writer.keep(record)
+    spec = SplitSpec(validation=0.2, test=0.2, benchmarks=[str(bench)])
+    ref = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), spec)
+    ledger = read_manifest(ref)["ledger"]
+    stats = read_stats(ref)
+    held_out = stats["counts"]["validation"] + stats["counts"]["test"]
+    assert held_out > 0
+    # every training record shares the long tail with a held-out one, and the benchmark one is out too
+    assert stats["counts"]["train"] == 0 and ledger["dropped"] == {"contaminated": 61 - held_out}
+    assert ledger["in"] == 61 == ledger["out"] + ledger["dropped"]["contaminated"]
+    clean = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), SplitSpec(decontaminate=False))
+    assert read_manifest(clean)["ledger"]["dropped"] == {}
+
+
+def test_benchmark_prompts_alone_contaminate(tmp_path):
+    from tuneline.recipe import SplitSpec
+    from tuneline.split import run_split
+
+    records = [conv(f"distinct question number {i}", f"answer {i}") for i in range(20)]
+    records.append(
+        conv("Tell me: what is the capital city of France, asked in a quiz show today please", "Paris")
+    )
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(
+        '{"prompt": "what is the capital city of France asked in a quiz show today", "completion": "?"}\n'
+    )
+    with write_stage(tmp_path, "quality_gate", "in") as writer:
+        for record in records:
+            writer.count_in()
+            writer.keep(record)
+    spec = SplitSpec(validation=0, test=0, benchmarks=[str(bench)], decontaminate_ngram=8)
+    ref = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), spec)
+    assert read_manifest(ref)["ledger"] == {"in": 21, "out": 20, "dropped": {"contaminated": 1}}
+    assert "Paris" in ref.file("rejects.jsonl").read_text()
