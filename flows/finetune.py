@@ -1,6 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
-    collect -> clean -> quality_gate -> split -> train -> evaluate -> register -> report
+    fetch (each source) -> collect -> clean -> quality_gate -> split -> train -> evaluate
+    -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -11,10 +12,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
-from tasks.stages import clean, collect, evaluate, quality_gate, register, report, save_recipe, split, train
+from tasks.stages import (
+    clean,
+    collect,
+    evaluate,
+    fetch,
+    quality_gate,
+    register,
+    report,
+    save_recipe,
+    split,
+    train,
+)
 from tuneline.recipe import Recipe
 
 
@@ -26,7 +38,8 @@ def finetune(recipe: Recipe) -> dict:
     run_dir = artifacts_dir / "runs" / f"{started}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
 
-    collected = collect(artifacts_dir, recipe.sources)
+    fetched = fetch.map(unmapped(artifacts_dir), recipe.sources)
+    collected = collect(artifacts_dir, recipe.sources, fetched)
     cleaned = clean(artifacts_dir, collected, recipe.clean)
     gated = quality_gate(artifacts_dir, cleaned, recipe.quality)
     splits = split(artifacts_dir, gated, recipe.split)

@@ -18,21 +18,22 @@ from prefect.tasks import exponential_backoff
 from tuneline.clean import run_clean
 from tuneline.collect import SourceUnreachable, run_collect
 from tuneline.evaluate import run_evaluate
+from tuneline.fetch import run_fetch
 from tuneline.gate import run_quality_gate
 from tuneline.recipe import (
     CleanSpec,
     EvaluateSpec,
-    FileSource,
     ModelSpec,
     QualitySpec,
     Recipe,
+    Source,
     SplitSpec,
     TrainSpec,
 )
 from tuneline.registry import run_register
 from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
 from tuneline.split import run_split
-from tuneline.store import StageRef
+from tuneline.store import StageRef, read_stats
 from tuneline.train import run_train
 
 
@@ -48,15 +49,40 @@ def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefec
 
 
 @task(
+    name="fetch",
+    task_run_name="fetch-{source.name}",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=retry_network_errors,
+    cache_policy=NO_CACHE,
+)
+def fetch(artifacts_dir: Path, source: Source) -> StageRef:
+    """Download, crawl or load one source into its own cached stage folder."""
+    return run_fetch(artifacts_dir, source)
+
+
+@task(
     name="collect",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=retry_network_errors,
     cache_policy=NO_CACHE,
 )
-def collect(artifacts_dir: Path, sources: list[FileSource]) -> StageRef:
-    """Read every source into canonical records."""
-    return run_collect(artifacts_dir, sources)
+def collect(artifacts_dir: Path, sources: list[Source], fetched: list[StageRef] | None = None) -> StageRef:
+    """Merge the fetched sources into records and documents; show per-source counts in the UI."""
+    collected = run_collect(artifacts_dir, sources, fetched)
+    rows = [
+        {
+            "source": name,
+            "kind": counts["kind"],
+            "records": counts["records"],
+            "documents": counts["documents"],
+            "dropped": ", ".join(f"{reason}: {n}" for reason, n in counts["dropped"].items()) or "-",
+        }
+        for name, counts in read_stats(collected)["sources"].items()
+    ]
+    create_table_artifact(rows, key="sources", description="Records, documents and drop reasons per source")
+    return collected
 
 
 @task(name="clean", cache_policy=NO_CACHE)

@@ -30,8 +30,8 @@ def test_collects_sources_with_rejects_and_counts(tmp_path):
     reject = json.loads(ref.file("rejects.jsonl").read_text())
     assert reject["detail"].startswith(f"{first}:3:")
     assert read_stats(ref)["sources"] == {
-        "a": {"records": 2, "rejected": 1},
-        "b": {"records": 1, "rejected": 0},
+        "a": {"kind": "file", "records": 2, "documents": 0, "dropped": {"unreadable": 1}},
+        "b": {"kind": "file", "records": 1, "documents": 0, "dropped": {}},
     }
 
 

@@ -13,10 +13,10 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from tuneline.errors import UserError
 
@@ -41,6 +41,94 @@ class FileSource(Section):
     name: str = Field(description="Source name, kept in every record's meta.source.")
     path: str = Field(description="Local path (relative to the project) or fsspec URL.")
     format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+
+
+class UrlSource(Section):
+    """A dataset file downloaded once (http, https, s3, file), checked and kept in the store.
+
+    Interrupted HTTP downloads resume from where they stopped; .gz and .zip are unpacked.
+    """
+
+    kind: Literal["url"] = "url"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    url: str = Field(pattern=r"^(https?|s3|file)://", description="http(s)://, s3:// or file:// URL.")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 of the downloaded file."
+    )
+    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+    retries: int = Field(4, ge=0, le=20, description="Retries on 5xx, timeouts and dropped connections.")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds without data before a try fails.")
+
+
+class HfSource(Section):
+    """A dataset read through `datasets.load_dataset`: a hub name or a local folder or file."""
+
+    kind: Literal["hf"] = "hf"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    dataset: str = Field(description="Hub name (OWNER/NAME), local folder, or local data file.")
+    config: str | None = Field(None, description="Dataset configuration (load_dataset's `name`).")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Dataset column -> record key (instruction, input, output, system, prompt, "
+        "completion, messages, conversations), renamed before the format is detected.",
+    )
+    format: Format | None = Field(None, description="Record format of the renamed rows; detected when empty.")
+
+
+class CrawlSource(Section):
+    """A website crawled by the Tuneline Scrapy spider, in a subprocess of its own.
+
+    `documents` keeps each page's title and main text (raw HTML stays in the fetch stage);
+    `pairs` turns question/answer selectors on FAQ pages into conversations.
+    """
+
+    kind: Literal["crawl"] = "crawl"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    mode: Literal["documents", "pairs"] = "documents"
+    start_urls: list[str] = Field(default_factory=list, description="Pages the crawl starts from.")
+    sitemaps: list[str] = Field(default_factory=list, description="Sitemap URLs whose pages are crawled.")
+    allowed_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts (and their subdomains) the crawl may visit; default: hosts of the start URLs.",
+    )
+    allow: list[str] = Field(default_factory=list, description="Follow only URLs matching one of these.")
+    deny: list[str] = Field(default_factory=list, description="Never follow URLs matching these regexes.")
+    max_depth: int = Field(3, ge=0, description="Links followed from a start page, at most.")
+    max_pages: int = Field(1000, ge=1, description="Pages crawled, at most.")
+    selectors: Literal["css", "xpath"] = Field("css", description="Language of the pair selectors.")
+    pair: str | None = Field(None, description="pairs mode: selector of each question/answer block.")
+    question: str | None = Field(None, description="pairs mode: question text, inside `pair` if given.")
+    answer: str | None = Field(None, description="pairs mode: answer text, inside `pair` if given.")
+    concurrency: int = Field(4, ge=1, le=64, description="Parallel requests per domain.")
+    allow_private: bool = Field(
+        False, description="Allow private, loopback and link-local addresses (local test sites only)."
+    )
+
+    @model_validator(mode="after")
+    def _has_pages_and_selectors(self) -> CrawlSource:
+        if not self.start_urls and not self.sitemaps:
+            raise ValueError("give start_urls or sitemaps: the crawl has nowhere to start")
+        if self.mode == "pairs" and not (self.question and self.answer):
+            raise ValueError("mode pairs needs `question` and `answer` selectors")
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    """A source's `kind`; "file" when left out, so recipes written before kinds existed still load."""
+    if isinstance(value, dict):
+        return value.get("kind", "file")
+    return getattr(value, "kind", "file")
+
+
+Source = Annotated[
+    Annotated[FileSource, Tag("file")]
+    | Annotated[UrlSource, Tag("url")]
+    | Annotated[HfSource, Tag("hf")]
+    | Annotated[CrawlSource, Tag("crawl")],
+    Discriminator(_source_kind),
+]
 
 
 PiiKind = Literal["email", "phone", "ip", "card", "secret"]
@@ -203,7 +291,7 @@ class Recipe(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Project name.")
     artifacts_dir: str = Field(".tuneline", description="Where stage artifacts are stored.")
-    sources: list[FileSource] = Field(min_length=1)
+    sources: list[Source] = Field(min_length=1)
     clean: CleanSpec = CleanSpec()
     quality: QualitySpec = QualitySpec()
     split: SplitSpec = SplitSpec()

@@ -1,0 +1,72 @@
+"""The guard every request passes, redirects included: allowed hosts only, no private addresses.
+
+Scrapy re-schedules a redirect as a new request, so checking each request here also checks
+where every redirect leads. Hosts are compared without the port (unlike LinkExtractor's
+allow_domains). A host that resolves to a private, loopback, link-local or otherwise
+non-public address is refused unless the source sets `allow_private`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from scrapy.exceptions import IgnoreRequest
+
+
+def host_allowed(host: str, domains: list[str]) -> bool:
+    """Whether a host is one of the domains or a subdomain of one."""
+    host = host.lower().rstrip(".")
+    return any(host == domain or host.endswith("." + domain) for domain in domains)
+
+
+def non_public_address(host: str) -> str | None:
+    """The first address of the host that is not public, or None when all are public."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return None  # unresolvable: the download fails on its own, with the resolver's error
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global or address.is_multicast:
+            return str(address)
+    return None
+
+
+class AllowedHostsMiddleware:
+    """Refuse a request to a host outside the crawl's domains or at a non-public address."""
+
+    def __init__(self, crawler) -> None:  # noqa: ANN001 (Scrapy's crawler)
+        self.crawler = crawler
+        self.addresses: dict[str, str | None] = {}
+
+    @classmethod
+    def from_crawler(cls, crawler):  # noqa: ANN001, ANN206
+        return cls(crawler)
+
+    def process_request(self, request) -> None:  # noqa: ANN001
+        spider = self.crawler.spider
+        stats = self.crawler.stats
+        parts = urlsplit(request.url)
+        if parts.scheme not in ("http", "https"):
+            return self.refuse(request, "scheme", f"{parts.scheme}: URLs are not crawled")
+        host = parts.hostname or ""
+        if not host_allowed(host, spider.args.domains()):
+            return self.refuse(request, "offsite", f"host {host} is not in the allowed domains")
+        if not spider.args.allow_private:
+            if host not in self.addresses:
+                self.addresses[host] = non_public_address(host)
+            if address := self.addresses[host]:
+                return self.refuse(
+                    request, "private_address",
+                    f"host {host} resolves to the non-public address {address}; "
+                    "set allow_private: true for a local site",
+                )  # fmt: skip
+        stats.inc_value("tuneline/allowed")
+        return None
+
+    def refuse(self, request, reason: str, detail: str) -> None:  # noqa: ANN001
+        self.crawler.stats.inc_value(f"tuneline/refused/{reason}")
+        self.crawler.stats.set_value("tuneline/last_error", f"{request.url}: refused: {detail}")
+        raise IgnoreRequest(f"{reason}: {detail}")

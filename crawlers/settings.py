@@ -1,0 +1,48 @@
+"""Scrapy settings for Tuneline crawls: polite and safe by default.
+
+Robots.txt obeyed, AutoThrottle on, a user agent that names Tuneline, no telnet or remote
+control listener, and an HTTP cache that never stores a failure (else a retry would replay it).
+Per-crawl values (feed path, concurrency, depth, cache folder) come as `-s` options.
+"""
+
+BOT_NAME = "tuneline"
+SPIDER_MODULES = ["crawlers.spiders"]
+NEWSPIDER_MODULE = "crawlers.spiders"
+
+USER_AGENT = "Tuneline/0.1 (+https://github.com/tuneline/tuneline; dataset crawler)"
+ROBOTSTXT_OBEY = True
+
+CONCURRENT_REQUESTS = 32
+CONCURRENT_REQUESTS_PER_DOMAIN = 4
+AUTOTHROTTLE_ENABLED = True
+# Scrapy's 5 s start delay only slows the first pages; latency sets the pace within seconds.
+AUTOTHROTTLE_START_DELAY = 0.5
+AUTOTHROTTLE_MAX_DELAY = 30.0
+AUTOTHROTTLE_TARGET_CONCURRENCY = 4.0
+
+RETRY_ENABLED = True
+RETRY_TIMES = 3
+RETRY_HTTP_CODES = [500, 502, 503, 504, 522, 524, 408, 429]
+DOWNLOAD_TIMEOUT = 30
+
+TELNETCONSOLE_ENABLED = False
+REMOTE_CONTROL_ENABLED = False
+
+HTTPCACHE_ENABLED = True
+HTTPCACHE_POLICY = "scrapy.extensions.httpcache.DummyPolicy"
+# The cache stores 5xx by default; a cached failure would be served to every retry.
+HTTPCACHE_IGNORE_HTTP_CODES = [408, 429, *range(500, 600)]
+
+DOWNLOADER_MIDDLEWARES = {
+    # Before robots.txt (100) and redirects (600): every request and redirect passes the guard.
+    "crawlers.middlewares.AllowedHostsMiddleware": 50,
+}
+ITEM_PIPELINES = {
+    "crawlers.pipelines.ValidatePipeline": 100,
+}
+EXTENSIONS = {
+    "crawlers.extensions.CrawlReport": 500,
+}
+
+FEED_EXPORT_ENCODING = "utf-8"
+LOG_LEVEL = "INFO"

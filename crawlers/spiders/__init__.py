@@ -1,0 +1,1 @@
+"""Spiders of the Tuneline Scrapy project: one generic spider, `site`."""

@@ -1,0 +1,150 @@
+"""`site`: the one generic Tuneline spider, configured by typed arguments (crawlers.args.SiteArgs).
+
+It starts from start URLs or sitemaps, follows links within the allowed domains (the guard
+middleware enforces them) up to `max_depth` links away and `max_pages` pages in all, and yields
+per page either a document (title and main text through trafilatura, raw HTML kept) or the
+question/answer pairs its selectors find. A page that cannot be fetched or read still yields an
+item with `error` set, so it is dropped with a reason rather than lost.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import scrapy
+import trafilatura
+from scrapy.exceptions import IgnoreRequest
+from scrapy.http import Response, TextResponse
+from scrapy.linkextractors import LinkExtractor
+from scrapy.spidermiddlewares.httperror import HttpError
+from scrapy.utils.sitemap import Sitemap
+from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError, TimeoutError
+
+from crawlers.args import SiteArgs
+from crawlers.items import DocumentItem, PairItem
+
+SPACES = re.compile(r"\s+")
+NETWORK_ERRORS = (ConnectionRefusedError, DNSLookupError, TimeoutError, TCPTimedOutError)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def clean_text(parts: list[str]) -> str:
+    """Text nodes joined with single spaces."""
+    return SPACES.sub(" ", " ".join(parts)).strip()
+
+
+class SiteSpider(scrapy.Spider):
+    """Crawl one site into documents or question/answer pairs."""
+
+    name = "site"
+
+    def __init__(self, args: str = "{}", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.args = SiteArgs.model_validate_json(args)
+        self.links = LinkExtractor(allow=self.args.allow, deny=self.args.deny)
+        self.seen: set[str] = set()
+        self.item_class = DocumentItem if self.args.mode == "documents" else PairItem
+
+    async def start(self) -> Any:
+        for url in self.args.sitemaps:
+            yield scrapy.Request(url, callback=self.parse_sitemap, errback=self.failed)
+        for url in self.args.start_urls:
+            if request := self.page_request(url):
+                yield request
+
+    def page_request(self, url: str) -> scrapy.Request | None:
+        """A request for a page not seen yet, while the page budget lasts."""
+        if url in self.seen or len(self.seen) >= self.args.max_pages:
+            return None
+        self.seen.add(url)
+        return scrapy.Request(url, callback=self.parse, errback=self.failed)
+
+    def parse_sitemap(self, response: Response) -> Iterator[scrapy.Request]:
+        sitemap = Sitemap(response.body)
+        for entry in sitemap:
+            if sitemap.type == "sitemapindex":
+                yield scrapy.Request(entry["loc"], callback=self.parse_sitemap, errback=self.failed)
+            elif request := self.page_request(entry["loc"]):
+                yield request
+
+    def parse(self, response: Response) -> Iterator[Any]:
+        depth = response.meta.get("depth", 0)
+        base = {"url": response.url, "fetched_at": now(), "depth": depth}
+        if not isinstance(response, TextResponse):
+            yield self.item_class(**base, error=f"not_html: {response.headers.get('Content-Type')}")
+            return
+        if self.args.mode == "documents":
+            yield self.document(response, base)
+        else:
+            yield from self.pairs(response, base)
+        if depth < self.args.max_depth:
+            for link in self.links.extract_links(response):
+                if request := self.page_request(link.url):
+                    yield request
+
+    def document(self, response: TextResponse, base: dict[str, Any]) -> DocumentItem:
+        html = response.text
+        try:
+            doc = trafilatura.bare_extraction(html, url=response.url, fast=True, with_metadata=True)
+        except Exception as error:  # noqa: BLE001 - any parser failure becomes the drop reason
+            return DocumentItem(**base, html=html, error=f"unparseable: {type(error).__name__}: {error}")
+        if doc is None:
+            return DocumentItem(**base, html=html, error="unparseable: trafilatura found no content")
+        title = doc.title or clean_text(response.css("title::text").getall())
+        return DocumentItem(**base, title=title, text=doc.text or "", html=html)
+
+    def select(self, node: Any, query: str) -> Any:
+        return node.css(query) if self.args.selectors == "css" else node.xpath(query)
+
+    def texts(self, node: Any, query: str) -> list[str]:
+        return [clean_text(element.xpath(".//text()").getall()) for element in self.select(node, query)]
+
+    def pairs(self, response: TextResponse, base: dict[str, Any]) -> Iterator[PairItem]:
+        title = clean_text(response.css("title::text").getall())
+        if self.args.pair:
+            found = [
+                (
+                    " ".join(self.texts(block, self.args.question)),
+                    " ".join(self.texts(block, self.args.answer)),
+                )
+                for block in self.select(response, self.args.pair)
+            ]
+        else:
+            questions = self.texts(response, self.args.question)
+            answers = self.texts(response, self.args.answer)
+            if len(questions) != len(answers):
+                yield PairItem(
+                    **base, title=title,
+                    error=f"pair_mismatch: {len(questions)} questions but {len(answers)} answers",
+                )  # fmt: skip
+                return
+            found = list(zip(questions, answers, strict=True))
+        if not found:
+            yield PairItem(**base, title=title, error="no_pairs: the selectors matched nothing on this page")
+        for question, answer in found:
+            yield PairItem(**base, title=title, question=question, answer=answer)
+
+    def failed(self, failure: Any) -> Iterator[Any]:
+        """A page that could not be fetched: an item with the error, unless the guard refused it."""
+        request = failure.request
+        error = failure.value
+        if isinstance(error, IgnoreRequest) and not isinstance(error, HttpError):
+            return  # refused (robots.txt, offsite, private address): counted in stats, not a page
+        if isinstance(error, HttpError):
+            detail = f"http_error: HTTP {error.response.status}"
+        else:
+            detail = f"fetch_error: {type(error).__name__}: {error}"
+        self.crawler.stats.set_value("tuneline/last_error", f"{request.url}: {detail}")
+        if isinstance(error, NETWORK_ERRORS) or (
+            isinstance(error, HttpError) and error.response.status >= 500
+        ):
+            self.crawler.stats.inc_value("tuneline/network_errors")
+        if request.callback == self.parse:
+            yield self.item_class(url=request.url, fetched_at=now(), depth=request.meta.get("depth", 0),
+                                  error=detail)  # fmt: skip
