@@ -50,8 +50,18 @@ def test_passing_data_goes_through_with_validation_result_and_docs(tmp_path):
     assert list(iter_records(gated)) == records
     assert read_manifest(gated)["ledger"] == {"in": 30, "out": 30, "dropped": {}}
     stats = read_stats(gated)
-    assert len(stats["expectations"]) == 8 and all(row["success"] for row in stats["expectations"])
-    assert stats["parameters"] == {"min_records": 10, "min_chars": 2, "max_chars": 20_000, "mostly": 1.0}
+    assert len(stats["expectations"]) == 12 and all(row["success"] for row in stats["expectations"])
+    assert stats["parameters"] == {
+        "min_records": 10,
+        "min_chars": 2,
+        "max_chars": 20_000,
+        "max_tokens": None,
+        "min_unique_share": 1.0,
+        "languages": [],
+        "min_language_share": 0.95,
+        "max_label_share": 1.0,
+        "mostly": 1.0,
+    }
     validation = json.loads(gated.file("validation.json").read_text())
     assert validation["success"] is True
     assert gated.file("data_docs/index.html").is_file()
@@ -71,6 +81,7 @@ def test_failing_data_lists_each_failed_expectation_with_sample_ids_and_leaves_n
     failed = {line.split(":")[0] for line in caught.value.failures}
     assert failed == {
         "expect_column_values_to_be_unique on id",
+        "expect_column_proportion_of_unique_values_to_be_between on id",
         "expect_column_values_to_not_match_regex on assistant_text",
         "expect_column_values_to_not_match_regex on user_text",
         "expect_column_values_to_be_between on user_chars",
@@ -127,7 +138,7 @@ def test_finished_gate_is_reused_without_running_great_expectations(tmp_path, mo
 def test_suite_file_loads_every_expectation():
     suite_file = gate.suite_path("conversations")
     suite = gate.load_suite(suite_file)
-    assert len(suite.expectations) == len(json.loads(suite_file.read_text())["expectations"]) == 8
+    assert len(suite.expectations) == len(json.loads(suite_file.read_text())["expectations"]) == 12
     columns = {e.column for e in suite.expectations if hasattr(e, "column")}
     assert columns <= set(gate.records_frame([]).columns)
 
@@ -172,6 +183,36 @@ def test_row_takes_the_weakest_turn_of_each_role():
         ]
     )
     row = gate.conversation_row(record)
-    assert (row["user_text"], row["user_chars"]) == ("  ", 0)
+    assert (row["user_text"], row["user_chars"]) == ("", 0)
     assert (row["assistant_text"], row["assistant_chars"]) == ("ok", 2)
     assert (row["longest_turn_chars"], row["n_turns"], row["last_role"]) == (22, 4, "assistant")
+
+
+@pytest.mark.parametrize(
+    ("quality", "failed"),
+    [
+        (QualitySpec(max_label_share=0.5), "expect_column_max_to_be_between on answer_share"),
+        (QualitySpec(languages=["de"]), "expect_column_values_to_be_in_set on language"),
+        (QualitySpec(max_tokens=5), "expect_column_values_to_be_between on tokens"),
+    ],
+)
+def test_label_balance_language_share_and_token_bounds(tmp_path, quality, failed):
+    records = [conversation(f"Classify ticket {i}", "billing" if i % 4 else "refund") for i in range(20)]
+    records = [{**r, "meta": {**r["meta"], "language": "en", "tokens": 9}} for r in records]
+    with pytest.raises(QualityGateFailed) as caught:
+        run_quality_gate(tmp_path, cleaned_stage(tmp_path, records), quality)
+    assert [line.split(":")[0] for line in caught.value.failures] == [failed]
+    run_quality_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), QualitySpec(max_label_share=0.8))
+
+
+def test_duplicate_rate_bound_and_documents_suite(tmp_path):
+    records = good_records(20)
+    records = [*records, records[0]]
+    lenient = QualitySpec(max_duplicate_rate=0.1, mostly=0.9)
+    run_quality_gate(tmp_path, cleaned_stage(tmp_path, records), lenient)
+    with pytest.raises(QualityGateFailed, match="proportion_of_unique"):
+        run_quality_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), QualitySpec(mostly=0.9))
+    docs = run_quality_gate(
+        tmp_path, cleaned_stage(tmp_path, good_records(12), "c3"), QualitySpec(suite="documents")
+    )
+    assert read_stats(docs)["suite"] == "documents" and read_manifest(docs)["ledger"]["out"] == 12

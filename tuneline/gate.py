@@ -2,8 +2,11 @@
 
 The suite is a reviewable file in `expectations/` (`quality.suite`); its thresholds are GE suite
 parameters (`{"$PARAMETER": "min_chars"}`) filled from the recipe's `quality` section when the
-suite runs, so the file never repeats numbers the recipe owns. Each record becomes one row of a
-flat table (`conversation_row`). On success the records pass through unchanged, with GE's
+suite runs, so the file never repeats numbers the recipe owns. Each record becomes one compact
+row (`conversation_row` or `document_row`, as the suite's `meta.rows` says): lengths, counts,
+role, language, a short excerpt of the weakest turn, never the whole text, so 1M records fit in a
+few hundred MB; rows are built while the records stream by and the records themselves are copied
+through as a file, never held in memory. On success the records pass through unchanged, with GE's
 validation result (`validation.json`) and Data Docs (`data_docs/index.html`) beside them; on
 failure `QualityGateFailed` lists every failed expectation with sample ids, and no stage is left.
 
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_reco
 STAGE = "quality_gate"
 EXPECTATIONS_DIR = Path(__file__).resolve().parents[1] / "expectations"
 EXCERPT_CHARS = 60
+ROW_TEXT_CHARS = 80  # the weakest turn kept in a row: enough to see it is blank or what it says
 # The row-level result keys kept in stats: enough to read why an expectation passed or failed.
 SUMMARY_KEYS = ("observed_value", "element_count", "unexpected_count", "unexpected_percent")
 
@@ -62,37 +68,95 @@ def suite_parameters(quality: QualitySpec) -> dict[str, Any]:
         "min_records": quality.min_records,
         "min_chars": quality.min_chars,
         "max_chars": quality.max_chars,
+        "max_tokens": quality.max_tokens,
+        "min_unique_share": 1 - quality.max_duplicate_rate,
+        "languages": quality.languages,
+        "min_language_share": quality.min_language_share,
+        "max_label_share": quality.max_label_share,
         "mostly": quality.mostly,
     }
 
 
+def _meta_columns(record: Record) -> dict[str, Any]:
+    """What the clean stage measured (tokens, language) and the final answer, the label if any."""
+    meta = record.get("meta") or {}
+    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    return {
+        "tokens": meta.get("tokens"),
+        "language": meta.get("language", "und"),
+        "answer": answers[-1].strip()[:ROW_TEXT_CHARS] if answers else "",
+    }
+
+
 def conversation_row(record: Record) -> dict[str, Any]:
-    """One record as a flat row. Per role, the *weakest* turn stands for the record: the emptiest
-    turn's text and the shortest turn's length (stripped), so one blank turn anywhere fails it."""
+    """One record as a compact row. Per role, the *weakest* turn stands for the record: the
+    emptiest turn's text (stripped, first 80 characters) and the shortest turn's length, so one
+    blank turn anywhere fails it."""
     messages = record["messages"]
-    user = sorted((m["content"] for m in messages if m["role"] == "user"), key=lambda t: len(t.strip()))
-    assistant = sorted(
-        (m["content"] for m in messages if m["role"] == "assistant"), key=lambda t: len(t.strip())
-    )
+    user = sorted((m["content"].strip() for m in messages if m["role"] == "user"), key=len)
+    assistant = sorted((m["content"].strip() for m in messages if m["role"] == "assistant"), key=len)
     return {
         "id": record["id"],
         "n_turns": len(messages),
         "last_role": messages[-1]["role"] if messages else "",
-        "user_text": user[0] if user else "",
-        "assistant_text": assistant[0] if assistant else "",
-        "user_chars": len(user[0].strip()) if user else 0,
-        "assistant_chars": len(assistant[0].strip()) if assistant else 0,
-        "longest_turn_chars": max((len(t.strip()) for t in user + assistant), default=0),
-        "text": record_text(record),
+        "user_text": user[0][:ROW_TEXT_CHARS] if user else "",
+        "assistant_text": assistant[0][:ROW_TEXT_CHARS] if assistant else "",
+        "user_chars": len(user[0]) if user else 0,
+        "assistant_chars": len(assistant[0]) if assistant else 0,
+        "longest_turn_chars": max(map(len, user + assistant), default=0),
+        **_meta_columns(record),
     }
 
 
-def records_frame(records: list[Record]) -> Any:
-    """The table the suite validates: one `conversation_row` per record, in order."""
+def document_row(record: Record) -> dict[str, Any]:
+    """One record as a document row: its whole text's length and first 80 characters."""
+    text = record_text(record).strip()
+    return {
+        "id": record["id"],
+        "text": text[:ROW_TEXT_CHARS],
+        "chars": len(text),
+        **_meta_columns(record),
+    }
+
+
+ROW_BUILDERS: dict[str, Callable[[Record], dict[str, Any]]] = {
+    "conversation": conversation_row,
+    "document": document_row,
+}
+
+
+def rows_frame(records: Iterable[Record], row: Callable[[Record], dict[str, Any]] = conversation_row) -> Any:
+    """The table the suite validates, one row per record in order, built column by column while
+    the records stream by. `answer_share` is the share of records whose final answer equals this
+    one's: its maximum is the label balance."""
     import pandas as pd
 
-    columns = list(conversation_row({"id": "", "messages": []}))
-    return pd.DataFrame([conversation_row(r) for r in records], columns=columns)
+    columns: dict[str, list[Any]] = {name: [] for name in row({"id": "", "messages": []})}
+    for record in records:
+        for name, value in row(record).items():
+            columns[name].append(value)
+    frame = pd.DataFrame(columns)
+    frame["tokens"] = frame["tokens"].astype("Int64")
+    answers = frame.pop("answer")
+    frame["answer_share"] = (
+        answers.map(answers.value_counts(normalize=True)).astype(float)
+        if len(frame)
+        else pd.Series(dtype=float)
+    )
+    return frame
+
+
+def records_frame(records: list[Record]) -> Any:
+    """The conversation table of a list of records (tests, small files)."""
+    return rows_frame(records)
+
+
+def suite_rows(suite_file: Path) -> Callable[[Record], dict[str, Any]]:
+    """The row builder a suite validates: its `meta.rows` (conversation or document)."""
+    kind = json.loads(suite_file.read_text(encoding="utf-8")).get("meta", {}).get("rows", "conversation")
+    if kind not in ROW_BUILDERS:
+        raise SuiteError(f"{suite_file}: meta.rows {kind!r} is not one of {sorted(ROW_BUILDERS)}")
+    return ROW_BUILDERS[kind]
 
 
 def validate_frame(
@@ -135,9 +199,10 @@ def validate_frame(
             name=suite.name, validation_definitions=[definition], actions=actions, result_format=result_format
         )
     )
-    run = checkpoint.run(
-        batch_parameters={"dataframe": frame}, expectation_parameters=suite_parameters(quality)
-    )
+    parameters = suite_parameters(quality)
+    if not parameters["languages"]:  # no languages named: the language check accepts what is there
+        parameters["languages"] = sorted(set(frame["language"])) if "language" in frame else []
+    run = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
     (result,) = run.run_results.values()
     return result.to_json_dict()
 
@@ -230,6 +295,31 @@ def _excerpt(text: str) -> str:
     )
 
 
+def sample_texts(records: Iterable[Record], ids: set[str]) -> dict[str, str]:
+    """The text of the few failing records a message shows, found in one more pass."""
+    return {r["id"]: record_text(r) for r in records if r["id"] in ids}
+
+
+def check_records(
+    records: Callable[[], Iterable[Record]], quality: QualitySpec, docs_dir: Path | None
+) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """Validate records (a callable giving a fresh stream: failing samples need a second pass)
+    with the recipe's suite. Returns GE's result, the summary rows and the record count, or raises
+    QualityGateFailed with each failed expectation and sample records."""
+    suite_file = suite_path(quality.suite)
+    frame = rows_frame(records(), suite_rows(suite_file))
+    validation = validate_frame(frame, suite_file, quality, docs_dir)
+    summary = summarize_results(validation)
+    if not validation["success"]:
+        failing = [row for row in summary if not row["success"]]
+        wanted = {i for row in failing for i in row["failing_ids"][: quality.examples]}
+        texts = sample_texts(records(), wanted) if wanted else {}
+        raise QualityGateFailed(
+            quality.suite, [describe_failure(row, texts, quality.examples) for row in failing]
+        )
+    return validation, summary, len(frame)
+
+
 def run_quality_gate(artifacts_dir: str | Path, cleaned: StageRef, quality: QualitySpec) -> StageRef:
     """Validate the cleaned records with the recipe's suite and pass them through, or raise
     QualityGateFailed (before any training) listing each failed expectation with sample ids."""
@@ -237,28 +327,23 @@ def run_quality_gate(artifacts_dir: str | Path, cleaned: StageRef, quality: Qual
     digest = stage_digest(STAGE, quality, cleaned.digest, code_digest(__file__, suite_file))
     if cached := find_stage(artifacts_dir, STAGE, digest):
         return cached
-    records = list(iter_records(cleaned, RECORDS))
-    frame = records_frame(records)
     with write_stage(artifacts_dir, STAGE, digest, [cleaned]) as writer:
         started = time.perf_counter()
-        validation = validate_frame(frame, suite_file, quality, writer.path("data_docs"))
+        validation, summary, count = check_records(
+            lambda: iter_records(cleaned, RECORDS), quality, writer.path("data_docs")
+        )
         seconds = time.perf_counter() - started
-        summary = summarize_results(validation)
-        if not validation["success"]:
-            texts = dict(zip(frame["id"], frame["text"], strict=True))
-            failures = [
-                describe_failure(row, texts, quality.examples) for row in summary if not row["success"]
-            ]
-            raise QualityGateFailed(quality.suite, failures)
         for gif in writer.path("data_docs").rglob("*.gif"):
             gif.unlink()  # GE's how-to animations (3.3 MB), never referenced by the pages
         writer.path("validation.json").write_text(json.dumps(validation, indent=2), encoding="utf-8")
-        for record in records:
-            writer.count_in()
-            writer.keep(record)
+        # The records pass through unchanged: a file copy, not a parse and re-dump of each line.
+        if cleaned.file(RECORDS).exists():
+            shutil.copyfile(cleaned.file(RECORDS), writer.path(RECORDS))
+        writer.count_in(count)
+        writer.records_out += count
         writer.stats = {
             "suite": quality.suite,
-            "records": len(records),
+            "records": count,
             "parameters": suite_parameters(quality),
             "expectations": summary,
             "seconds": round(seconds, 2),
