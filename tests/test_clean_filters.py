@@ -172,3 +172,20 @@ def test_benchmark_prompts_alone_contaminate(tmp_path):
     ref = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), spec)
     assert read_manifest(ref)["ledger"] == {"in": 21, "out": 20, "dropped": {"contaminated": 1}}
     assert "Paris" in ref.file("rejects.jsonl").read_text()
+
+
+def test_lineage_funnel_follows_manifests_back_to_collect(tmp_path):
+    from tuneline.recipe import SplitSpec
+    from tuneline.report import lineage_funnel
+    from tuneline.split import run_split
+
+    records = [conv(f"question {i} about things", f"answer {i} with detail") for i in range(10)]
+    with write_stage(tmp_path, "collect", "in") as writer:
+        for record in [*records, records[0]]:
+            writer.count_in()
+            writer.keep(record)
+    cleaned = run_clean(tmp_path, find_stage(tmp_path, "collect", "in"), CleanSpec())
+    splits = run_split(tmp_path, cleaned, SplitSpec())
+    funnel = lineage_funnel(tmp_path, splits)
+    assert [row["stage"] for row in funnel] == ["collect", "clean", "split"]
+    assert funnel[1] == {"stage": "clean", "in": 11, "out": 10, "dropped": {"duplicate": 1}}

@@ -214,3 +214,14 @@ def test_promotion_rule(metric, candidate, champion, champion_version, promoted)
 def test_long_params_are_cut_to_mlflow_limit():
     cut = truncate_params({"a": "x" * 7000, "b": "short"})
     assert len(cut["a"]) == MAX_PARAM_CHARS and cut["a"].endswith("...[truncated]") and cut["b"] == "short"
+
+
+def test_run_holds_the_funnel_json(registered):
+    stats = read_stats(registered["refs"][0][2])
+    path = mlflow.artifacts.download_artifacts(
+        run_id=stats["run_id"],
+        artifact_path="funnel.json",
+        tracking_uri=registered["recipe"].register.tracking_uri,
+    )
+    funnel = json.loads(Path(path).read_text())["funnel"]
+    assert funnel == [{"stage": "split", "in": 0, "out": 0, "dropped": {}}]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.recipe import ModelSpec, Recipe, dump_recipe, flatten_recipe
+from tuneline.report import lineage_funnel
 from tuneline.store import (
     StageRef,
     code_digest,
@@ -115,6 +116,7 @@ def run_register(
             mlflow.set_tags({"tuneline.recipe_digest": recipe.digest(), "tuneline.stage_digest": digest})
             mlflow.log_params(truncate_params(flatten_recipe(recipe)))
             mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
+            mlflow.log_dict({"funnel": lineage_funnel(artifacts_dir, splits)}, "funnel.json")
             metrics = evaluation_metrics(read_stats(evaluated)) | training_metrics(read_stats(trained))
             client.log_batch(run.info.run_id, metrics=to_metric_entities(metrics, read_stats(trained)))
             log_split_inputs(splits)

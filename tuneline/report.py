@@ -13,7 +13,7 @@ from typing import Any
 
 from tuneline.console import number
 from tuneline.recipe import Recipe, dump_recipe
-from tuneline.store import LedgerError, StageRef, check_ledger, read_stats
+from tuneline.store import LedgerError, StageRef, check_ledger, read_stats, stage_dir
 
 # (stage, the stage that feeds it, which of the feeder's outputs it takes in)
 LINKS = (
@@ -33,6 +33,27 @@ def save_run_recipe(run_dir: Path, recipe: Recipe) -> Path:
     tmp.write_text(dump_recipe(recipe), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def lineage_funnel(artifacts_dir: str | Path, ref: StageRef) -> list[dict[str, Any]]:
+    """The funnel that led to a stage, first stage first, found by following each manifest's
+    first input back (split <- quality_gate <- clean <- collect): records in, out, drops by reason."""
+    rows: list[dict[str, Any]] = []
+    folder: Path | None = ref.dir
+    while folder is not None and (folder / "manifest.json").is_file():
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        ledger = manifest["ledger"]
+        rows.append(
+            {
+                "stage": manifest["stage"],
+                "in": ledger["in"],
+                "out": ledger["out"],
+                "dropped": ledger["dropped"],
+            }
+        )
+        inputs = manifest.get("inputs") or []
+        folder = stage_dir(artifacts_dir, inputs[0]["stage"], inputs[0]["digest"]) if inputs else None
+    return rows[::-1]
 
 
 def build_report(stages: dict[str, StageRef]) -> dict[str, Any]:
