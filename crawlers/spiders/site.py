@@ -16,18 +16,28 @@ from typing import Any
 
 import scrapy
 import trafilatura
-from scrapy.exceptions import IgnoreRequest
+from scrapy.exceptions import (
+    CannotResolveHostError,
+    DownloadConnectionRefusedError,
+    DownloadFailedError,
+    DownloadTimeoutError,
+    IgnoreRequest,
+    ResponseDataLossError,
+)
 from scrapy.http import Response, TextResponse
 from scrapy.linkextractors import LinkExtractor
 from scrapy.spidermiddlewares.httperror import HttpError
 from scrapy.utils.sitemap import Sitemap
-from twisted.internet.error import ConnectionRefusedError, DNSLookupError, TCPTimedOutError, TimeoutError
 
 from crawlers.args import SiteArgs
 from crawlers.items import DocumentItem, PairItem
 
 SPACES = re.compile(r"\s+")
-NETWORK_ERRORS = (ConnectionRefusedError, DNSLookupError, TimeoutError, TCPTimedOutError)
+# Failures another try may fix; Scrapy's own retries have already been spent on them.
+NETWORK_ERRORS = (
+    CannotResolveHostError, DownloadConnectionRefusedError, DownloadFailedError,
+    DownloadTimeoutError, ResponseDataLossError, OSError,
+)  # fmt: skip
 
 
 def now() -> str:

@@ -1,0 +1,145 @@
+"""Crawl sources: the generic spider on a loopback fixture site, in a subprocess per crawl.
+
+The site (tests/sites/site.py) has 30 articles, a robots.txt disallowing /private/, a page that
+fails twice, a redirect to a host outside the allowed domains, a link to a private address,
+pages that cannot be parsed, and FAQ pages.
+"""
+
+import json
+import socket
+
+import pytest
+from sites.site import ARTICLES, FixtureSite
+
+from crawlers.args import SiteArgs
+from crawlers.middlewares import host_allowed, non_public_address
+from tuneline.collect import DOCUMENTS, run_collect
+from tuneline.fetch import run_fetch
+from tuneline.recipe import CrawlSource
+from tuneline.source_errors import SourceError, SourceUnreachable
+from tuneline.store import iter_records, read_manifest, read_stats
+
+
+@pytest.fixture(scope="module")
+def site():
+    server = FixtureSite()
+    yield server
+    server.close()
+
+
+def test_spider_arguments_mirror_the_recipe_section():
+    assert set(SiteArgs.model_fields) == set(CrawlSource.model_fields) - {"kind", "name"}
+    for name, field in SiteArgs.model_fields.items():
+        assert field.default == CrawlSource.model_fields[name].default, name
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("example.com", True), ("docs.example.com", True), ("EXAMPLE.com.", True),
+     ("badexample.com", False), ("example.com.evil.org", False), ("localhost", False)],
+)  # fmt: skip
+def test_hosts_compare_by_domain_without_port(host, allowed):
+    assert host_allowed(host, ["example.com"]) is allowed
+
+
+@pytest.mark.parametrize(
+    ("address", "private"),
+    [("127.0.0.1", True), ("10.1.2.3", True), ("192.168.0.4", True), ("169.254.169.254", True),
+     ("::1", True), ("fe80::1", True), ("8.8.8.8", False), ("2606:4700:4700::1111", False)],
+)  # fmt: skip
+def test_non_public_addresses_are_found(address, private):
+    assert (non_public_address(address) is not None) is private
+
+
+def test_documents_crawl_is_polite_safe_and_accounts_for_every_page(site, tmp_path):
+    source = CrawlSource(name="docs", start_urls=[site.url + "/"], allow_private=True, max_depth=2)
+    collected = run_collect(tmp_path / "store", [source])
+    fetched = run_fetch(tmp_path / "store", source)
+
+    assert site.hits["/private/secret"] == 0, "robots.txt disallows /private/"
+    assert site.hits["/elsewhere"] == 0, "the redirect leads outside the allowed domains"
+    assert site.hits["/flaky"] == 3, "500 twice, then the page"
+    crawl_stats = json.loads(fetched.file("crawl_stats.json").read_text())
+    # the redirect to localhost and the link to 10.255.255.1: refused by the domain rule
+    assert crawl_stats["tuneline/refused/offsite"] == 2
+    assert crawl_stats["robotstxt/forbidden"] == 1
+
+    documents = list(iter_records(collected, DOCUMENTS))
+    urls = {doc["url"].removeprefix(site.url) for doc in documents}
+    assert {f"/page/{n}" for n in range(ARTICLES)} | {"/", "/flaky", "/faq/1"} <= urls
+    article = next(doc for doc in documents if doc["url"].endswith("/page/3"))
+    assert article["title"] == "Article 3" and "Article number 3" in article["text"]
+    assert "Copyright" not in article["text"], "trafilatura keeps the main text only"
+    assert article["source"] == "docs" and article["fetched_at"]
+    raw = next(item for item in iter_records(fetched, "items.jsonl") if item["url"].endswith("/page/3"))
+    assert "<footer>" in raw["html"], "raw HTML is kept for re-extraction"
+
+    fetch_ledger = read_manifest(fetched)["ledger"]
+    assert fetch_ledger["dropped"] == {"not_html": 1, "unparseable": 1}
+    assert fetch_ledger["in"] == len(documents) + 2
+    stats = read_stats(collected)
+    assert stats["documents"] == {
+        "in": len(documents) + 2,
+        "out": len(documents),
+        "dropped": fetch_ledger["dropped"],
+    }
+    assert stats["sources"]["docs"]["dropped"] == {"not_html": 1, "unparseable": 1}
+    rejects = [json.loads(line) for line in fetched.file("rejects.jsonl").read_text().splitlines()]
+    assert {r["record"]["url"].removeprefix(site.url): r["reason"] for r in rejects} == {
+        "/empty": "unparseable",
+        "/download": "not_html",
+    }
+
+    before = sum(site.hits.values())
+    assert run_collect(tmp_path / "store", [source]) == collected, "an unchanged source is not crawled again"
+    assert sum(site.hits.values()) == before
+
+
+def test_pairs_crawl_turns_faq_pages_into_conversations(site, tmp_path):
+    source = CrawlSource(
+        name="faq", mode="pairs", start_urls=[f"{site.url}/faq/1", f"{site.url}/faq/2", f"{site.url}/about"],
+        max_depth=0, allow_private=True, pair="div.faq", question="h3", answer="p",
+    )  # fmt: skip
+    collected = run_collect(tmp_path / "store", [source])
+    records = list(iter_records(collected))
+    assert sorted(r["messages"][0]["content"] for r in records) == [
+        "Can I export my data?", "How do I reset my password?", "Where is my invoice?",
+    ]  # fmt: skip
+    first = next(r for r in records if r["messages"][0]["content"].startswith("How"))
+    assert first["messages"][1] == {
+        "role": "assistant",
+        "content": "Open settings and choose Reset password.",
+    }
+    assert first["meta"]["url"] == f"{site.url}/faq/1" and first["meta"]["source"] == "faq"
+    assert first["meta"]["fetched_at"]
+    assert read_manifest(collected)["ledger"] == {"in": 4, "out": 3, "dropped": {"no_pairs": 1}}
+
+
+def test_pairs_with_xpath_selectors_and_no_container(site, tmp_path):
+    source = CrawlSource(
+        name="faq", mode="pairs", start_urls=[f"{site.url}/faq/1"], max_depth=0, allow_private=True,
+        selectors="xpath", question="//div[@class='faq']/h3", answer="//div[@class='faq']/p",
+    )  # fmt: skip
+    records = list(iter_records(run_collect(tmp_path / "store", [source])))
+    assert [r["messages"][1]["content"] for r in records] == [
+        "Open settings and choose Reset password.", "Yes, use Export in the account menu.",
+    ]  # fmt: skip
+
+
+def test_loopback_is_refused_unless_the_source_allows_private_addresses(site, tmp_path):
+    source = CrawlSource(name="local", start_urls=[site.url + "/"])
+    with pytest.raises(SourceError, match=r"source 'local'.*non-public address 127\.0\.0\.1") as refused:
+        run_fetch(tmp_path / "store", source)
+    assert not isinstance(refused.value, SourceUnreachable), "a refusal is not worth retrying"
+    assert not list((tmp_path / "store" / "stages" / "fetch").iterdir()), "no partial stage"
+
+
+def test_a_site_that_stays_down_fails_naming_the_source_and_the_last_error(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    source = CrawlSource(name="down", start_urls=[f"http://127.0.0.1:{port}/"], allow_private=True)
+    with pytest.raises(SourceUnreachable, match=r"source 'down'.*last error: .*ConnectionRefused"):
+        run_collect(tmp_path / "store", [source])
+    assert not (tmp_path / "store" / "stages" / "collect").exists()
+    assert not list((tmp_path / "store" / "stages" / "fetch").iterdir())
