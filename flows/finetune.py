@@ -40,7 +40,7 @@ def finetune(recipe: Recipe) -> dict:
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources)
     collected = collect(artifacts_dir, recipe.sources, fetched)
-    cleaned = clean(artifacts_dir, collected, recipe.clean)
+    cleaned = clean(artifacts_dir, collected, recipe.clean, recipe.model)
     gated = quality_gate(artifacts_dir, cleaned, recipe.quality)
     splits = split(artifacts_dir, gated, recipe.split)
     trained = train(artifacts_dir, splits, recipe.model, recipe.train)

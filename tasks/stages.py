@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -86,15 +86,23 @@ def collect(artifacts_dir: Path, sources: list[Source], fetched: list[StageRef] 
 
 
 @task(name="clean", cache_policy=NO_CACHE)
-def clean(artifacts_dir: Path, collected: StageRef, spec: CleanSpec) -> StageRef:
-    """Normalize, filter and dedup."""
-    return run_clean(artifacts_dir, collected, spec)
+def clean(
+    artifacts_dir: Path, collected: StageRef, spec: CleanSpec, model: ModelSpec | None = None
+) -> StageRef:
+    """Repair, filter, redact and dedup (the model's tokenizer only when token bounds are set)."""
+    return run_clean(artifacts_dir, collected, spec, model)
 
 
 @task(name="quality_gate", cache_policy=NO_CACHE)
 def quality_gate(artifacts_dir: Path, cleaned: StageRef, spec: QualitySpec) -> StageRef:
-    """Stop bad data before any training time is spent."""
-    return run_quality_gate(artifacts_dir, cleaned, spec)
+    """Stop bad data before any training time is spent; link the Data Docs from the UI."""
+    gated = run_quality_gate(artifacts_dir, cleaned, spec)
+    docs = gated.file("data_docs/index.html")
+    if docs.is_file():
+        create_link_artifact(
+            docs.resolve().as_uri(), link_text="Data Docs", key="data-docs", description="Quality gate result"
+        )
+    return gated
 
 
 @task(name="split", cache_policy=NO_CACHE)
