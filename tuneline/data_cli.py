@@ -121,3 +121,48 @@ def convert_command(
     for where, reason in unconverted:
         typer.echo(f"{where}: {reason}")
     raise typer.Exit(1 if rejects or result.losses or result.unconverted else 0)
+
+
+@data_app.command("check")
+def check_command(
+    file: Annotated[str, typer.Argument(help="Dataset file: local path or fsspec URL.")],
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe", help="Recipe whose clean, quality and model sections apply; defaults otherwise."
+        ),
+    ] = None,
+    format: FormatOption = None,
+) -> None:
+    """Run the cleaning report and the quality gate on a file, outside a flow.
+
+    Exit 0 when the gate passes, 1 when it fails, 2 when the file or recipe cannot be used.
+    """
+    from tuneline.check import check_file
+    from tuneline.errors import UserError
+    from tuneline.recipe import CleanSpec, QualitySpec, load_recipe
+
+    try:
+        loaded = load_recipe(recipe) if recipe else None
+        clean = loaded.clean if loaded else CleanSpec()
+        quality = loaded.quality if loaded else QualitySpec()
+        report = check_file(file, clean, quality, loaded.model if loaded else None, format)
+    except (FormatError, OSError, UserError) as error:
+        _fail(_file_error(file, error))
+    dropped = sum(report.dropped.values())
+    typer.echo(f"records in: {report.records_in}")
+    typer.echo(f"unreadable: {len(report.unreadable)}")
+    for line in report.unreadable:
+        typer.echo(f"  {line}")
+    _print_counts(f"dropped by clean: {dropped}", report.dropped)
+    for kind, counts in report.clean_stats.items():
+        shown = ", ".join(f"{key}: {value}" for key, value in counts.items() if value) or "-"
+        typer.echo(f"{kind.replace('_', ' ')}: {shown}")
+    typer.echo(f"records out: {report.kept}")
+    if report.passed:
+        typer.echo(f"quality gate ({quality.suite}): passed, {report.gate_expectations} expectations")
+        raise typer.Exit(0)
+    typer.echo(f"quality gate ({quality.suite}): FAILED")
+    for failure in report.gate_failures:
+        typer.echo(f"  - {failure}")
+    raise typer.Exit(1)
