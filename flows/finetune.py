@@ -38,7 +38,7 @@ def finetune(recipe: Recipe) -> dict:
     run_dir = artifacts_dir / "runs" / f"{started}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
 
-    fetched = fetch.map(unmapped(artifacts_dir), recipe.sources)
+    fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails
     collected = collect(artifacts_dir, recipe.sources, fetched)
     cleaned = clean(artifacts_dir, collected, recipe.clean, recipe.model)
     gated = quality_gate(artifacts_dir, cleaned, recipe.quality)

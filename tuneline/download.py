@@ -68,7 +68,8 @@ def download(
             errors.append(str(error))
     else:
         raise SourceUnreachable(
-            f"source {name!r}: {url}: download failed after {retries + 1} tries; last error: {errors[-1]}"
+            f"source {name!r}: {url}: download failed after {retries + 1} "
+            f"{'try' if retries == 0 else 'tries'}; last error: {errors[-1]}"
         )
     digest = file_sha256(part_path)
     if sha256 and digest != sha256.lower():
