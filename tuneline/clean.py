@@ -44,6 +44,8 @@ HTML_TAG = re.compile(
     r"|</?[A-Za-z][A-Za-z0-9]{0,20}\b[^<>]{0,500}>",
     re.DOTALL | re.IGNORECASE,
 )
+# Characters that UTF-8 read as Latin-1/Windows-1252 leaves behind; ftfy runs only where they occur.
+MOJIBAKE_HINT = re.compile("[\u00c2\u00c3\u00c5\u00c4\u00ce\u00cf\u00d0\u00d1\u00d8\u00d9\u00e2\u00ef\ufffd]")
 HTML_ENTITY = re.compile(r"&(?:[A-Za-z]{2,8}|#\d{1,7}|#[xX][0-9A-Fa-f]{1,6});")
 LANGUAGE_SAMPLE_CHARS = 1000
 
@@ -54,8 +56,8 @@ class CleanConfigError(UserError, ValueError):
 
 def repair_text(text: str, spec: CleanSpec, repairs: Counter[str]) -> str:
     """One turn's text after the repairs the recipe turns on; `repairs` counts each kind."""
-    if spec.fix_mojibake and not text.isascii():
-        fixed = ftfy.fix_text(text, unescape_html=False, normalization=None)
+    if spec.fix_mojibake and not text.isascii() and MOJIBAKE_HINT.search(text):
+        fixed = ftfy.fix_encoding(text)
         if fixed != text:
             repairs["mojibake"] += 1
             text = fixed
@@ -69,8 +71,15 @@ def repair_text(text: str, spec: CleanSpec, repairs: Counter[str]) -> str:
             repairs["html"] += 1
             text = stripped
     if spec.normalize_text:
-        text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-        text = BLANK_LINES.sub("\n\n", TRAILING_SPACE.sub("\n", text)).strip()
+        if not text.isascii():
+            text = unicodedata.normalize("NFC", text)
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if " \n" in text or "\t\n" in text:
+            text = TRAILING_SPACE.sub("\n", text)
+        if "\n\n\n" in text:
+            text = BLANK_LINES.sub("\n\n", text)
+        text = text.strip()
     if spec.redact_pii:
         text = redact_text(text, spec.redact_pii, repairs)
     return text

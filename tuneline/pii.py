@@ -36,8 +36,19 @@ PATTERNS: dict[str, re.Pattern[str]] = {
     # A separator after the area code is required, so bare order numbers and ids stay.
     "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{2,4})[ .-]\d{3,4}[ .-]?\d{3,4}\b"),
 }
-# A cheap test first: most text has no '@', no long digit run and no key prefix.
-_MAYBE = re.compile(r"@|\d{3}|sk-|gh[pousr]_|AKIA|xox|AIza|hf_|eyJ|:[0-9A-Fa-f]{1,4}:")
+# A cheap necessary condition per kind first, with C-speed string methods (a full regex scan
+# costs ~13 ns a character): the number of digits each pattern needs at least, '@', key prefixes.
+_CARD_HINT = re.compile(r"\d{4}[ -]?\d{4}[ -]?\d{4}")
+_IP_HINT = re.compile(r"\d\.\d{1,3}\.\d")
+_PHONE_HINT = re.compile(r"[\d)][ .-]\d{3}")
+SECRET_PREFIXES = ("sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "AKIA", "xox", "AIza", "hf_", "eyJ")
+PRECHECKS: dict[str, Callable[[str, int], bool]] = {
+    "secret": lambda text, digits: any(prefix in text for prefix in SECRET_PREFIXES),
+    "email": lambda text, digits: "@" in text,
+    "card": lambda text, digits: digits >= 13 and _CARD_HINT.search(text) is not None,
+    "ip": lambda text, digits: (digits >= 4 and _IP_HINT.search(text) is not None) or text.count(":") >= 7,
+    "phone": lambda text, digits: digits >= 8 and _PHONE_HINT.search(text) is not None,
+}
 
 
 def luhn_valid(digits: str) -> bool:
@@ -58,10 +69,9 @@ def _card(match: re.Match[str]) -> str:
 
 def redact_text(text: str, kinds: Iterable[str], counts: Counter[str]) -> str:
     """The text with every PII match of the given kinds replaced; `counts` gains one per match."""
-    if not _MAYBE.search(text):
-        return text
+    digits = sum(map(text.count, "0123456789"))
     for kind in PATTERNS:
-        if kind not in kinds:
+        if kind not in kinds or not PRECHECKS[kind](text, digits):
             continue
         replace: Callable[[re.Match[str]], str]
         if kind == "card":

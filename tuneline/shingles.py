@@ -10,43 +10,80 @@ from __future__ import annotations
 
 import numpy as np
 
-_MASK = np.uint64((1 << 64) - 1)
-_BYTE_POWERS = np.array(
-    [pow(1_099_511_628_211, k, 1 << 64) for k in range(256)], dtype=np.uint64
-)  # FNV prime powers: byte k of a word is weighted by P**k (words longer than 256 bytes wrap)
+CHUNK_BYTES = 1 << 21  # texts are hashed ~2 MB at a time: a few arrays of 8 bytes per byte each
+_PRIME = 1_099_511_628_211  # FNV-64 prime: odd, so it has an inverse modulo 2**64
+_PRIME_INVERSE = pow(_PRIME, -1, 1 << 64)
 _NGRAM_MULTIPLIERS = np.array(
     [pow(0x9E3779B97F4A7C15, k + 1, 1 << 64) | 1 for k in range(64)], dtype=np.uint64
 )
 
 
-def _word_byte_mask(data: np.ndarray) -> np.ndarray:
-    """True for bytes inside a word: ASCII letters and digits, and every non-ASCII byte."""
-    return (
-        ((data >= ord("0")) & (data <= ord("9")))
-        | ((data >= ord("a")) & (data <= ord("z")))
-        | ((data >= ord("A")) & (data <= ord("Z")))
-        | (data >= 0x80)
+def _byte_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Per byte value: whether it is inside a word (ASCII letters and digits, any non-ASCII byte),
+    and its hash value (ASCII lower-cased, plus one so that no byte weighs zero)."""
+    codes = np.arange(256)
+    inside = (
+        ((codes >= ord("0")) & (codes <= ord("9")))
+        | ((codes >= ord("a")) & (codes <= ord("z")))
+        | ((codes >= ord("A")) & (codes <= ord("Z")))
+        | (codes >= 0x80)
     )
+    lowered = np.where((codes >= ord("A")) & (codes <= ord("Z")), codes | 0x20, codes)
+    return inside, (lowered + 1).astype(np.uint64)
+
+
+_INSIDE_WORD, _BYTE_VALUE = _byte_tables()
+
+
+def _powers(base: int, size: int) -> np.ndarray:
+    powers = np.full(size, base, dtype=np.uint64)
+    powers[0] = 1
+    return np.cumprod(powers, dtype=np.uint64)  # wraps modulo 2**64, as the hash wants
+
+
+_POWERS = _powers(_PRIME, CHUNK_BYTES + 1)
+_INVERSE_POWERS = _powers(_PRIME_INVERSE, CHUNK_BYTES + 1)
+
+
+def _chunk_word_hashes(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Word hashes of a few texts: a polynomial hash of each word's bytes, from prefix sums
+    (hash(word) = (H[end] - H[start]) * P**-start), with no Python loop over words."""
+    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    powers, inverse = (
+        (_POWERS, _INVERSE_POWERS)
+        if data.size <= CHUNK_BYTES
+        else (_powers(_PRIME, data.size + 1), _powers(_PRIME_INVERSE, data.size + 1))
+    )  # a single text longer than a chunk gets its own tables
+    text_ends = np.cumsum([len(chunk) for chunk in encoded], dtype=np.int64)
+    inside = _INSIDE_WORD[data]
+    edges = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(data.size + 1, dtype=np.uint64)
+        np.cumsum(_BYTE_VALUE[data] * powers[: data.size], dtype=np.uint64, out=prefix[1:])
+        hashes = (prefix[ends] - prefix[starts]) * inverse[starts]
+    offsets = np.concatenate(([0], np.searchsorted(starts, text_ends))).astype(np.int64)
+    return hashes.astype(np.uint64), offsets
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """One uint64 hash per word of every text, flat, and row offsets (`offsets[i]:offsets[i+1]`
     are the words of text i)."""
     encoded = [text.encode("utf-8", "surrogatepass") + b" " for text in texts]
-    data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    text_ends = np.cumsum([len(chunk) for chunk in encoded], dtype=np.int64)
-    if data.size == 0:
-        return np.zeros(0, dtype=np.uint64), np.zeros(len(texts) + 1, dtype=np.int64)
-    inside = _word_byte_mask(data)
-    lowered = np.where((data >= ord("A")) & (data <= ord("Z")), data | 0x20, data).astype(np.uint64)
-    starts = np.flatnonzero(inside & ~np.concatenate(([False], inside[:-1])))
-    positions = np.flatnonzero(inside)
-    word_of_byte = np.searchsorted(starts, positions, side="right") - 1
-    offset_in_word = np.minimum(positions - starts[word_of_byte], 255)
-    weighted = (lowered[positions] + np.uint64(1)) * _BYTE_POWERS[offset_in_word]
-    hashes = np.add.reduceat(weighted, np.searchsorted(positions, starts)) if starts.size else weighted[:0]
-    offsets = np.concatenate(([0], np.searchsorted(starts, text_ends))).astype(np.int64)
-    return hashes.astype(np.uint64), offsets
+    parts, offsets, chunk, size, base = [], [np.zeros(1, dtype=np.int64)], [], 0, 0
+    for item in [*encoded, None]:
+        if chunk and (item is None or size + len(item) > CHUNK_BYTES):
+            hashes, chunk_offsets = _chunk_word_hashes(chunk)
+            parts.append(hashes)
+            offsets.append(chunk_offsets[1:] + base)
+            base += hashes.size
+            chunk, size = [], 0
+        if item is not None:
+            chunk.append(item)
+            size += len(item)
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+    return flat, np.concatenate(offsets)
 
 
 def ngram_hashes(texts: list[str], n: int, short_texts_as_words: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -62,29 +99,19 @@ def ngram_hashes(texts: list[str], n: int, short_texts_as_words: bool) -> tuple[
         return words, offsets
     multipliers = _NGRAM_MULTIPLIERS[np.arange(n) % 64]
     total = max(words.size - n + 1, 0)
-    combined = np.zeros(total, dtype=np.uint64)
+    combined = np.zeros(words.size, dtype=np.uint64)  # combined[p]: the n-gram starting at word p
     with np.errstate(over="ignore"):
         for k in range(n):
-            combined += words[k : k + total] * multipliers[k]
-    # An n-gram starting at flat position p is valid when it ends inside the same text.
+            combined[:total] += words[k : k + total] * multipliers[k]
+    # An n-gram starting at flat position p is valid when it ends inside the same text; positions
+    # stay sorted, so selecting them keeps each text's n-grams together and in order.
     text_of = np.repeat(np.arange(len(texts)), counts)
-    valid = np.zeros(total, dtype=bool)
-    if total:
-        valid = text_of[:total] == text_of[n - 1 :]
-    per_text = np.maximum(counts - n + 1, 0)
-    pieces: list[np.ndarray] = []
-    new_counts = per_text.copy()
-    kept = combined[valid]
-    if short_texts_as_words and (counts < n).any():
-        cursor = 0
-        for index in range(len(texts)):
-            if counts[index] >= n:
-                pieces.append(kept[cursor : cursor + per_text[index]])
-                cursor += per_text[index]
-            else:
-                pieces.append(words[offsets[index] : offsets[index + 1]])
-                new_counts[index] = counts[index]
-        flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint64)
-    else:
-        flat = kept
-    return flat.astype(np.uint64), np.concatenate(([0], np.cumsum(new_counts))).astype(np.int64)
+    valid = np.zeros(words.size, dtype=bool)
+    valid[:total] = text_of[:total] == text_of[n - 1 :]
+    selected = valid
+    if short_texts_as_words:
+        short_word = (counts < n)[text_of]
+        selected = valid | short_word
+        combined = np.where(short_word, words, combined)
+    per_text = np.bincount(text_of[selected], minlength=len(texts))
+    return combined[selected], np.concatenate(([0], np.cumsum(per_text))).astype(np.int64)
