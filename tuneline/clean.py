@@ -25,7 +25,7 @@ from typing import Any
 
 import ftfy
 
-from tuneline.dedup import NearDedup
+from tuneline.dedup import NearDedup, comparable_text
 from tuneline.errors import UserError
 from tuneline.pii import redact_text
 from tuneline.recipe import CleanSpec, ModelSpec
@@ -305,7 +305,7 @@ class Cleaner:
                 self.seen.add(item[0]["id"])
         if self.near is not None:
             alive = [item[1] is None for item in results]
-            flags = self.near.flags([record_text(item[0]) for item in results], alive)
+            flags = self.near.flags([comparable_text(item[0]) for item in results], alive)
             for item, near in zip(results, flags, strict=True):
                 if near:
                     item[1] = "near_duplicate"

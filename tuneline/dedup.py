@@ -12,9 +12,16 @@ from __future__ import annotations
 import numpy as np
 import rensa
 
+from tuneline.records import Record
 from tuneline.shingles import ngram_hashes
 
 SEED = 1
+
+
+def comparable_text(record: Record) -> str:
+    """The text two records are compared on: every turn but the system prompt, which many
+    records share on purpose and which would make them all look alike."""
+    return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")
 
 
 def choose_bands(num_perm: int, threshold: float) -> int:

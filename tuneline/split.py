@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from tuneline.dedup import comparable_text
 from tuneline.errors import UserError
 from tuneline.formats import FormatError, iter_file
 from tuneline.recipe import SplitSpec
-from tuneline.records import record_text
 from tuneline.shingles import ngram_hashes
 from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
 
@@ -59,7 +59,7 @@ def benchmark_texts(path: str) -> Iterator[str]:
             return
         for item in iter_file(path):
             if item.record is not None:
-                yield record_text(item.record)
+                yield comparable_text(item.record)
     except (OSError, FormatError) as error:
         raise BenchmarkFileError(f"split.benchmarks: cannot read {path}: {error}; fix the path") from None
 
@@ -98,7 +98,9 @@ def run_split(artifacts_dir: str | Path, gated: StageRef, spec: SplitSpec) -> St
     missing = [str(p) for p in benchmark_files if not p.is_file()]
     if missing:
         raise BenchmarkFileError(f"split.benchmarks: {missing} do not exist; fix the paths")
-    code = code_digest(__file__, Path(__file__).with_name("shingles.py"), *benchmark_files)
+    code = code_digest(
+        __file__, *(Path(__file__).with_name(n) for n in ("shingles.py", "dedup.py")), *benchmark_files
+    )
     digest = stage_digest("split", spec, gated.digest, code)
     if cached := find_stage(artifacts_dir, "split", digest):
         return cached
@@ -114,7 +116,7 @@ def run_split(artifacts_dir: str | Path, gated: StageRef, spec: SplitSpec) -> St
             writer.keep(record, f"{name}.jsonl")
             counts[name] += 1
             if spec.decontaminate:
-                pending.append(record_text(record))
+                pending.append(comparable_text(record))
                 if len(pending) >= BATCH:
                     held_out.add(pending)
                     pending = []
@@ -126,7 +128,7 @@ def run_split(artifacts_dir: str | Path, gated: StageRef, spec: SplitSpec) -> St
             held_out.freeze()
         train = (r for r in iter_records(gated, RECORDS) if assign_split(r["id"], spec) == "train")
         while batch := list(islice(train, BATCH)):
-            flags = held_out.contaminated([record_text(r) for r in batch]) if spec.decontaminate else []
+            flags = held_out.contaminated([comparable_text(r) for r in batch]) if spec.decontaminate else []
             for index, record in enumerate(batch):
                 if flags and flags[index]:
                     writer.drop(record, "contaminated")
