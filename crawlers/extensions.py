@@ -7,6 +7,7 @@ stats (pages, refusals by reason, the last error) to TUNELINE_STATS_PATH when it
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
@@ -40,5 +41,7 @@ class CrawlReport:
         self.drops.close()
         stats = {key: value for key, value in self.crawler.stats.get_stats().items()}
         stats["finish_reason"] = reason
+        if isinstance(stats.get("start_time"), datetime):
+            stats["elapsed_s"] = (datetime.now(UTC) - stats["start_time"]).total_seconds()
         with open(self.stats_path, "w", encoding="utf-8") as handle:
             json.dump(stats, handle, indent=2, default=str)

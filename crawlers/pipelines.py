@@ -1,8 +1,17 @@
-"""Item pipelines: validate what the spider yielded, and drop the rest with a reason.
+"""Item pipelines: extract each document's main text, validate, and drop the rest with a reason.
 
 The reason's first word (before the colon) is the key counted in the stage ledger.
 """
 
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import trafilatura
+from scrapy import signals
 from scrapy.exceptions import DropItem
 
 from crawlers.items import DocumentItem, PairItem
@@ -10,10 +19,52 @@ from crawlers.items import DocumentItem, PairItem
 MIN_TEXT_CHARS = 20
 
 
+def extract_text(html: str, url: str) -> tuple[str, str | None]:
+    """Main text of a page through trafilatura (menus, banners, footers left out), or the reason
+    there is none. Metadata extraction (dates, authors) is off: it cost more than the text."""
+    try:
+        doc = trafilatura.bare_extraction(html, url=url, fast=True)
+    except Exception as error:  # noqa: BLE001 - any parser failure becomes the drop reason
+        return "", f"unparseable: {type(error).__name__}: {error}"
+    if doc is None:
+        return "", "unparseable: trafilatura found no content"
+    return doc.text or "", None
+
+
+class ExtractTextPipeline:
+    """Adds `text` to documents, in worker processes so the crawl goes on while pages are parsed
+    (text extraction costs more CPU than the crawl itself; the reactor stays on its own core)."""
+
+    def __init__(self, crawler: Any, workers: int) -> None:
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        crawler.signals.connect(self.shutdown, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Any) -> ExtractTextPipeline:
+        default = max(1, min(4, (os.cpu_count() or 2) - 1))
+        return cls(crawler, crawler.settings.getint("TUNELINE_EXTRACT_WORKERS", default))
+
+    async def process_item(self, item: Any) -> Any:
+        if not isinstance(item, DocumentItem) or item.get("error"):
+            return item
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers)
+        loop = asyncio.get_running_loop()
+        item["text"], error = await loop.run_in_executor(self.pool, extract_text, item["html"], item["url"])
+        if error:
+            item["error"] = error
+        return item
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
 class ValidatePipeline:
     """Keep documents with main text and pairs with both halves; drop anything else with why."""
 
-    def process_item(self, item):
+    def process_item(self, item: Any) -> Any:
         if item.get("error"):
             raise DropItem(item["error"])
         if isinstance(item, DocumentItem):

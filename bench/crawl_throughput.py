@@ -1,0 +1,172 @@
+"""Benchmark: the Tuneline crawl (spider, guard, pipelines, text extraction, HTTP cache) against a
+minimal plain `scrapy runspider` spider, on the same loopback site of a few thousand pages.
+
+The site is served from memory by an aiohttp server in a process started here. Both crawls run
+in subprocesses with the same per-domain concurrency; pages/s counts pages over the crawl's own
+elapsed time (Scrapy's `start_time` to the spider closing); process start-up is shown apart as
+the wall time. Goals on 2 cores: >= 200 pages/s for Tuneline, and Tuneline / plain >= 0.8.
+
+    python bench/crawl_throughput.py [--pages 3000] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from tuneline.crawl import CRAWL_STATS, run_crawl
+from tuneline.recipe import CrawlSource
+
+SECTIONS = 30
+PARAGRAPH = (
+    "Fine-tuning data is only as good as the pages it came from, so the crawler keeps the raw HTML "
+    "beside the extracted text and records why every page it dropped was dropped. "
+)
+
+PLAIN_SPIDER = textwrap.dedent('''
+    import json
+    from datetime import datetime, timezone
+
+    import scrapy
+
+    class PlainSpider(scrapy.Spider):
+        name = "plain"
+
+        def __init__(self, start="", stats_path="", **kwargs):
+            super().__init__(**kwargs)
+            self.start_urls = [start]
+            self.stats_path = stats_path
+
+        def parse(self, response):
+            yield {"url": response.url, "title": response.css("title::text").get()}
+            yield from response.follow_all(css="a")
+
+        def closed(self, reason):
+            stats = self.crawler.stats.get_stats()
+            elapsed = datetime.now(timezone.utc) - stats["start_time"]
+            with open(self.stats_path, "w") as handle:
+                json.dump({**stats, "elapsed_s": elapsed.total_seconds()}, handle, default=str)
+''')
+
+
+def build_site(pages: int) -> dict[str, bytes]:
+    """Home -> sections -> articles; each article links to a few others, a nav and a footer."""
+    per_section = -(-pages // SECTIONS)
+    site: dict[str, bytes] = {}
+
+    def html(title: str, body: str) -> bytes:
+        return (
+            f"<html><head><title>{title}</title></head><body><nav><a href='/'>Home</a> "
+            f"<a href='/s/0'>Docs</a></nav><main><article><h1>{title}</h1>{body}</article></main>"
+            f"<footer>Copyright Example Corp. All rights reserved.</footer></body></html>"
+        ).encode()
+
+    sections = "".join(f"<li><a href='/s/{s}'>Section {s}</a></li>" for s in range(SECTIONS))
+    site["/"] = html("Home", f"<p>{PARAGRAPH}</p><ul>{sections}</ul>")
+    for s in range(SECTIONS):
+        articles = range(s * per_section, min(pages, (s + 1) * per_section))
+        links = "".join(f"<li><a href='/a/{a}'>Article {a}</a></li>" for a in articles)
+        site[f"/s/{s}"] = html(f"Section {s}", f"<p>{PARAGRAPH}</p><ul>{links}</ul>")
+    for a in range(pages):
+        related = "".join(f"<a href='/a/{(a * 7 + k) % pages}'>related {k}</a> " for k in range(1, 4))
+        body = "".join(f"<p>Article {a}, paragraph {p}. {PARAGRAPH * 3}</p>" for p in range(6))
+        site[f"/a/{a}"] = html(f"Article {a}", body + f"<p>{related}</p>")
+    site["/robots.txt"] = b"User-agent: *\nAllow: /\n"
+    return site
+
+
+def serve_forever(pages: int, ports: multiprocessing.Queue) -> None:
+    """The site from memory through aiohttp, in a process of its own so it never competes with
+    the crawl for the GIL; puts its OS-chosen port on the queue."""
+    site = build_site(pages)
+
+    async def handle(request: web.Request) -> web.Response:
+        body = site.get(request.path)
+        if body is None:
+            return web.Response(status=404, text="not found")
+        return web.Response(body=body, content_type="text/html", charset="utf-8")
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        tcp = web.TCPSite(runner, "127.0.0.1", 0)
+        await tcp.start()
+        ports.put(tcp._server.sockets[0].getsockname()[1])
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def crawl_tuneline(url: str, pages: int, concurrency: int, work: Path) -> tuple[dict, float]:
+    source = CrawlSource(
+        name="bench", start_urls=[url + "/"], allow_private=True, max_depth=3,
+        max_pages=pages + SECTIONS + 1, concurrency=concurrency,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = run_crawl(source, work / "tuneline", work / "cache")
+    return result.stats, time.perf_counter() - start
+
+
+def crawl_plain(url: str, concurrency: int, work: Path) -> tuple[dict, float]:
+    spider = work / "plain_spider.py"
+    spider.write_text(PLAIN_SPIDER)
+    stats_path = work / "plain_stats.json"
+    command = [
+        sys.executable, "-m", "scrapy", "runspider", str(spider), "-a", f"start={url}/",
+        "-a", f"stats_path={stats_path}", "-o", str(work / "plain.jsonl"),
+        "-s", f"CONCURRENT_REQUESTS_PER_DOMAIN={concurrency}", "-s", f"CONCURRENT_REQUESTS={concurrency}",
+        "-s", "LOG_LEVEL=WARNING", "-s", "TELNETCONSOLE_ENABLED=False",
+    ]  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "SCRAPY_SETTINGS_MODULE"}
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=work, env=env)
+    return json.loads(stats_path.read_text()), time.perf_counter() - start
+
+
+def rate(stats: dict) -> tuple[int, float, float]:
+    pages = int(stats["response_received_count"])
+    elapsed = float(stats["elapsed_s"])
+    return pages, elapsed, pages / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    options = parser.parse_args()
+    ports: multiprocessing.Queue = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve_forever, args=(options.pages, ports), daemon=True)
+    server.start()
+    url = f"http://127.0.0.1:{ports.get(timeout=30)}"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        plain_stats, plain_wall = crawl_plain(url, options.concurrency, work)
+        tuneline_stats, tuneline_wall = crawl_tuneline(url, options.pages, options.concurrency, work)
+        kept = tuneline_stats.get("item_scraped_count", 0)
+        assert (work / "tuneline" / CRAWL_STATS).is_file()
+    server.terminate()
+    plain_pages, plain_s, plain_rate = rate(plain_stats)
+    tl_pages, tl_s, tl_rate = rate(tuneline_stats)
+    print(f"site: {options.pages} articles + {SECTIONS} sections + home, concurrency {options.concurrency}")
+    print(f"plain runspider:  {plain_pages:5d} pages in {plain_s:6.2f} s = {plain_rate:6.1f} pages/s "
+          f"(wall {plain_wall:.1f} s)")  # fmt: skip
+    print(f"tuneline spider:  {tl_pages:5d} pages in {tl_s:6.2f} s = {tl_rate:6.1f} pages/s "
+          f"(wall {tuneline_wall:.1f} s; {kept} documents: text, raw HTML, HTTP cache)")  # fmt: skip
+    print(f"ratio tuneline / plain: {tl_rate / plain_rate:.2f}   (goals: >= 200 pages/s, ratio >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
