@@ -33,7 +33,8 @@ def extract_text(html: str, url: str) -> tuple[str, str | None]:
 
 class ExtractTextPipeline:
     """Adds `text` to documents, in worker processes so the crawl goes on while pages are parsed
-    (text extraction costs more CPU than the crawl itself; the reactor stays on its own core)."""
+    (text extraction costs about as much CPU as the crawl itself). TUNELINE_EXTRACT_WORKERS sets
+    how many; 0 extracts in the crawl process."""
 
     def __init__(self, crawler: Any, workers: int) -> None:
         self.workers = workers
@@ -48,10 +49,15 @@ class ExtractTextPipeline:
     async def process_item(self, item: Any) -> Any:
         if not isinstance(item, DocumentItem) or item.get("error"):
             return item
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers)
-        loop = asyncio.get_running_loop()
-        item["text"], error = await loop.run_in_executor(self.pool, extract_text, item["html"], item["url"])
+        if self.workers == 0:
+            item["text"], error = extract_text(item["html"], item["url"])
+        else:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.workers)
+            loop = asyncio.get_running_loop()
+            item["text"], error = await loop.run_in_executor(
+                self.pool, extract_text, item["html"], item["url"]
+            )
         if error:
             item["error"] = error
         return item
