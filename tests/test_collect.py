@@ -29,10 +29,15 @@ def test_collects_sources_with_rejects_and_counts(tmp_path):
     assert read_manifest(ref)["ledger"] == {"in": 4, "out": 3, "dropped": {"unreadable": 1}}
     reject = json.loads(ref.file("rejects.jsonl").read_text())
     assert reject["detail"].startswith(f"{first}:3:")
-    assert read_stats(ref)["sources"] == {
+    counts = read_stats(ref)["sources"]
+    assert {name: {k: v for k, v in c.items() if k != "fetch"} for name, c in counts.items()} == {
         "a": {"kind": "file", "records": 2, "documents": 0, "dropped": {"unreadable": 1}},
         "b": {"kind": "file", "records": 1, "documents": 0, "dropped": {}},
     }
+    assert all(
+        (tmp_path / "store" / "stages" / "fetch" / c["fetch"] / "manifest.json").is_file()
+        for c in counts.values()
+    )
 
 
 def test_cache_follows_content_not_path(tmp_path):

@@ -104,7 +104,9 @@ def run_collect(
     if cached := find_stage(artifacts_dir, "collect", digest):
         return cached
     per_source: dict[str, dict[str, Any]] = {}
-    with write_stage(artifacts_dir, "collect", digest, inputs=fetched) as writer:
+    # The fetch stages are named in stats.json, not as manifest inputs: lineage follows a chain of
+    # first inputs (split <- ... <- collect), and collect fans in from one fetch per source.
+    with write_stage(artifacts_dir, "collect", digest) as writer:
         documents = DocumentSink(writer)
         for source, ref in zip(sources, fetched, strict=True):
             counts = SourceCounts(source.kind)
@@ -122,7 +124,7 @@ def run_collect(
                     )
                 case CrawlSource():
                     read_crawl(writer, documents, source, ref, counts)
-            per_source[source.name] = counts.as_dict()
+            per_source[source.name] = {**counts.as_dict(), "fetch": ref.digest}
         writer.stats = {"sources": per_source, "documents": documents.close()}
     return find_stage(artifacts_dir, "collect", digest)
 
