@@ -95,6 +95,16 @@ def test_documents_crawl_is_polite_safe_and_accounts_for_every_page(site, tmp_pa
     assert sum(site.hits.values()) == before
 
 
+def test_sitemap_crawl_stops_at_max_pages(site, tmp_path):
+    source = CrawlSource(
+        name="map", sitemaps=[f"{site.url}/sitemap.xml"], max_depth=0, max_pages=3, allow_private=True
+    )
+    documents = list(iter_records(run_collect(tmp_path / "store", [source]), DOCUMENTS))
+    assert [doc["url"].removeprefix(site.url) for doc in sorted(documents, key=lambda d: d["url"])] == [
+        "/page/0", "/page/1", "/page/2",
+    ]  # fmt: skip
+
+
 def test_pairs_crawl_turns_faq_pages_into_conversations(site, tmp_path):
     source = CrawlSource(
         name="faq", mode="pairs", start_urls=[f"{site.url}/faq/1", f"{site.url}/faq/2", f"{site.url}/about"],

@@ -3,7 +3,8 @@
 `/robots.txt` disallows `/private/`; `/flaky` answers 500 twice before 200; `/redirect-out`
 redirects to `localhost` (a host outside the allowed domains); the index links to a private
 address (10.255.255.1) and to pages that cannot be parsed; `/faq/1` and `/faq/2` hold
-question/answer blocks for pairs mode. The server records every path requested.
+question/answer blocks for pairs mode; `/sitemap.xml` lists four pages. The server records
+every path requested.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ FAQ = {
 }  # fmt: skip
 
 
+SITEMAP = ["/page/0", "/page/1", "/page/2", "/faq/1"]
+
+
 class SiteHandler(http.server.BaseHTTPRequestHandler):
     """Serves the fixture site; `hits` counts requests per path across the server's life."""
 
@@ -64,6 +68,10 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
             return self.send(200, page("Index", f"<p>{WORDS}</p><ul>{links}</ul>"))
         if path.startswith("/page/") and path[6:].isdigit() and int(path[6:]) < ARTICLES:
             return self.send(200, article(int(path[6:])))
+        if path == "/sitemap.xml":
+            locs = "".join(f"<url><loc>http://127.0.0.1:{port}{page}</loc></url>" for page in SITEMAP)
+            xml = f'<?xml version="1.0"?><urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{locs}</urlset>'
+            return self.send(200, xml.encode(), "application/xml")
         if path == "/about":
             return self.send(200, page("About", f"<p>About us. {WORDS}</p>"))
         if path == "/private/secret":
