@@ -189,3 +189,18 @@ def test_lineage_funnel_follows_manifests_back_to_collect(tmp_path):
     funnel = lineage_funnel(tmp_path, splits)
     assert [row["stage"] for row in funnel] == ["collect", "clean", "split"]
     assert funnel[1] == {"stage": "clean", "in": 11, "out": 10, "dropped": {"duplicate": 1}}
+
+
+def test_worker_processes_give_the_same_stage(tmp_path):
+    base = "the quick brown fox jumps over the lazy dog near the river bank on a sunny day"
+    records = [conv(f"question {i % 17} about {base}", f"answer {i % 13}") for i in range(40)]
+    with write_stage(tmp_path, "collect", "in") as writer:
+        for record in records:
+            writer.count_in()
+            writer.keep(record)
+    collected = find_stage(tmp_path, "collect", "in")
+    inline = run_clean(tmp_path / "one", collected, CleanSpec(batch_size=7, workers=1))
+    parallel = run_clean(tmp_path / "two", collected, CleanSpec(batch_size=7, workers=2))
+    assert read_manifest(inline)["ledger"] == read_manifest(parallel)["ledger"]
+    assert read_manifest(inline)["ledger"]["dropped"]["near_duplicate"] > 0
+    assert inline.file("records.jsonl").read_text() == parallel.file("records.jsonl").read_text()

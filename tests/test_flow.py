@@ -78,7 +78,9 @@ def test_funnel_adds_up_and_bad_lines_are_rejected_with_file_and_line(first_run,
     assert funnel["clean"]["in"] == funnel["collect"]["out"]
     assert funnel["clean"]["dropped"]["empty_turn"] == 1
     assert funnel["clean"]["dropped"]["duplicate"] >= 1
-    assert sum(first_run["splits"].values()) == funnel["split"]["out"] == funnel["quality_gate"]["out"]
+    assert funnel["split"]["in"] == funnel["quality_gate"]["out"]
+    assert sum(first_run["splits"].values()) == funnel["split"]["out"]
+    assert funnel["split"]["out"] + funnel["split"]["dropped"].get("contaminated", 0) == funnel["split"]["in"]
     collect_dir = Path(first_run["stage_dirs"]["collect"])
     reject = json.loads((collect_dir / "rejects.jsonl").read_text().splitlines()[0])
     assert reject["detail"].startswith(f"{project / 'tickets.jsonl'}:43:")

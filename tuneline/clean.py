@@ -15,22 +15,24 @@ from __future__ import annotations
 
 import html
 import json
+import multiprocessing
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import ftfy
 
-from tuneline.dedup import NearDedup, comparable_text
+from tuneline.dedup import NearDedup, choose_bands, comparable_text, lsh_keys
 from tuneline.errors import UserError
 from tuneline.pii import redact_text
 from tuneline.recipe import CleanSpec, ModelSpec
 from tuneline.records import Record, content_digest, record_text
-from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
+from tuneline.store import RECORDS, StageRef, code_digest, find_stage, stage_digest, write_stage
 
 Filter = Callable[[Record], str | None]
 
@@ -263,22 +265,50 @@ def batches(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
+def record_filters(spec: CleanSpec) -> list[Filter]:
+    """The per-record filters the recipe turns on, in the order they are tried."""
+    filters: list[Filter] = [conversation_structure] if spec.check_structure else []
+    filters.append(empty_turn)
+    if spec.html == "drop":
+        filters.append(html_remnants)
+    return filters
+
+
+def prepare_batch(
+    spec: CleanSpec, items: list[Record] | list[str]
+) -> tuple[list[list[Any]], Counter[str], Any]:
+    """The stateless part of cleaning one batch (records, or their JSON lines): repairs, filters,
+    length bounds, and each record's near-dedup LSH keys. Pure and picklable, so worker processes
+    run it while the stage's process keeps the dedup indexes and writes."""
+    repairs: Counter[str] = Counter()
+    filters = record_filters(spec)
+    lengths = length_bounds(spec)
+    results: list[list[Any]] = []
+    for item in items:
+        record = repair_record(json.loads(item) if isinstance(item, str) else item, spec, repairs)
+        reason = next((r for f in filters if (r := f(record))), None)
+        if reason is None:
+            record, reason = lengths(record)
+        results.append([record, reason])
+    keys = None
+    if spec.near_dedup:
+        bands = choose_bands(spec.near_dedup_permutations, spec.near_dedup_threshold)
+        texts = [comparable_text(record) for record, _ in results]
+        keys = lsh_keys(texts, spec.near_dedup_ngram, spec.near_dedup_permutations, bands)
+    return results, repairs, keys
+
+
 class Cleaner:
     """The clean stage's logic over batches, independent of where records come from or go to.
 
     `clean_batch(records)` returns one `(record, reason | None)` per input record, in order;
-    `stats()` gives the repair and PII counts. Used by the stage and by `tuneline data check`.
+    `finish_batch(prepare_batch(...))` is the same in two steps, the first one anywhere (a worker
+    process). `stats()` gives the repair and PII counts. Used by the stage and `tuneline data check`.
     """
 
     def __init__(self, spec: CleanSpec, model: ModelSpec | None = None) -> None:
         self.spec = spec
         self.repairs: Counter[str] = Counter()
-        self.filters: list[Filter] = [empty_turn]
-        if spec.check_structure:
-            self.filters.insert(0, conversation_structure)
-        if spec.html == "drop":
-            self.filters.append(html_remnants)
-        self.lengths = length_bounds(spec)
         self.tokens = TokenCounter(spec, model) if spec.max_tokens or spec.min_tokens else None
         self.language = LanguageFilter(spec) if spec.languages else None
         self.seen: set[str] = set()
@@ -289,13 +319,14 @@ class Cleaner:
         )
 
     def clean_batch(self, records: list[Record]) -> list[tuple[Record, str | None]]:
-        results: list[list[Any]] = []
-        for record in records:
-            record = repair_record(record, self.spec, self.repairs)
-            reason = next((r for f in self.filters if (r := f(record))), None)
-            if reason is None:
-                record, reason = self.lengths(record)
-            results.append([record, reason])
+        return self.finish_batch(prepare_batch(self.spec, records))
+
+    def finish_batch(
+        self, prepared: tuple[list[list[Any]], Counter[str], Any]
+    ) -> list[tuple[Record, str | None]]:
+        """Token and language checks, then exact and near dedup against every earlier batch."""
+        results, repairs, keys = prepared
+        self.repairs.update(repairs)
         self._apply(results, self.tokens is not None, self._token_step)
         self._apply(results, self.language is not None, self._language_step)
         for item in results:
@@ -305,8 +336,7 @@ class Cleaner:
                 self.seen.add(item[0]["id"])
         if self.near is not None:
             alive = [item[1] is None for item in results]
-            flags = self.near.flags([comparable_text(item[0]) for item in results], alive)
-            for item, near in zip(results, flags, strict=True):
+            for item, near in zip(results, self.near.flags_from_keys(keys, alive), strict=True):
                 if near:
                     item[1] = "near_duplicate"
         return [(record, reason) for record, reason in results]
@@ -339,6 +369,42 @@ class Cleaner:
         return {"repaired": dict(sorted(repaired.items())), "pii_redacted": pii}
 
 
+def line_batches(path: Path, size: int) -> Iterator[list[str]]:
+    """The JSON lines of a stage file, `size` at a time, unparsed (workers parse them)."""
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as handle:
+        while batch := list(islice(handle, size)):
+            yield batch
+
+
+def prepared_batches(
+    spec: CleanSpec, path: Path
+) -> Iterator[tuple[int, tuple[list[list[Any]], Counter[str], Any]]]:
+    """(batch length, prepared batch) in file order. With `clean.workers` > 1 and more than one
+    batch, worker processes prepare them, at most two batches ahead per worker (memory stays flat)."""
+    lines = line_batches(path, spec.batch_size)
+    first = next(lines, None)
+    second = next(lines, None) if first is not None else None
+    if first is None:
+        return
+    if second is None or spec.workers == 1:
+        for batch in (first, second, *lines) if second is not None else (first,):
+            yield len(batch), prepare_batch(spec, batch)
+        return
+    context = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
+    with ProcessPoolExecutor(max_workers=spec.workers, mp_context=context) as pool:
+        pending: deque[tuple[int, Future[Any]]] = deque()
+        for batch in (first, second, *lines):
+            pending.append((len(batch), pool.submit(prepare_batch, spec, batch)))
+            if len(pending) >= 2 * spec.workers:
+                size, future = pending.popleft()
+                yield size, future.result()
+        while pending:
+            size, future = pending.popleft()
+            yield size, future.result()
+
+
 def run_clean(
     artifacts_dir: str | Path, collected: StageRef, spec: CleanSpec, model: ModelSpec | None = None
 ) -> StageRef:
@@ -349,9 +415,9 @@ def run_clean(
         return cached
     cleaner = Cleaner(spec, model)
     with write_stage(artifacts_dir, "clean", digest, [collected]) as writer:
-        for batch in batches(iter_records(collected, RECORDS), spec.batch_size):
-            writer.count_in(len(batch))
-            for record, reason in cleaner.clean_batch(batch):
+        for size, prepared in prepared_batches(spec, collected.file(RECORDS)):
+            writer.count_in(size)
+            for record, reason in cleaner.finish_batch(prepared):
                 if reason:
                     writer.drop(record, reason)
                 else:

@@ -54,6 +54,18 @@ def band_hashes(rows: np.ndarray, bands: int) -> np.ndarray:
     return folded
 
 
+def lsh_keys(texts: list[str], ngram: int, num_perm: int, bands: int) -> list[list[int] | None]:
+    """Each text's LSH band hashes, or None for a text without words (never a near duplicate).
+    Pure and picklable: clean computes it in worker processes."""
+    if not texts:
+        return []
+    rows, has_words = signatures(texts, ngram, num_perm)
+    return [
+        keys if words else None
+        for keys, words in zip(band_hashes(rows, bands).tolist(), has_words, strict=True)
+    ]
+
+
 class NearDedup:
     """Streaming near-dedup: `flags(texts)` marks each text that is near an earlier kept one."""
 
@@ -63,23 +75,26 @@ class NearDedup:
         self.bands = choose_bands(num_perm, threshold)
         self.seen: set[int] = set()
 
+    def keys(self, texts: list[str]) -> list[list[int] | None]:
+        return lsh_keys(texts, self.ngram, self.num_perm, self.bands)
+
     def flags(self, texts: list[str], candidates: list[bool] | None = None) -> list[bool]:
         """True for each text near a text kept before it (in earlier batches or this one).
         Texts whose candidate flag is False (already dropped) are neither checked nor indexed."""
-        if not texts:
-            return []
-        rows, has_words = signatures(texts, self.ngram, self.num_perm)
-        bands = band_hashes(rows, self.bands).tolist()
+        return self.flags_from_keys(self.keys(texts), candidates)
+
+    def flags_from_keys(
+        self, keys: list[list[int] | None], candidates: list[bool] | None = None
+    ) -> list[bool]:
         result = []
         seen = self.seen
-        for index, keys in enumerate(bands):
-            if (candidates is not None and not candidates[index]) or not has_words[index]:
+        for index, bands in enumerate(keys):
+            if bands is None or (candidates is not None and not candidates[index]):
                 result.append(False)
-                continue
-            if any(key in seen for key in keys):
+            elif any(key in seen for key in bands):
                 result.append(True)
             else:
-                seen.update(keys)
+                seen.update(bands)
                 result.append(False)
         return result
 

@@ -175,6 +175,9 @@ class CleanSpec(Section):
     near_dedup_ngram: int = Field(5, ge=1, description="Words per shingle for near-dedup.")
     near_dedup_permutations: int = Field(64, ge=8, le=512, description="MinHash permutations.")
     batch_size: int = Field(10_000, ge=1, description="Records processed per batch (memory stays flat).")
+    workers: int = Field(
+        2, ge=1, le=64, description="Processes repairing and hashing batches in parallel (1: none)."
+    )
 
 
 class QualitySpec(Section):
