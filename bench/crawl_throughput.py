@@ -161,6 +161,8 @@ def main() -> None:
     plain_pages, plain_s, plain_rate = rate(plain_stats)
     tl_pages, tl_s, tl_rate = rate(tuneline_stats)
     print(f"site: {options.pages} articles + {SECTIONS} sections + home, concurrency {options.concurrency}")
+    load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"machine: {os.cpu_count()} CPUs, load average after the crawls {load} (other work skews pages/s)")
     print(f"plain runspider:  {plain_pages:5d} pages in {plain_s:6.2f} s = {plain_rate:6.1f} pages/s "
           f"(wall {plain_wall:.1f} s)")  # fmt: skip
     print(f"tuneline spider:  {tl_pages:5d} pages in {tl_s:6.2f} s = {tl_rate:6.1f} pages/s "
