@@ -21,7 +21,7 @@ import unicodedata
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -389,13 +389,13 @@ def prepared_batches(
     if first is None:
         return
     if second is None or spec.workers == 1:
-        for batch in (first, second, *lines) if second is not None else (first,):
+        for batch in chain((first,), () if second is None else (second,), lines):
             yield len(batch), prepare_batch(spec, batch)
         return
     context = multiprocessing.get_context("spawn")  # never fork a process that may hold threads
     with ProcessPoolExecutor(max_workers=spec.workers, mp_context=context) as pool:
         pending: deque[tuple[int, Future[Any]]] = deque()
-        for batch in (first, second, *lines):
+        for batch in chain((first, second), lines):  # lazily: never the whole file at once
             pending.append((len(batch), pool.submit(prepare_batch, spec, batch)))
             if len(pending) >= 2 * spec.workers:
                 size, future = pending.popleft()
