@@ -33,6 +33,8 @@ HTTPCACHE_POLICY = "scrapy.extensions.httpcache.DummyPolicy"
 # One DBM file per spider: the default filesystem storage writes six files per page and
 # halved crawl throughput on loopback.
 HTTPCACHE_STORAGE = "scrapy.extensions.httpcache.DbmCacheStorage"
+# The cache serves a retried or re-configured crawl; after a day pages are fetched afresh.
+HTTPCACHE_EXPIRATION_SECS = 24 * 3600
 # The cache stores 5xx by default; a cached failure would be served to every retry.
 HTTPCACHE_IGNORE_HTTP_CODES = [408, 429, *range(500, 600)]
 

@@ -75,24 +75,32 @@ def test_documents_crawl_is_polite_safe_and_accounts_for_every_page(site, tmp_pa
     assert "<footer>" in raw["html"], "raw HTML is kept for re-extraction"
 
     fetch_ledger = read_manifest(fetched)["ledger"]
-    assert fetch_ledger["dropped"] == {"not_html": 1, "unparseable": 1}
-    assert fetch_ledger["in"] == len(documents) + 2
+    assert fetch_ledger["dropped"] == {"http_error": 1, "not_html": 1, "unparseable": 1}
+    assert fetch_ledger["in"] == len(documents) + 3
     stats = read_stats(collected)
     assert stats["documents"] == {
-        "in": len(documents) + 2,
+        "in": len(documents) + 3,
         "out": len(documents),
         "dropped": fetch_ledger["dropped"],
     }
-    assert stats["sources"]["docs"]["dropped"] == {"not_html": 1, "unparseable": 1}
+    assert stats["sources"]["docs"]["dropped"] == fetch_ledger["dropped"]
     rejects = [json.loads(line) for line in fetched.file("rejects.jsonl").read_text().splitlines()]
     assert {r["record"]["url"].removeprefix(site.url): r["reason"] for r in rejects} == {
         "/empty": "unparseable",
         "/download": "not_html",
+        "/later": "http_error",
     }
 
     before = sum(site.hits.values())
     assert run_collect(tmp_path / "store", [source]) == collected, "an unchanged source is not crawled again"
     assert sum(site.hits.values()) == before
+
+    # A changed section crawls again through the HTTP cache: pages come from it, but the 503s of
+    # /later were never stored, so that page is asked for again and now answers.
+    wider = run_fetch(tmp_path / "store", source.model_copy(update={"max_pages": 999}))
+    assert wider.digest != fetched.digest
+    assert site.hits["/later"] == 5 and site.hits["/page/3"] == 1 and site.hits["/flaky"] == 3
+    assert any(item["url"].endswith("/later") for item in iter_records(wider, "items.jsonl"))
 
 
 def test_sitemap_crawl_stops_at_max_pages(site, tmp_path):

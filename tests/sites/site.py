@@ -1,10 +1,10 @@
 """A loopback fixture website for crawl tests: 30 article pages and the traps a crawl must handle.
 
-`/robots.txt` disallows `/private/`; `/flaky` answers 500 twice before 200; `/redirect-out`
-redirects to `localhost` (a host outside the allowed domains); the index links to a private
-address (10.255.255.1) and to pages that cannot be parsed; `/faq/1` and `/faq/2` hold
-question/answer blocks for pairs mode; `/sitemap.xml` lists four pages. The server records
-every path requested.
+`/robots.txt` disallows `/private/`; `/flaky` answers 500 twice before 200; `/later` answers 503
+to a whole crawl; `/redirect-out` redirects to `localhost` (a host outside the allowed domains);
+the index links to a private address (10.255.255.1) and to pages that cannot be parsed;
+`/faq/1` and `/faq/2` hold question/answer blocks for pairs mode; `/sitemap.xml` lists four
+pages. The server records every path requested.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
                 "<li><a href='http://10.255.255.1/admin'>router</a></li>"
                 "<li><a href='/empty'>empty</a></li><li><a href='/download'>download</a></li>"
                 "<li><a href='/faq/1'>FAQ 1</a></li><li><a href='/faq/2'>FAQ 2</a></li>"
+                "<li><a href='/later'>later</a></li>"
             )
             return self.send(200, page("Index", f"<p>{WORDS}</p><ul>{links}</ul>"))
         if path.startswith("/page/") and path[6:].isdigit() and int(path[6:]) < ARTICLES:
@@ -80,6 +81,10 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
             if self.hits[path] <= self.flaky_failures:
                 return self.send(500, b"try again", "text/plain")
             return self.send(200, page("Flaky", f"<p>Answered on the third try. {WORDS}</p>"))
+        if path == "/later":  # down for a whole crawl (first try and 3 retries), then up
+            if self.hits[path] <= 4:
+                return self.send(503, b"down for maintenance", "text/plain")
+            return self.send(200, page("Later", f"<p>Back after maintenance. {WORDS}</p>"))
         if path == "/redirect-out":
             self.send_response(302)
             self.send_header("Location", f"http://localhost:{port}/elsewhere")
