@@ -62,10 +62,16 @@ def run_crawl(source: CrawlSource, out_dir: Path, cache_dir: Path, timeout_s: fl
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SCRAPY_SETTINGS_MODULE": "crawlers.settings"}
-    done = subprocess.run(
-        crawl_command(source, out_dir, cache_dir),
-        capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
-    )  # fmt: skip
+    try:
+        done = subprocess.run(
+            crawl_command(source, out_dir, cache_dir),
+            capture_output=True, text=True, env=env, timeout=timeout_s, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:  # a retry would take as long again: not retryable
+        raise SourceError(
+            f"source {source.name!r}: the crawl did not finish in {timeout_s:g} s; lower max_pages "
+            "or max_depth, or raise the concurrency"
+        ) from None
     stats_path = out_dir / CRAWL_STATS
     if done.returncode != 0 or not stats_path.is_file():
         tail = "\n".join(done.stderr.strip().splitlines()[-15:])
