@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urldefrag
+from urllib.parse import urldefrag, urlsplit
 
 import scrapy
 from scrapy.exceptions import (
@@ -30,6 +30,7 @@ from scrapy.utils.sitemap import Sitemap
 
 from crawlers.args import SiteArgs
 from crawlers.items import DocumentItem, PairItem
+from crawlers.middlewares import host_allowed
 
 SPACES = re.compile(r"\s+")
 # Failures another try may fix; Scrapy's own retries have already been spent on them.
@@ -58,7 +59,9 @@ class SiteSpider(scrapy.Spider):
         self.args = SiteArgs.model_validate_json(args)
         self.allow = [re.compile(pattern) for pattern in self.args.allow]
         self.deny = [re.compile(pattern) for pattern in self.args.deny]
+        self.domains = self.args.domains()
         self.seen: set[str] = set()
+        self.pages = 0
         self.item_class = DocumentItem if self.args.mode == "documents" else PairItem
 
     async def start(self) -> Any:
@@ -69,10 +72,16 @@ class SiteSpider(scrapy.Spider):
                 yield request
 
     def page_request(self, url: str) -> scrapy.Request | None:
-        """A request for a page not seen yet, while the page budget lasts."""
-        if url in self.seen or len(self.seen) >= self.args.max_pages:
+        """A request for a page not seen yet, while the page budget lasts. Links off the allowed
+        domains do not spend the budget: they are still requested, for the guard middleware to
+        refuse and count."""
+        if url in self.seen:
+            return None
+        on_site = host_allowed(urlsplit(url).hostname or "", self.domains)
+        if on_site and self.pages >= self.args.max_pages:
             return None
         self.seen.add(url)
+        self.pages += on_site
         return scrapy.Request(url, callback=self.parse, errback=self.failed)
 
     def parse_sitemap(self, response: Response) -> Iterator[scrapy.Request]:
@@ -87,7 +96,9 @@ class SiteSpider(scrapy.Spider):
         depth = response.meta.get("depth", 0)
         base = {"url": response.url, "fetched_at": now(), "depth": depth}
         if not isinstance(response, TextResponse):
-            yield self.item_class(**base, error=f"not_html: {response.headers.get('Content-Type')}")
+            yield self.item_class(
+                **base, error=f"not_html: {response.headers.get('Content-Type', b'').decode()}"
+            )
             return
         if self.args.mode == "documents":
             yield self.document(response, base)
