@@ -17,7 +17,7 @@ import pytest
 from tuneline.gate import QualityGateFailed
 from tuneline.models import make_tiny_model
 from tuneline.recipe import validate_recipe
-from tuneline.store import iter_records
+from tuneline.store import iter_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -149,6 +149,4 @@ def registry_uri(project):
 
 
 def iter_records_at(path, name):
-    from tuneline.store import StageRef
-
-    return iter_records(StageRef(stage="x", digest="x", path=path), name)
+    return iter_jsonl(Path(path) / name)

@@ -30,7 +30,7 @@ from tuneline.crawl import DROPS, ITEMS, crawl_summary, run_crawl
 from tuneline.download import download, unpack
 from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
 from tuneline.source_errors import SourceError, SourceUnreachable
-from tuneline.store import StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
+from tuneline.store import StageRef, code_digest, find_stage, iter_jsonl, stage_digest, write_stage
 
 ROWS = "rows.jsonl"
 DATA_DIR = "data"
@@ -180,12 +180,12 @@ def fetch_crawl(artifacts_dir: str | Path, source: CrawlSource) -> StageRef:
     cache_dir = Path(artifacts_dir).resolve() / "cache" / "crawl" / source.name
     with write_stage(artifacts_dir, "fetch", digest) as writer:
         result = run_crawl(source, writer.dir, cache_dir)
-        kept = sum(1 for _ in iter_records(_ref_of(writer.dir), ITEMS))
+        kept = sum(1 for _ in iter_jsonl(writer.dir / ITEMS))
         writer.count_in(kept)
         writer.records_out = kept
         drops_path = writer.dir / DROPS
         if drops_path.exists():
-            for drop in iter_records(_ref_of(writer.dir), DROPS):
+            for drop in iter_jsonl(drops_path):
                 writer.count_in()
                 writer.drop({"url": drop["url"], "kind": drop["kind"]}, drop["reason"], drop["detail"])
             drops_path.unlink()
@@ -194,11 +194,6 @@ def fetch_crawl(artifacts_dir: str | Path, source: CrawlSource) -> StageRef:
             **crawl_summary(result.stats),
         }  # fmt: skip
     return find_stage(artifacts_dir, "fetch", digest)
-
-
-def _ref_of(folder: Path) -> StageRef:
-    """A reference to a stage folder being written, to stream its JSON-lines files."""
-    return StageRef(stage="fetch", digest="", path=str(folder))
 
 
 def _module_file(module: str) -> str:

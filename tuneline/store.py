@@ -17,7 +17,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -225,19 +225,13 @@ def verify_stage(ref: StageRef) -> None:
 
 def iter_records(ref: StageRef, name: str = RECORDS) -> Iterator[dict[str, Any]]:
     """Stream the records of a finished stage."""
-    path = ref.file(name)
+    return iter_jsonl(ref.file(name))
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Stream a JSON-lines file Tuneline wrote (a stage's file, or one being written); none if absent."""
     if not path.exists():
         return
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             yield json.loads(line)
-
-
-def write_lines(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write JSON lines to a path inside a stage being written; returns the count."""
-    count = 0
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            count += 1
-    return count
