@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -272,6 +273,63 @@ class EvaluateSpec(Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test records.")
+
+
+class AutoRejectRule(Section):
+    """Auto policy rule: reject a candidate whose text matches `pattern`, giving `reason`."""
+
+    pattern: str = Field(description="Regular expression searched in the candidate's messages.")
+    reason: str = Field(min_length=1, description="Reject reason recorded (and fed back to the teacher).")
+
+    @model_validator(mode="after")
+    def _pattern_compiles(self) -> AutoRejectRule:
+        try:
+            re.compile(self.pattern)
+        except re.error as error:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {error}") from None
+        return self
+
+
+class AutoPolicy(Section):
+    """Decisions for unattended runs, recorded with `reviewer: auto-policy`.
+
+    Every candidate reaching review has passed the automatic checks; the first matching rule
+    rejects it, the rest get `default`.
+    """
+
+    default: Literal["accept", "reject"] = Field(
+        description="Decision for a candidate no rule rejects (accept: trust the automatic checks)."
+    )
+    reject_if: list[AutoRejectRule] = Field(default_factory=list, description="Rules tried in order.")
+
+
+class ReviewSpec(Section):
+    """The human review checkpoint after each augmentation round.
+
+    `prefect`, `terminal` and `file` all pause the run until every candidate has a decision
+    (accept, reject with a reason, or edit); they differ only in where the reviewer is told to
+    look. `auto` decides with the explicit `auto` policy and never pauses.
+    """
+
+    how: Literal["prefect", "terminal", "file", "auto"] = Field(
+        "prefect",
+        description="prefect: form in the paused run; terminal: `tuneline review`; "
+        "file: `tuneline review export/import`; auto: the `auto` policy, no person.",
+    )
+    timeout_s: int = Field(
+        24 * 3600, ge=1, description="Seconds a round waits for decisions before the run fails (kept)."
+    )
+    reviewer: str = Field("reviewer", min_length=1, description="Name recorded for decisions from the UI.")
+    auto: AutoPolicy | None = Field(None, description="The policy used when `how` is auto.")
+
+    @model_validator(mode="after")
+    def _auto_needs_policy(self) -> ReviewSpec:
+        if self.how == "auto" and self.auto is None:
+            raise ValueError(
+                "how: auto needs an explicit policy: set auto.default (accept or reject) "
+                "and optionally auto.reject_if rules"
+            )
+        return self
 
 
 class RegisterSpec(Section):
