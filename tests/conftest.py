@@ -3,6 +3,7 @@
 import os
 
 import pytest
+from openai_server import teacher_server  # noqa: F401  (the loopback OpenAI server fixture)
 
 # Nothing in the test suite may reach a hub; fail fast instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

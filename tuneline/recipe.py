@@ -132,6 +132,37 @@ Source = Annotated[
 ]
 
 
+class TeacherSpec(Section):
+    """The teacher: any OpenAI-compatible chat endpoint (OpenAI, vLLM, Ollama, a Tuneline-served model).
+
+    Every exchange can be recorded by request digest, so re-runs cost nothing (`record`) and a run
+    can be repeated offline, exactly (`replay`).
+    """
+
+    base_url: str = Field(
+        pattern=r"^https?://",
+        description="Endpoint root, usually ending in /v1 (e.g. http://localhost:8000/v1).",
+    )
+    model: str = Field(min_length=1, description="Model name the endpoint serves.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    api_key_secret: str | None = Field(
+        None, description="Name of a Prefect Secret block holding the API key; wins over api_key_env."
+    )
+    mode: Literal["live", "record", "replay"] = Field(
+        "record",
+        description="live: always ask; record: serve recorded exchanges, ask and record the rest; "
+        "replay: recorded exchanges only (offline), a missing one is an error.",
+    )
+    recordings: str = Field(".tuneline/teacher", description="Folder of recorded exchanges (one JSON each).")
+    concurrency: int = Field(4, ge=1, le=256, description="Requests in flight at once, at most.")
+    max_retries: int = Field(5, ge=0, le=20, description="Retries of a request on 429, 5xx and timeouts.")
+    timeout_s: float = Field(60.0, gt=0, description="Seconds one try may take.")
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(2048, ge=1, description="Longest reply, in tokens.")
+    seed: int | None = Field(None, description="Sampling seed sent to the endpoint (where it honours one).")
+    json_mode: bool = Field(True, description="Ask for a JSON object reply (response_format json_object).")
+
+
 PiiKind = Literal["email", "phone", "ip", "card", "secret"]
 
 
