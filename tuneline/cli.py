@@ -21,6 +21,7 @@ import typer
 from tuneline.data_cli import data_app
 from tuneline.errors import UserError
 from tuneline.recipe import Recipe, RecipeError, load_recipe
+from tuneline.review_cli import review_command
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Fine-tune language models as one pipeline."
@@ -28,6 +29,7 @@ app = typer.Typer(
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipes and show their schema.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data", help="Inspect and convert datasets.")
+app.command("review")(review_command)
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
 QUICKSTART_DATA = Path("recipes/data/support_intents.jsonl")

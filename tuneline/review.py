@@ -75,6 +75,7 @@ class PendingBatch(BaseModel):
     count: int
     how: str
     created_at: str
+    api_url: str | None = None  # the Prefect API of the paused run (a local server's port is random)
 
 
 def now() -> str:
