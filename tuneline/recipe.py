@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import string
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -363,6 +364,141 @@ class ReviewSpec(Section):
         return self
 
 
+class SeedsSpec(Section):
+    """Seed examples shown to the teacher: a file of any supported format."""
+
+    path: str = Field(description="Local path (relative to the project) or fsspec URL of the seed file.")
+    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+
+
+class AugmentChecks(Section):
+    """Automatic checks every generated candidate passes before a person sees it."""
+
+    min_chars: int = Field(10, ge=0, description="Shortest candidate (its user and assistant turns), chars.")
+    max_chars: int = Field(4000, ge=1, description="Longest candidate (its user and assistant turns), chars.")
+    similarity: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="ROUGE-L F1 between user turns at or above which a candidate is a near duplicate "
+        "of a seed or of the pool (accepted records and this round's earlier candidates).",
+    )
+    blocklist: list[str] = Field(
+        default_factory=list,
+        description="Case-insensitive words or phrases (matched as whole words) or regular expressions; "
+        "a candidate containing one is rejected.",
+    )
+
+    @model_validator(mode="after")
+    def _blocklist_compiles(self) -> AugmentChecks:
+        for entry in self.blocklist:
+            try:
+                re.compile(entry)
+            except re.error as error:
+                raise ValueError(
+                    f"blocklist entry {entry!r} is not a valid regular expression: {error}; "
+                    "escape special characters with a backslash"
+                ) from None
+        return self
+
+
+SEED_PROMPT = """Here are examples of the task:
+
+{examples}
+
+Write {n} new examples of the same task. Vary the wording, the situations and the length, keep the \
+style of the answers, and do not copy or closely paraphrase the examples.
+
+Common mistakes to avoid:
+{mistakes}"""
+
+DOCUMENT_PROMPT = """Here is an extract of a document:
+
+<document>
+{document}
+</document>
+
+Write {n} question-and-answer pairs a reader of this document might ask. Each answer must be correct \
+according to the extract alone, complete on its own, and must not mention "the extract" or "the \
+document". Ask about different facts.
+
+Common mistakes to avoid:
+{mistakes}"""
+
+PROMPT_PLACEHOLDERS = {"examples", "document", "n", "mistakes", "round"}
+
+
+class AugmentSpec(Section):
+    """Teacher-generated examples in reviewed rounds, before cleaning.
+
+    Each round asks the teacher for `per_round` candidates (in requests of `per_request`), checks
+    them automatically, has them reviewed, and feeds the reject reasons and edits of all rounds so
+    far back into the next prompt as common mistakes. It stops at `target_accepted`, at
+    `max_rounds`, or when a round's acceptance falls below `min_acceptance_rate`.
+    """
+
+    mode: Literal["seeds", "documents"] = Field(
+        "seeds",
+        description="seeds: new examples like the seeds; documents: question/answer pairs grounded in "
+        "the collected documents (crawl sources in documents mode), each keeping its URL.",
+    )
+    teacher: TeacherSpec
+    review: ReviewSpec = ReviewSpec()
+    seeds: SeedsSpec | None = Field(
+        None, description="seeds mode: seed file; when empty, the collected records are the seeds."
+    )
+    system: str | None = Field(
+        None,
+        description="System prompt of the generated records; empty: the seeds' own if they all share one.",
+    )
+    prompt: str | None = Field(
+        None,
+        description="User prompt template with {examples} (seeds mode) or {document} (documents mode), "
+        "{mistakes}, and optionally {n} and {round}; literal braces are doubled. Empty: a default per mode.",
+    )
+    examples_per_request: int = Field(5, ge=1, le=50, description="seeds mode: seeds shown in each request.")
+    chunk_chars: int = Field(2000, ge=200, description="documents mode: largest document chunk, characters.")
+    per_round: int = Field(20, ge=1, le=1000, description="Candidates asked for in one round.")
+    per_request: int = Field(5, ge=1, le=100, description="Candidates asked for in one teacher request.")
+    max_rounds: int = Field(5, ge=1, description="Rounds at most.")
+    target_accepted: int = Field(100, ge=1, description="Stop once this many candidates were accepted.")
+    min_acceptance_rate: float = Field(
+        0.0, ge=0, le=1, description="Stop when a round accepts a smaller share of its candidates."
+    )
+    checks: AugmentChecks = AugmentChecks()
+
+    def prompt_template(self) -> str:
+        """The user prompt template in force: the recipe's, or the default for the mode."""
+        if self.prompt is not None:
+            return self.prompt
+        return SEED_PROMPT if self.mode == "seeds" else DOCUMENT_PROMPT
+
+    @model_validator(mode="after")
+    def _prompt_fits_mode(self) -> AugmentSpec:
+        try:
+            parsed = string.Formatter().parse(self.prompt_template())
+            fields = {name for _, name, _, _ in parsed if name is not None}
+        except ValueError as error:
+            raise ValueError(f"prompt: {error}; write literal braces as {{{{ and }}}}") from None
+        unknown = sorted(fields - PROMPT_PLACEHOLDERS)
+        if unknown:
+            raise ValueError(
+                f"prompt: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; use "
+                f"{', '.join('{' + n + '}' for n in sorted(PROMPT_PLACEHOLDERS))}, and double literal braces"
+            )
+        needed = {"mistakes", "examples" if self.mode == "seeds" else "document"}
+        if missing := sorted(needed - fields):
+            raise ValueError(
+                f"prompt: mode {self.mode} needs the placeholder(s) "
+                f"{', '.join('{' + n + '}' for n in missing)} ({{mistakes}} carries earlier rounds' feedback)"
+            )
+        if self.mode == "documents" and self.seeds is not None:
+            raise ValueError("seeds: only used in mode seeds; remove it or set mode: seeds")
+        if self.per_request > self.per_round:
+            raise ValueError(f"per_request {self.per_request} is larger than per_round {self.per_round}")
+        return self
+
+
 class RegisterSpec(Section):
     """MLflow registration and the promotion rule for the `champion` alias."""
 
@@ -384,6 +520,9 @@ class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Project name.")
     artifacts_dir: str = Field(".tuneline", description="Where stage artifacts are stored.")
     sources: list[Source] = Field(min_length=1)
+    augment: AugmentSpec | None = Field(
+        None, description="Teacher-generated examples in reviewed rounds, added before cleaning."
+    )
     clean: CleanSpec = CleanSpec()
     quality: QualitySpec = QualitySpec()
     split: SplitSpec = SplitSpec()
@@ -398,6 +537,15 @@ class Recipe(Section):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"sources: names must be unique, repeated: {', '.join(repeated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _augment_has_documents(self) -> Recipe:
+        grounded = self.augment is not None and self.augment.mode == "documents"
+        if grounded and not any(s.kind == "crawl" and s.mode == "documents" for s in self.sources):
+            raise ValueError(
+                "augment.mode documents needs collected documents: add a crawl source with mode: documents"
+            )
         return self
 
 
