@@ -282,6 +282,58 @@ class LoraSpec(Section):
     )
 
 
+class FsdpSpec(Section):
+    """FSDP settings of a distributed run, written into its accelerate config file."""
+
+    version: Literal[1, 2] = Field(2, description="FSDP implementation (2: per-parameter sharding).")
+    sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = Field(
+        "FULL_SHARD", description="What is sharded: parameters, gradients and optimizer state, or less."
+    )
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory between uses.")
+    wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    activation_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+
+
+class DeepSpeedSpec(Section):
+    """DeepSpeed ZeRO settings of a distributed run, written into its accelerate config file."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO 1: optimizer, 2: +gradients, 3: +weights.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+
+
+class DistributedSpec(Section):
+    """Training over several processes, GPUs or machines, launched with `accelerate launch`."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = Field(
+        "none", description="none: one process in the flow's own; ddp, fsdp or deepspeed: launched workers."
+    )
+    processes_per_node: int = Field(1, ge=1, description="Processes per machine, usually one per GPU.")
+    nodes: int = Field(1, ge=1, description="Machines; start the flow on each with its node_rank.")
+    node_rank: int = Field(0, ge=0, description="This machine's rank, 0 on the main one.")
+    main_address: str = Field("127.0.0.1", description="Address of the node_rank 0 machine.")
+    main_port: int = Field(29500, ge=0, le=65535, description="Rendezvous port; 0: a free one (one node).")
+    fsdp: FsdpSpec = FsdpSpec()
+    deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+
+    @property
+    def world_size(self) -> int:
+        """Processes in the whole run."""
+        return self.processes_per_node * self.nodes
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistributedSpec:
+        if self.world_size > 1 and self.strategy == "none":
+            raise ValueError(
+                f"{self.world_size} processes with strategy none; set strategy to ddp, fsdp or deepspeed"
+            )
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} is not below nodes {self.nodes}")
+        if self.main_port == 0 and self.nodes > 1:
+            raise ValueError("main_port 0 (a free port) works on one node only; give the port all nodes use")
+        return self
+
+
 class TrainSpec(Section):
     """Supervised fine-tuning with TRL's SFT trainer; loss on assistant tokens only."""
 
@@ -294,8 +346,44 @@ class TrainSpec(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_length: int = Field(512, ge=8, description="Longest tokenized example; longer ones are truncated.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    seed: int = 0
+    seed: int = Field(0, description="Seed of weights' initialisation, dropout and data order.")
     logging_steps: int = Field(5, ge=1)
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = Field("linear", description="Learning-rate schedule after the warmup.")
+    packing: bool = Field(
+        False, description="Pack examples into rows without padding; examples never attend to each other."
+    )
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate on the validation split every N steps (loss, exact match)."
+    )
+    eval_metric: Literal["loss", "exact_match"] = Field(
+        "loss", description="Validation metric that picks the best checkpoint, kept as the result."
+    )
+    eval_max_examples: int = Field(
+        32, ge=1, description="Validation records answered by greedy generation for exact match."
+    )
+    eval_max_new_tokens: int = Field(32, ge=1, description="Longest generated answer for exact match.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a killed run resumes from it.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is kept as well).")
+    resume: Literal["auto", "fresh"] = Field(
+        "auto", description="auto: go on from the last complete checkpoint; fresh: delete it, start over."
+    )
+    distributed: DistributedSpec = DistributedSpec()
+
+    @model_validator(mode="after")
+    def _evaluation_fits_checkpoints(self) -> TrainSpec:
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError("early_stopping_patience needs eval_steps: without evaluations nothing improves")
+        if self.eval_steps is not None and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"save_steps {self.save_steps} is not a multiple of eval_steps {self.eval_steps}; the best "
+                "checkpoint can only be kept when every checkpoint follows an evaluation"
+            )
+        return self
 
 
 class EvaluateSpec(Section):

@@ -1,0 +1,226 @@
+"""Training telemetry: the training log, the loss curve, and metrics to an MLflow run.
+
+The train stage opens the MLflow run (the register stage later reuses it, see tuneline/registry.py)
+and a `TrackingCallback` writes, at every logging step, loss, learning rate, tokens per second and
+memory (RSS on CPU, peak allocated on GPU) to it and one line to `train.log`. The log lives in the
+checkpoint folder, so a killed and resumed run keeps one log and one MLflow run. Only the main
+process of a distributed run tracks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# Read when mlflow is imported (as in tuneline/registry.py): no telemetry thread, no progress bars.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+RUN_FILE = "mlflow_run.json"
+LOG_FILE = "train.log"
+CURVE_FILE = "loss_curve.png"
+MAX_PARAM_CHARS = 6000
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where the train stage's MLflow run goes: the recipe's `register` section and a run name."""
+
+    tracking_uri: str
+    experiment: str
+    run_name: str
+
+
+def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str:
+    """The MLflow run id for this training: the one a killed run left in `work_dir` when it still
+    exists in the store, else a new run (its id kept in `work_dir` for the next resume)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tuneline.registry import ensure_experiment, prepare_tracking_uri
+
+    prepare_tracking_uri(target.tracking_uri)
+    mlflow.set_tracking_uri(target.tracking_uri)
+    client = mlflow.MlflowClient()
+    experiment_id = ensure_experiment(target.experiment, Path(artifacts_dir) / "mlartifacts")
+    saved = Path(work_dir) / RUN_FILE
+    if saved.is_file():
+        run_id = json.loads(saved.read_text(encoding="utf-8"))["run_id"]
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id:
+                return run_id
+        except MlflowException:
+            pass  # the store was wiped since: start a new run
+    run_id = client.create_run(
+        experiment_id, run_name=target.run_name, tags={"tuneline.stage": "train"}
+    ).info.run_id
+    saved.write_text(json.dumps({"run_id": run_id, "target": asdict(target)}), encoding="utf-8")
+    return run_id
+
+
+def log_params(target: TrackingTarget, run_id: str, params: dict[str, Any]) -> None:
+    """The resolved training configuration as run params (values cut to MLflow's length limit).
+
+    A param already logged with the same value (a resumed run) is fine; MLflow refuses a change.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(target.tracking_uri)
+    logged = client.get_run(run_id).data.params
+    fresh = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items() if key not in logged]
+    for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=fresh[start : start + 100])
+
+
+def finish_run(target: TrackingTarget, run_id: str, files: list[Path], stats: dict[str, Any]) -> None:
+    """Attach the loss curve and training log, log the summary numbers and end the run.
+
+    The register stage reopens the run to add evaluation metrics and the model.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(target.tracking_uri)
+    for path in files:
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+    now = int(time.time() * 1000)
+    step = int(stats.get("steps") or 0)
+    numbers = {
+        f"train_{key}": float(value)
+        for key, value in stats.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    }
+    client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in numbers.items()])
+    client.set_terminated(run_id)
+
+
+def memory_bytes() -> int:
+    """Peak GPU memory allocated by torch on CUDA, else this process's resident memory."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class TrackingCallback(TrainerCallback):
+    """At every logging step: one line to the training log and the numbers to the MLflow run.
+
+    It also counts the optimizer steps this process ran (`steps_run`), which is how a resumed run
+    shows it did not repeat the steps its checkpoint already held, and the tokens per second.
+    """
+
+    def __init__(
+        self, log_path: Path, target: TrackingTarget | None = None, run_id: str | None = None
+    ) -> None:
+        self.log_path = Path(log_path)
+        self.target = target
+        self.run_id = run_id
+        self.steps_run = 0
+        self.start_step = 0
+        self.tokens_run = 0.0
+        self.seconds = 0.0
+        self._started = 0.0
+        self._last_time = 0.0
+        self._last_tokens: float | None = None
+
+    def write(self, line: str) -> None:
+        """Append one timestamped line to the training log."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(f"{stamp} {line}\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Note where this process starts (a resumed run starts at its checkpoint's step)."""
+        self.start_step = state.global_step
+        self._started = self._last_time = time.perf_counter()
+        if state.is_world_process_zero:
+            where = f"resumed from step {state.global_step}" if state.global_step else "started"
+            self.write(f"training {where}; {state.max_steps} steps in all")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Count the steps run by this process."""
+        self.steps_run += 1
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Training logs: rate and memory added, written to the log and the MLflow run."""
+        if not logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        numbers = {key: float(value) for key, value in logs.items() if _is_number(value)}
+        if "loss" in numbers and "num_tokens" in numbers:
+            tokens = numbers["num_tokens"]
+            previous = (
+                self._last_tokens if self._last_tokens is not None and tokens >= self._last_tokens else 0.0
+            )
+            elapsed = now - self._last_time
+            if elapsed > 0:
+                numbers["tokens_per_second"] = (tokens - previous) / elapsed
+            self.tokens_run += tokens - previous
+            self._last_tokens, self._last_time = tokens, now
+        numbers["memory_mb"] = memory_bytes() / 2**20
+        self.seconds = now - self._started
+        shown = " ".join(f"{key}={value:.6g}" for key, value in sorted(numbers.items()))
+        self.write(f"step {state.global_step}: {shown}")
+        if self.target and self.run_id:
+            import mlflow
+            from mlflow.entities import Metric
+
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(key, value, stamp, state.global_step) for key, value in numbers.items()]
+            mlflow.MlflowClient(self.target.tracking_uri).log_batch(self.run_id, metrics=metrics)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the log with the step reached and the measured rate."""
+        self.seconds = time.perf_counter() - self._started
+        if state.is_world_process_zero:
+            self.write(
+                f"training ended at step {state.global_step}: {self.steps_run} steps run by this process, "
+                f"{self.tokens_per_second() or 0:.1f} tokens/s"
+            )
+
+    def tokens_per_second(self) -> float | None:
+        """Real (non-padding) tokens per second over this process's training."""
+        return self.tokens_run / self.seconds if self.tokens_run and self.seconds else None
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training (and validation) loss by step as a PNG; None when nothing was logged."""
+    train = [(row["step"], row["loss"]) for row in history if _is_number(row.get("loss"))]
+    evals = [(row["step"], row["eval_loss"]) for row in history if _is_number(row.get("eval_loss"))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals, strict=True), marker="o", label="validation loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
