@@ -75,10 +75,10 @@ def test_every_request_failing_is_unreachable(teacher_server, tmp_path):
 
 def test_timeout_is_an_error_reply(teacher_server, tmp_path):
     teacher_server.script = lambda r: Reply('{"late": 1}', delay_ms=1000) if "slow" in r.user_text else "{}"
-    spec = make_spec(teacher_server, tmp_path, timeout_s=0.3, max_retries=0)
+    spec = make_spec(teacher_server, tmp_path, timeout_s=0.5, max_retries=0)
     fast, slow = ask_teacher(spec, [ask("fast"), ask("slow")])
     assert fast.text == "{}"
-    assert slow.text is None and "timed out after 0.3 s" in slow.error
+    assert slow.text is None and "timed out after 0.5 s" in slow.error
 
 
 def test_unreachable_endpoint_raises_unreachable(tmp_path):
@@ -104,6 +104,20 @@ def test_refused_key_names_the_env_var(teacher_server, tmp_path):
         ask_teacher(spec, [ask("a"), ask("b")])
 
 
+def test_unknown_model_names_model_and_base_url(teacher_server, tmp_path):
+    teacher_server.script = lambda request: Reply(status=404, raw_body='{"error": {"message": "no model"}}')
+    with pytest.raises(TeacherError, match="no model 'teacher'.*teacher.model and teacher.base_url"):
+        ask_teacher(make_spec(teacher_server, tmp_path), [ask("a")])
+
+
+def test_rejected_requests_are_errors_not_unreachable(teacher_server, tmp_path):
+    teacher_server.script = lambda request: Reply(status=400, raw_body='{"error": {"message": "too long"}}')
+    replies = ask_teacher(make_spec(teacher_server, tmp_path), [ask("a"), ask("b")])
+    assert [r.error for r in replies] == ["HTTP 400: too long"] * 2
+    assert teacher_server.count == 2  # a 400 is not retried
+    assert ask_teacher(make_spec(teacher_server, tmp_path), []) == []
+
+
 def test_sampling_settings_and_json_mode_are_sent(teacher_server, tmp_path):
     spec = make_spec(teacher_server, tmp_path, temperature=0.2, max_tokens=99, seed=7)
     ask_teacher(spec, [ask("a")])
@@ -127,7 +141,7 @@ def test_record_then_replay_offline_gives_identical_replies(tmp_path):
     conversations = [ask("first"), ask("second"), ask("first")]
     answers = iter(['{"n": 1}', '{"n": 2}', '{"n": 3}'])
     with openai_server(lambda request: next(answers)) as server:
-        spec = make_spec(server, tmp_path, mode="record")
+        spec = make_spec(server, tmp_path, mode="record", concurrency=1)  # answers in order
         recorded = ask_teacher(spec, conversations)
         again = ask_teacher(spec, conversations)
         assert server.count == 3  # the second run was served from the recording

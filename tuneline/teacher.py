@@ -285,7 +285,9 @@ def _status_failure(spec: TeacherSpec, error: Any) -> tuple[str, bool]:
     A refused key or a missing model fails every request alike, so it raises TeacherError.
     """
     status = error.status_code
-    detail = _short(str(error.message))
+    body = error.body
+    message = body.get("message") if isinstance(body, dict) else None
+    detail = _short(str(message or error.message))
     if status in (401, 403):
         raise TeacherError(
             f"teacher at {spec.base_url} refused the API key (HTTP {status}: {detail}); put a valid key in "
