@@ -12,13 +12,15 @@ tests/conftest.py):
     with openai_server(latency_ms=100) as server:          # default: echo the last user message as JSON
         spec = TeacherSpec(base_url=server.base_url, model="teacher", ...)
 
-    def teacher_server(teacher_server):                    # the fixture: a fresh server per test
+    def test_something(teacher_server):                    # the fixture: a fresh server per test
         teacher_server.script = lambda request: '{"answer": "42"}'
 
 The script decides each answer. It is a callable `script(request: Request) -> str | Reply`, or a
 list (a queue: the n-th request gets item n; once the list runs out, `then` answers, by default
-`echo`). `scripted(*answers, then=echo)` builds that queue as a callable. A `str` answer is the
-assistant's text with status 200. A `Reply` sets anything else:
+`echo`). `scripted(*answers, then=echo)` builds that queue as a callable. A queue answers in
+ARRIVAL order: with a client concurrency above 1 that is not the order of the requests, so ask
+with `concurrency=1` or script by content (`request.user_text`) when answers must match requests.
+A `str` answer is the assistant's text with status 200. A `Reply` sets anything else:
 
     Reply(content="...", status=200, headers={}, delay_ms=None, raw_body=None,
           prompt_tokens=None, completion_tokens=None, finish_reason="stop", model=None)

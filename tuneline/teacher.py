@@ -162,7 +162,7 @@ def parse_json_reply(
 
 def _request_body(spec: TeacherSpec, messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The parts of a chat request that decide the answer (and go into its digest)."""
-    body: dict[str, Any] = {
+    return {
         "model": spec.model,
         "messages": messages,
         "temperature": spec.temperature,
@@ -170,7 +170,6 @@ def _request_body(spec: TeacherSpec, messages: list[dict[str, Any]]) -> dict[str
         "seed": spec.seed,
         "json_mode": spec.json_mode,
     }
-    return body
 
 
 def _digests(spec: TeacherSpec, conversations: list[list[dict[str, Any]]]) -> list[str]:
