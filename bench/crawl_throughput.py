@@ -1,12 +1,14 @@
 """Benchmark: the Tuneline crawl (spider, guard, pipelines, text extraction, HTTP cache) against a
 minimal plain `scrapy runspider` spider, on the same loopback site of a few thousand pages.
 
-The site is served from memory by an aiohttp server in a process started here. Both crawls run
-in subprocesses with the same per-domain concurrency; pages/s counts pages over the crawl's own
-elapsed time (Scrapy's `start_time` to the spider closing); process start-up is shown apart as
-the wall time. Goals on 2 cores: >= 200 pages/s for Tuneline, and Tuneline / plain >= 0.8.
+The site is served by nginx from files written here when nginx is installed (`apt-get install
+nginx-light`; it takes little CPU, so the crawlers get the machine), else from memory by an aiohttp
+server in a process of its own (`--server aiohttp`; it competes with the crawl for the 2 cores). Both
+crawls run in subprocesses with the same per-domain concurrency; pages/s counts pages over the
+crawl's own elapsed time (Scrapy's `start_time` to the spider closing); process start-up is shown
+apart as the wall time. Goals on 2 cores: >= 200 pages/s for Tuneline, and Tuneline / plain >= 0.8.
 
-    python bench/crawl_throughput.py [--pages 3000] [--concurrency 32]
+    python bench/crawl_throughput.py [--pages 3000] [--concurrency 32] [--server nginx|aiohttp]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import asyncio
 import json
 import multiprocessing
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +38,7 @@ PARAGRAPH = (
     "beside the extracted text and records why every page it dropped was dropped. "
 )
 
-PLAIN_SPIDER = textwrap.dedent('''
+PLAIN_SPIDER = textwrap.dedent("""
     import json
     from datetime import datetime, timezone
 
@@ -57,7 +61,7 @@ PLAIN_SPIDER = textwrap.dedent('''
             elapsed = datetime.now(timezone.utc) - stats["start_time"]
             with open(self.stats_path, "w") as handle:
                 json.dump({**stats, "elapsed_s": elapsed.total_seconds()}, handle, default=str)
-''')
+""")
 
 
 def build_site(pages: int) -> dict[str, bytes]:
@@ -110,6 +114,63 @@ def serve_forever(pages: int, ports: multiprocessing.Queue) -> None:
     asyncio.run(run())
 
 
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    default_type text/html;
+    charset utf-8;
+    client_body_temp_path {root}/tmp;
+    proxy_temp_path {root}/tmp;
+    fastcgi_temp_path {root}/tmp;
+    uwsgi_temp_path {root}/tmp;
+    scgi_temp_path {root}/tmp;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root}/site;
+        location = / {{ try_files /index.html =404; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    """A port the OS says is free now (nginx needs a number in its config)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_nginx(pages: int, root: Path) -> tuple[subprocess.Popen, str]:
+    """The site as static files under root, served by nginx with one worker; returns it and its URL."""
+    # nginx's worker runs as an unprivileged user when started as root: it must be able to read.
+    root.parent.chmod(0o755)
+    for path, body in build_site(pages).items():
+        target = root / "site" / (path.lstrip("/") or "index.html")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(body)
+    (root / "tmp").mkdir()
+    port = free_port()
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(root=root, port=port))
+    server = subprocess.Popen(
+        [shutil.which("nginx") or "nginx", "-c", str(conf), "-e", str(root / "error.log")]
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError(f"nginx did not listen on port {port}: {(root / 'error.log').read_text()}")
+
+
 def crawl_tuneline(url: str, pages: int, concurrency: int, work: Path) -> tuple[dict, float]:
     source = CrawlSource(
         name="bench", start_urls=[url + "/"], allow_private=True, max_depth=3,
@@ -146,21 +207,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--server", choices=["nginx", "aiohttp"], default="nginx" if shutil.which("nginx") else "aiohttp"
+    )
     options = parser.parse_args()
-    ports: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve_forever, args=(options.pages, ports), daemon=True)
-    server.start()
-    url = f"http://127.0.0.1:{ports.get(timeout=30)}"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        plain_stats, plain_wall = crawl_plain(url, options.concurrency, work)
-        tuneline_stats, tuneline_wall = crawl_tuneline(url, options.pages, options.concurrency, work)
+        if options.server == "nginx":
+            (work / "nginx").mkdir()
+            server, url = serve_nginx(options.pages, work / "nginx")
+        else:
+            ports: multiprocessing.Queue = multiprocessing.Queue()
+            server = multiprocessing.Process(target=serve_forever, args=(options.pages, ports), daemon=True)
+            server.start()
+            url = f"http://127.0.0.1:{ports.get(timeout=30)}"
+        try:
+            plain_stats, plain_wall = crawl_plain(url, options.concurrency, work)
+            tuneline_stats, tuneline_wall = crawl_tuneline(url, options.pages, options.concurrency, work)
+        finally:
+            server.terminate()
         kept = tuneline_stats.get("item_scraped_count", 0)
         assert (work / "tuneline" / CRAWL_STATS).is_file()
-    server.terminate()
     plain_pages, plain_s, plain_rate = rate(plain_stats)
     tl_pages, tl_s, tl_rate = rate(tuneline_stats)
-    print(f"site: {options.pages} articles + {SECTIONS} sections + home, concurrency {options.concurrency}")
+    print(f"site: {options.pages} articles + {SECTIONS} sections + home, concurrency {options.concurrency}, "
+          f"served by {options.server}")  # fmt: skip
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average after the crawls {load} (other work skews pages/s)")
     print(f"plain runspider:  {plain_pages:5d} pages in {plain_s:6.2f} s = {plain_rate:6.1f} pages/s "
