@@ -110,11 +110,15 @@ def test_unknown_model_names_model_and_base_url(teacher_server, tmp_path):
         ask_teacher(make_spec(teacher_server, tmp_path), [ask("a")])
 
 
-def test_rejected_requests_are_errors_not_unreachable(teacher_server, tmp_path):
-    teacher_server.script = lambda request: Reply(status=400, raw_body='{"error": {"message": "too long"}}')
-    replies = ask_teacher(make_spec(teacher_server, tmp_path), [ask("a"), ask("b")])
-    assert [r.error for r in replies] == ["HTTP 400: too long"] * 2
+def test_refused_requests_are_error_replies_and_all_refused_is_a_setting(teacher_server, tmp_path):
+    teacher_server.script = lambda r: (
+        Reply(status=400, raw_body='{"error": {"message": "too long"}}') if "long" in r.user_text else "{}"
+    )
+    replies = ask_teacher(make_spec(teacher_server, tmp_path), [ask("short"), ask("long")])
+    assert [r.error for r in replies] == [None, "HTTP 400: too long"]
     assert teacher_server.count == 2  # a 400 is not retried
+    with pytest.raises(TeacherError, match="all 1 request.*HTTP 400: too long.*teacher.json_mode"):
+        ask_teacher(make_spec(teacher_server, tmp_path), [ask("long")])
     assert ask_teacher(make_spec(teacher_server, tmp_path), []) == []
 
 
@@ -129,12 +133,13 @@ def test_sampling_settings_and_json_mode_are_sent(teacher_server, tmp_path):
     assert "response_format" not in teacher_server.requests[1].body
 
 
-def test_cut_off_reply_is_an_error(teacher_server, tmp_path):
-    teacher_server.script = lambda request: Reply('{"answer": "tru', finish_reason="length")
+def test_cut_off_reply_is_an_error_and_not_recorded(teacher_server, tmp_path):
+    cut = Reply('{"answer": "tru', finish_reason="length")
+    teacher_server.script = lambda request: cut if "long" in request.user_text else '{"answer": "ok"}'
     spec = make_spec(teacher_server, tmp_path, mode="record")
-    (reply,) = ask_teacher(spec, [ask("long")])
-    assert "max_tokens=2048" in reply.error
-    assert not Path(spec.recordings).exists()  # failed replies are not recorded
+    short, long = ask_teacher(spec, [ask("short"), ask("long")])
+    assert short.error is None and "max_tokens=2048" in long.error
+    assert [p.stem for p in Path(spec.recordings).glob("*.json")] == [short.request_digest]
 
 
 def test_record_then_replay_offline_gives_identical_replies(tmp_path):

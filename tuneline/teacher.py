@@ -105,8 +105,9 @@ def ask_teacher(
 ) -> list[TeacherReply]:
     """Ask the teacher to continue each conversation; one reply per conversation, in order.
 
-    Raises TeacherError on a replay miss, a refused key or an unknown model or URL, and
-    TeacherUnreachable when every request failed on errors worth retrying.
+    Raises TeacherError on a replay miss, a refused key, an unknown model or URL, or when the
+    endpoint refused every request; TeacherUnreachable when every request failed on errors worth
+    retrying (network, timeout, 429, 5xx). Some failed requests alone are error replies.
     """
     digests = _digests(spec, conversations)
     recordings_dir = Path(spec.recordings)
@@ -122,11 +123,15 @@ def ask_teacher(
     if missing:
         asked = _run_async(_ask_all(spec, conversations, digests, missing, resolve_api_key(spec, api_key)))
         replies.update({index: reply for index, (reply, _) in asked.items()})
-        if all(reply.error is not None and transient for reply, transient in asked.values()):
+        if all(reply.error is not None for reply, _ in asked.values()):
             first = asked[missing[0]][0]
-            raise TeacherUnreachable(
-                f"teacher {spec.model} at {spec.base_url}: all {len(missing)} request(s) failed; "
-                f"the first: {first.error}"
+            failed = f"teacher {spec.model} at {spec.base_url}: all {len(missing)} request(s) failed"
+            if all(transient for _, transient in asked.values()):
+                raise TeacherUnreachable(f"{failed}; the first: {first.error}")
+            # Every request refused alike is a setting, not bad luck: stop instead of an empty round.
+            raise TeacherError(
+                f"{failed}; the first: {first.error}. Check teacher.model, teacher.max_tokens and "
+                "teacher.json_mode (not every server accepts response_format json_object)"
             )
     return [replies[index] for index in range(len(conversations))]
 
