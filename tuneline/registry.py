@@ -112,13 +112,22 @@ def run_register(
     metric = f"tuned_{spec.promote_metric}"
     with write_stage(artifacts_dir, STAGE, digest, [splits, trained, evaluated]) as writer:
         started = time.perf_counter()
-        with mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name) as run:
+        trained_stats = read_stats(trained)
+        reused = reusable_run_id(client, trained_stats, experiment_id)
+        opened = (
+            mlflow.start_run(run_id=reused)  # the train stage's run: its curves, log and params
+            if reused
+            else mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name)
+        )
+        with opened as run:
             mlflow.set_tags({"tuneline.recipe_digest": recipe.digest(), "tuneline.stage_digest": digest})
             mlflow.log_params(truncate_params(flatten_recipe(recipe)))
             mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
             mlflow.log_dict({"funnel": lineage_funnel(artifacts_dir, splits)}, "funnel.json")
-            metrics = evaluation_metrics(read_stats(evaluated)) | training_metrics(read_stats(trained))
-            client.log_batch(run.info.run_id, metrics=to_metric_entities(metrics, read_stats(trained)))
+            # A reused train run logged the training numbers and curves itself.
+            metrics = evaluation_metrics(read_stats(evaluated)) | training_metrics(trained_stats)
+            curves = {} if reused else trained_stats
+            client.log_batch(run.info.run_id, metrics=to_metric_entities(metrics, curves))
             log_split_inputs(splits)
             info = log_chat_model(recipe, trained)
         model_version = str(info.registered_model_version)
@@ -147,6 +156,24 @@ def run_register(
             "seconds": round(time.perf_counter() - started, 2),
         }
     return find_stage(artifacts_dir, STAGE, digest)
+
+
+def reusable_run_id(
+    client: mlflow.MlflowClient, train_stats: dict[str, Any], experiment_id: str
+) -> str | None:
+    """The MLflow run the train stage opened, when the register stage can log into it: it still
+    exists (the store may have been wiped or changed since), lies in this experiment, and holds
+    no registration yet (a second one would change its params). Else None: start a new run."""
+    run_id = train_stats.get("mlflow_run_id")
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        return None
+    return None if "tuneline.stage_digest" in run.data.tags else run_id
 
 
 def prepare_tracking_uri(tracking_uri: str) -> None:

@@ -10,6 +10,7 @@ process of a distributed run tracks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -95,11 +96,7 @@ def finish_run(target: TrackingTarget, run_id: str, files: list[Path], stats: di
             client.log_artifact(run_id, str(path))
     now = int(time.time() * 1000)
     step = int(stats.get("steps") or 0)
-    numbers = {
-        f"train_{key}": float(value)
-        for key, value in stats.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    }
+    numbers = {f"train_{key}": float(value) for key, value in stats.items() if _is_number(value)}
     client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in numbers.items()])
     client.set_terminated(run_id)
 
@@ -170,7 +167,8 @@ class TrackingCallback(TrainerCallback):
                 numbers["tokens_per_second"] = (tokens - previous) / elapsed
             self.tokens_run += tokens - previous
             self._last_tokens, self._last_time = tokens, now
-        numbers["memory_mb"] = memory_bytes() / 2**20
+        if "loss" in numbers or "eval_loss" in numbers:  # not on the end-of-training summary
+            numbers["memory_mb"] = memory_bytes() / 2**20
         self.seconds = now - self._started
         shown = " ".join(f"{key}={value:.6g}" for key, value in sorted(numbers.items()))
         self.write(f"step {state.global_step}: {shown}")
@@ -223,4 +221,26 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def image_data_url(path: Path) -> str:
+    """A PNG as a data URL: Prefect's image artifact shows it without a file server."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def training_markdown(stats: dict[str, Any], log_text: str, tail_lines: int = 40) -> str:
+    """The train stage's summary and the end of its training log, as markdown for the Prefect UI."""
+    rows = [
+        ("steps", stats.get("steps")),
+        ("resumed from step", stats.get("resumed_from_step")),
+        ("train loss", stats.get("train_loss")),
+        ("tokens/s", stats.get("tokens_per_second")),
+        ("best checkpoint step", stats.get("best_checkpoint_step")),
+        ("MLflow run", stats.get("mlflow_run_id")),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows if value is not None)
+    tail = "\n".join(log_text.splitlines()[-tail_lines:])
+    return f"## Training\n\n| | |\n|---|---|\n{table}\n\n### Training log (end)\n\n```\n{tail}\n```\n"
