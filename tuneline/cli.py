@@ -29,6 +29,8 @@ app = typer.Typer(
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipes and show their schema.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data", help="Inspect and convert datasets.")
+train_app = typer.Typer(no_args_is_help=True, help="Plan training runs.")
+app.add_typer(train_app, name="train")
 app.command("review")(review_command)
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
@@ -62,6 +64,25 @@ def recipe_check(path: Path, overrides: Overrides = None) -> None:
 def recipe_schema() -> None:
     """Print the recipe's JSON schema (every field, its default and description)."""
     typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@train_app.command("plan")
+def train_plan(
+    path: Path,
+    overrides: Overrides = None,
+    device: Annotated[
+        str | None, typer.Option(help="Plan for cuda (bf16 weights) or cpu (fp32); default: this machine.")
+    ] = None,
+) -> None:
+    """Trainable parameters and estimated peak memory of the recipe's training, no weights loaded."""
+    recipe = read_recipe(path, overrides)
+    from tuneline.plan import format_plan, plan_training
+
+    try:
+        plan = plan_training(recipe.model, recipe.train, device=device)
+    except UserError as error:
+        raise fail(str(error), 2) from None
+    typer.echo(format_plan(plan))
 
 
 @app.command("make-tiny-model")

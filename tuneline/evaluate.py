@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tuneline import models
+from tuneline import methods, models
 from tuneline.recipe import EvaluateSpec, ModelSpec
 from tuneline.store import StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
 
@@ -125,6 +125,7 @@ def assistant_loss(
             logits = model(
                 input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
             ).logits.float()
+        logits = logits[:, -width:]  # a soft-prompt model puts its virtual tokens' logits first
         targets = labels[:, 1:].to(model.device)
         losses = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -201,7 +202,9 @@ def run_evaluate(
                 chosen.append((record["id"], conversation[: last + 1]))
         conversations = [c for _, c in chosen]
         base_scores, base_replies = _score_folder(model, conversations, evaluate)
-        tuned_spec = ModelSpec(name=str(trained.file("model")), trust_remote_code=model.trust_remote_code)
+        tuned_spec = ModelSpec(
+            name=str(methods.trained_folder(trained.path)), trust_remote_code=model.trust_remote_code
+        )
         tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
         for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):
             reference = conversation[-1]["content"]
@@ -224,7 +227,7 @@ def _score_folder(
     if not conversations:
         return {"loss": None, "perplexity": None, "exact_match": None}, []
     tokenizer = models.load_tokenizer(spec)
-    model = models.load_model(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = methods.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
         return score_model(model, tokenizer, conversations, evaluate)
     finally:

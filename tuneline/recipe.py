@@ -280,6 +280,80 @@ class LoraSpec(Section):
         default_factory=list,
         description="Modules trained in full beside the adapter, e.g. embed_tokens and lm_head.",
     )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r), not alpha/r.")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): better at low rank, slower steps.")
+
+
+class FreezeSpec(Section):
+    """Freeze tuning: only the top decoder layers and the named modules train, in full."""
+
+    trainable_layers: int = Field(2, ge=0, description="Top N decoder layers that train.")
+    trainable_modules: list[str] = Field(
+        default_factory=list,
+        description="Regexes of parameter names that train as well, e.g. lm_head or model.norm.",
+    )
+    layer_lr_decay: float = Field(
+        1.0, gt=0, le=1, description="Each lower layer trains at the learning rate times this, once more."
+    )
+    unfreeze_every: int | None = Field(
+        None, ge=1, description="Gradual unfreezing: one more (lower) layer trains every N epochs or steps."
+    )
+    unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="What unfreeze_every counts.")
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> FreezeSpec:
+        if self.trainable_layers == 0 and not self.trainable_modules:
+            raise ValueError("nothing would train; set trainable_layers above 0 or list trainable_modules")
+        if self.unfreeze_every is not None and self.trainable_layers < 2:
+            raise ValueError("unfreeze_every needs trainable_layers of 2 or more: one layer cannot unfreeze")
+        return self
+
+
+class QuantizationSpec(Section):
+    """QLoRA's quantized base: 4-bit weights through bitsandbytes, the LoRA adapter in full precision."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normal weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param).")
+    compute_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the matmuls.")
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
+        "paged_adamw_8bit", description="Paged optimizers move their state to CPU memory under pressure."
+    )
+
+
+class PromptLearningSpec(Section):
+    """Soft prompts through peft: p-tuning (prompt encoder), prefix tuning, prompt tuning."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="Trained virtual tokens before each input.")
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="p-tuning: hidden size of the prompt encoder (default: the model's)."
+    )
+    encoder_type: Literal["MLP", "LSTM"] = Field("MLP", description="p-tuning: the prompt encoder.")
+    prefix_projection: bool = Field(False, description="prefix: train the prefix through an MLP.")
+    init_text: str | None = Field(
+        None, description="prompt: start the virtual tokens from this text's embeddings, not at random."
+    )
+
+    def misplaced(self, method: str) -> list[str]:
+        """Settings given that the method does not read, as 'key (for method)' strings."""
+        owners = {
+            "encoder_hidden_size": ("p-tuning", self.encoder_hidden_size is not None),
+            "encoder_type": ("p-tuning", self.encoder_type != "MLP"),
+            "prefix_projection": ("prefix", self.prefix_projection),
+            "init_text": ("prompt", self.init_text is not None),
+        }
+        return [f"{key} (for {owner})" for key, (owner, given) in owners.items() if given and owner != method]
+
+
+# The recipe section each training method reads; any other method section given is an error.
+METHOD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "freeze": ("freeze",),
+    "lora": ("lora",),
+    "qlora": ("lora", "quantization"),
+    "p-tuning": ("prompt_learning",),
+    "prefix": ("prompt_learning",),
+    "prompt": ("prompt_learning",),
+}
 
 
 class FsdpSpec(Section):
@@ -337,8 +411,15 @@ class DistributedSpec(Section):
 class TrainSpec(Section):
     """Supervised fine-tuning with TRL's SFT trainer; loss on assistant tokens only."""
 
-    method: Literal["lora"] = "lora"
-    lora: LoraSpec = LoraSpec()
+    method: Literal["full", "freeze", "lora", "qlora", "p-tuning", "prefix", "prompt"] = Field(
+        "lora", description="What trains: every weight, the top layers, a LoRA adapter or a soft prompt."
+    )
+    lora: LoraSpec | None = Field(None, description="lora and qlora (filled with defaults for them).")
+    freeze: FreezeSpec | None = Field(None, description="freeze (filled with defaults for it).")
+    quantization: QuantizationSpec | None = Field(None, description="qlora (filled with defaults for it).")
+    prompt_learning: PromptLearningSpec | None = Field(
+        None, description="p-tuning, prefix and prompt (filled with defaults for them)."
+    )
     epochs: float = Field(3.0, gt=0)
     max_steps: int = Field(-1, description="Stop after this many steps; -1 trains for `epochs`.")
     learning_rate: float = Field(2e-4, gt=0)
@@ -373,6 +454,38 @@ class TrainSpec(Section):
         "auto", description="auto: go on from the last complete checkpoint; fresh: delete it, start over."
     )
     distributed: DistributedSpec = DistributedSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_method_sections(cls, data: Any) -> Any:
+        """The chosen method's sections get their defaults, so `train.lora.r` reads without a check."""
+        if not isinstance(data, dict):
+            return data
+        method = data.get("method", "lora")
+        sections = METHOD_SECTIONS.get(method, ()) if isinstance(method, str) else ()
+        return {**data, **{name: {} for name in sections if data.get(name) is None}}
+
+    @model_validator(mode="after")
+    def _sections_match_method(self) -> TrainSpec:
+        used = METHOD_SECTIONS[self.method]
+        for name, readers in (
+            ("lora", "lora or qlora"),
+            ("freeze", "freeze"),
+            ("quantization", "qlora"),
+            ("prompt_learning", "p-tuning, prefix or prompt"),
+        ):
+            if getattr(self, name) is not None and name not in used:
+                raise ValueError(
+                    f"train.{name} is set but train.method is {self.method}; remove train.{name} "
+                    f"or set train.method to {readers}"
+                )
+        misplaced = self.prompt_learning.misplaced(self.method) if self.prompt_learning else []
+        if misplaced:
+            raise ValueError(
+                f"train.prompt_learning: {', '.join(misplaced)} do(es) nothing with train.method "
+                f"{self.method}; remove it or change the method"
+            )
+        return self
 
     @model_validator(mode="after")
     def _evaluation_fits_checkpoints(self) -> TrainSpec:

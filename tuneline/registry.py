@@ -49,7 +49,16 @@ SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "test
 LOWER_IS_BETTER = {"loss"}
 # What the pyfunc needs at load time; tuneline itself travels with the model as code_paths.
 # Listed explicitly: inferred requirements add torchvision, which is not installed.
-MODEL_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "pydantic", "pyyaml", "pandas")
+MODEL_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "tokenizers",
+    "safetensors",
+    "pydantic",
+    "pyyaml",
+    "pandas",
+)
 
 
 class TunelineChatModel(mlflow.pyfunc.PythonModel):
@@ -61,11 +70,11 @@ class TunelineChatModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Load the tokenizer and model once, when MLflow loads the registered model."""
-        from tuneline import models
+        from tuneline import methods, models
 
         folder = context.artifacts["model"]
         self.tokenizer = models.load_tokenizer(ModelSpec(name=folder))
-        self.model = models.load_model(folder)
+        self.model = methods.load_trained(folder)  # a merged model, or a soft-prompt adapter on its base
         self.max_new_tokens = int(context.model_config["max_new_tokens"])
         self.batch_size = int(context.model_config["batch_size"])
 
@@ -295,10 +304,12 @@ def log_split_inputs(splits: StageRef) -> None:
 
 def log_chat_model(recipe: Recipe, trained: StageRef) -> Any:
     """Log the merged model folder as a TunelineChatModel pyfunc and register it as a new version."""
-    folder = trained.file("model")
-    if not (folder / "config.json").is_file():
+    from tuneline import methods
+
+    folder = methods.trained_folder(trained.path)
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
-            f"{folder}: the train stage has no merged model (config.json missing); "
+            f"{folder}: the train stage has no merged model or adapter (config.json missing); "
             f"delete {trained.path} so that training runs again"
         )
     return mlflow.pyfunc.log_model(
