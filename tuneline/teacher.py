@@ -3,16 +3,19 @@
 `ask_teacher` sends a batch of conversations with bounded concurrency (an asyncio semaphore around
 one `AsyncOpenAI` client, which retries 429 and 5xx with backoff, honours Retry-After and applies
 the timeout) and returns one `TeacherReply` per conversation, in order. A request that still fails
-is an error reply, not an exception, so one bad request does not sink a round; only when every
-request failed for a reason worth retrying (network, timeout, 429, 5xx) does it raise
-`TeacherUnreachable`, which the tasks layer retries.
+is an error reply, not an exception, so one bad request does not sink a round. When every
+request failed, the batch raises: `TeacherUnreachable` when each failure is worth retrying
+(network, timeout, 429, 5xx; the tasks layer retries the task), `TeacherError` when the endpoint
+refused them (a key, model or setting to fix).
 
 Record and replay: each exchange is one JSON file named by its request digest (model, messages,
 sampling settings) in `spec.recordings`, written atomically. `record` serves what is recorded and
 asks (and records) the rest; `replay` never touches the network and names the first request that
 has no recording; `live` neither reads nor writes recordings. Failed replies are never recorded.
 Identical conversations in one batch are numbered (`sample` 0, 1, ...), so asking the same prompt
-five times records five answers and replays them in the same order.
+five times records five answers and replays them in the same order. The same request in a later
+call is served the same recorded answer: vary the request (e.g. the round in the prompt) to get
+fresh ones.
 """
 
 from __future__ import annotations
