@@ -170,6 +170,8 @@ def test_round_two_prompt_carries_round_one_mistakes_and_edits(tmp_path, collect
         assert "wrong intent label (1x)" in text
         assert "copied or closely paraphrased one of the given examples (1x)" in text
         assert "the reply was not the requested JSON object" in text and "(2x)" in text
+        assert 'used the blocked phrase "as an AI language model" (1x)' in text
+        assert "shorter than 12 characters (1x)" in text
         assert '-> "complaint"' in text  # the reviewer's edit, before -> after
     assert json.loads(second.file(PROMPT).read_text())["mistakes"] == summarize_mistakes(history)
     # Both requests got the same answer: the second copy is a near duplicate of the pool.

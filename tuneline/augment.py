@@ -35,6 +35,7 @@ from tuneline.augment_checks import (
     candidate_record,
     document_chunks,
     load_seeds,
+    mistake_wording,
     plan_round,
     shared_system,
 )
@@ -65,17 +66,6 @@ PROMPT = "prompt.json"
 CODE_FILES = [__file__, Path(__file__).with_name("augment_checks.py")]
 REVIEW_REJECT = "rejected_in_review"
 NOT_REVIEWED = "not_reviewed"
-# How each automatic reject reason reads in the next prompt; teacher_error (a network failure)
-# is no mistake of the teacher's writing and is left out.
-AUTO_MISTAKES = {
-    "parse_error": "the reply was not the requested JSON object, or a candidate had unknown or wrong fields",
-    "missing_field": "a candidate left out, or left empty, its instruction, its output or a turn",
-    "too_short": "an example was too short",
-    "too_long": "an example was too long",
-    "blocklisted": "an example used blocked words or phrases",
-    "near_duplicate_seed": "an example copied or closely paraphrased one of the given examples",
-    "near_duplicate_pool": "an example repeated one written before",
-}
 EDITS_SHOWN = 5
 SHOWN_CHARS = 160
 
@@ -249,7 +239,7 @@ def summarize_mistakes(history: list[ReviewedRound]) -> str:
     edits: list[str] = []
     for reviewed in history:
         for reject in iter_records(reviewed.generated, REJECTS):
-            if text := AUTO_MISTAKES.get(reject["reason"]):
+            if text := mistake_wording(reject["reason"], reject["detail"]):
                 counts[text] += 1
                 wording.setdefault(text, text)
         candidates = {c["id"]: c for c in read_candidates(reviewed.generated)}

@@ -227,7 +227,10 @@ class CandidateChecks:
             return "too_long", f"{len(text)} characters > checks.max_chars {self.checks.max_chars}"
         for entry, pattern in self.blocklist:
             if found := pattern.search(text):
-                return "blocklisted", f"matches blocklist entry {entry!r}: {found.group(0)!r}"
+                return (
+                    "blocklisted",
+                    f"blocklist entry {json.dumps(entry)} matched {json.dumps(found.group(0))}",
+                )
         question = user_text(record)
         if hit := self.seeds.match(question):
             return "near_duplicate_seed", f"ROUGE-L {hit[0]:.2f} to {hit[1]}"
@@ -235,6 +238,35 @@ class CandidateChecks:
             return "near_duplicate_pool", f"ROUGE-L {hit[0]:.2f} to {hit[1]}"
         self.pool.add(question, f"candidate {record['id']} of this round")
         return None
+
+
+# How each automatic reject reason reads in the next prompt; teacher_error (a network failure)
+# is no mistake of the teacher's writing and is left out.
+AUTO_MISTAKES = {
+    "parse_error": "the reply was not the requested JSON object, or a candidate had unknown or wrong fields",
+    "missing_field": "a candidate left out, or left empty, its instruction, its output or a turn",
+    "too_short": "an example was shorter than {bound} characters",
+    "too_long": "an example was longer than {bound} characters",
+    "blocklisted": "an example used the blocked phrase {entry}",
+    "near_duplicate_seed": "an example copied or closely paraphrased one of the given examples",
+    "near_duplicate_pool": "an example repeated one written before",
+}
+BOUND = re.compile(r"checks\.m(?:in|ax)_chars (\d+)$")
+BLOCKED_ENTRY = re.compile(r'^blocklist entry ("(?:[^"\\]|\\.)*")')
+
+
+def mistake_wording(reason: str, detail: str | None) -> str | None:
+    """An automatic reject as the next prompt words it (with the bound or the blocked phrase taken
+    from the detail `CandidateChecks` wrote); None for a reject that is not the teacher's doing."""
+    template = AUTO_MISTAKES.get(reason)
+    if template is None:
+        return None
+    bound = BOUND.search(detail or "")
+    entry = BLOCKED_ENTRY.match(detail or "")
+    return template.format(
+        bound=bound.group(1) if bound else "the allowed number of",
+        entry=entry.group(1) if entry else "on the blocklist",
+    )
 
 
 class AugmentError(UserError):
