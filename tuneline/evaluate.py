@@ -203,7 +203,7 @@ def run_evaluate(
         conversations = [c for _, c in chosen]
         base_scores, base_replies = _score_folder(model, conversations, evaluate)
         tuned_spec = ModelSpec(
-            name=str(methods.trained_folder(trained.path)), trust_remote_code=model.trust_remote_code
+            name=str(methods.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
         )
         tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
         for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):

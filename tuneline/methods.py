@@ -385,8 +385,9 @@ def export_model(
     return written
 
 
-def trained_folder(stage_dir: Path) -> Path:
+def trained_folder(stage_dir: str | Path) -> Path:
     """The folder that holds a train stage's result: `model/` when merged, else `adapter/`."""
+    stage_dir = Path(stage_dir)
     return stage_dir / "model" if (stage_dir / "model" / "config.json").is_file() else stage_dir / "adapter"
 
 

@@ -306,7 +306,7 @@ def log_chat_model(recipe: Recipe, trained: StageRef) -> Any:
     """Log the merged model folder as a TunelineChatModel pyfunc and register it as a new version."""
     from tuneline import methods
 
-    folder = methods.trained_folder(trained.path)
+    folder = methods.trained_folder(trained.dir)
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
             f"{folder}: the train stage has no merged model or adapter (config.json missing); "

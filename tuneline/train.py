@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 import torch
 
-from tuneline import models
+from tuneline import methods, models
+from tuneline.methods import build_peft_config as build_peft_config  # re-exported for callers
 from tuneline.recipe import ModelSpec, TrainSpec
 from tuneline.store import (
     StageRef,
@@ -40,21 +41,6 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 
 STAGE = "train"
 LossMode = Literal["assistant_only", "completion_only"]
-
-
-def build_peft_config(train: TrainSpec) -> Any:
-    """The recipe's LoRA settings as a `peft.LoraConfig` for a causal LM."""
-    from peft import LoraConfig
-
-    lora = train.lora
-    return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        modules_to_save=list(lora.modules_to_save) or None,
-    )
 
 
 def build_sft_config(train: TrainSpec, output_dir: Path, *, loss_mode: LossMode = "assistant_only") -> Any:
@@ -153,7 +139,9 @@ def summarize_log_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]
 
 def run_train(artifacts_dir: str | Path, splits: StageRef, model: ModelSpec, train: TrainSpec) -> StageRef:
     """Fine-tune the base model on the train split with LoRA; cached on recipe, data and code digests."""
-    digest = stage_digest(STAGE, model, train, splits.digest, code_digest(__file__, models.__file__))
+    digest = stage_digest(
+        STAGE, model, train, splits.digest, code_digest(__file__, models.__file__, methods.__file__)
+    )
     cached = find_stage(artifacts_dir, STAGE, digest)
     if cached:
         return cached
@@ -172,25 +160,23 @@ def run_train(artifacts_dir: str | Path, splits: StageRef, model: ModelSpec, tra
                 "(see the train stage's rejects); check the data or raise train.max_length"
             )
         set_seed(train.seed)
-        base = models.load_model(
-            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code
-        )
+        prepared = methods.prepare_model(model, train)  # frozen or peft-wrapped as the method says
+        args = build_sft_config(train, writer.path("checkpoints"), loss_mode=loss_mode)
         trainer = SFTTrainer(
-            model=base,  # wrapped with the LoRA adapter in place
-            args=build_sft_config(train, writer.path("checkpoints"), loss_mode=loss_mode),
+            model=prepared.model,
+            args=args,
+            optimizers=(methods.build_optimizer(prepared.model, train, args, prepared), None),
             train_dataset=_to_dataset(rows),
             processing_class=tokenizer,
-            peft_config=build_peft_config(train),
+            callbacks=methods.method_callbacks(train, prepared),
         )
-        trainable, total = models.count_parameters(trainer.model)
+        trainable, total = methods.count_parameters(prepared)
         started = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - started
-        trainer.model.save_pretrained(writer.path("adapter"))
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(writer.path("model"))
-        tokenizer.save_pretrained(writer.path("model"))
+        methods.export_model(trainer.model, tokenizer, writer.dir, model, train)
         writer.stats = _train_stats(trainer, result, loss_mode, trainable, total, seconds, len(rows))
+        writer.stats["method"] = prepared.method
         _remove_dir(writer.path("checkpoints"))
     return find_stage(artifacts_dir, STAGE, digest)
 
@@ -208,7 +194,6 @@ def _train_stats(
     tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
     train_loss = result.training_loss
     return {
-        "method": "lora",
         "loss_mode": loss_mode,
         "examples": examples,
         "trainable_params": trainable,
