@@ -43,7 +43,7 @@ def finetune(recipe: Recipe) -> dict:
     cleaned = clean(artifacts_dir, collected, recipe.clean, recipe.model)
     gated = quality_gate(artifacts_dir, cleaned, recipe.quality)
     splits = split(artifacts_dir, gated, recipe.split)
-    trained = train(artifacts_dir, splits, recipe.model, recipe.train)
+    trained = train(artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name)
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 

@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -26,6 +31,7 @@ from tuneline.recipe import (
     ModelSpec,
     QualitySpec,
     Recipe,
+    RegisterSpec,
     Source,
     SplitSpec,
     TrainSpec,
@@ -34,6 +40,7 @@ from tuneline.registry import run_register
 from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
 from tuneline.split import run_split
 from tuneline.store import StageRef, read_stats
+from tuneline.tracking import CURVE_FILE, LOG_FILE, TrackingTarget, image_data_url, training_markdown
 from tuneline.train import run_train
 
 
@@ -112,9 +119,27 @@ def split(artifacts_dir: Path, gated: StageRef, spec: SplitSpec) -> StageRef:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train(artifacts_dir: Path, splits: StageRef, model: ModelSpec, spec: TrainSpec) -> StageRef:
-    """Fine-tune the base model on the train split."""
-    return run_train(artifacts_dir, splits, model, spec)
+def train(
+    artifacts_dir: Path,
+    splits: StageRef,
+    model: ModelSpec,
+    spec: TrainSpec,
+    register: RegisterSpec | None = None,
+    run_name: str = "tuneline",
+) -> StageRef:
+    """Fine-tune the base model on the train split, tracked in the `register` section's MLflow
+    experiment; show the loss curve and the end of the training log in the UI."""
+    tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
+    trained = run_train(artifacts_dir, splits, model, spec, tracking=tracking, echo=get_run_logger().info)
+    if trained.file(CURVE_FILE).is_file():
+        create_image_artifact(
+            image_data_url(trained.file(CURVE_FILE)), key="loss-curve", description="Loss by step"
+        )
+    log_text = trained.file(LOG_FILE).read_text(encoding="utf-8") if trained.file(LOG_FILE).is_file() else ""
+    create_markdown_artifact(
+        training_markdown(read_stats(trained), log_text), key="training", description="Training"
+    )
+    return trained
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -56,6 +56,9 @@ def setup(tmp_path_factory):
         for record in [*records, no_reply, too_long]:
             writer.count_in()
             writer.keep(record, "train.jsonl")
+        for record in records[:4]:
+            writer.count_in()
+            writer.keep(record, "validation.jsonl")
     splits = find_stage(root / "art", "split", "s0")
     corpus = [m["content"] for r in records for m in r["messages"]]
     base_dir = models.make_tiny_model(
@@ -87,7 +90,7 @@ def setup(tmp_path_factory):
 def test_loss_is_finite_and_logged(setup):
     stats = read_stats(setup["ref"])
     assert stats["loss_mode"] == "assistant_only"
-    assert stats["steps"] == 3 and stats["method"] == "lora"
+    assert stats["steps"] == 3 and stats["method"]["name"] == "lora"
     assert math.isfinite(stats["train_loss"])
     assert [row["step"] for row in stats["log_history"]] == [1, 2, 3]
     assert all(math.isfinite(row["loss"]) for row in stats["log_history"])
@@ -172,7 +175,62 @@ def test_build_sft_config(tmp_path, loss_mode):
     assert config.completion_only_loss is (loss_mode == "completion_only")
     assert (config.num_train_epochs, config.learning_rate, config.per_device_train_batch_size) == (2, 1e-3, 4)
     assert (config.max_length, config.seed, config.warmup_steps) == (96, 7, 0.1)
-    assert config.report_to in ("none", [], ["none"]) and config.save_strategy == "no"
+    assert config.report_to in ("none", [], ["none"]) and config.save_strategy == "steps"
+    assert (config.save_steps, config.save_total_limit, config.eval_strategy) == (50, 2, "no")
     assert config.gradient_checkpointing is False
     if not torch.cuda.is_available():
         assert config.use_cpu and not config.bf16
+
+
+def test_checkpoints_are_removed_once_the_stage_is_written(setup):
+    assert not train.checkpoint_dir(setup["root"] / "art", setup["ref"].digest).exists()
+    assert "training started; 3 steps in all" in setup["ref"].file("train.log").read_text()
+    assert setup["ref"].file("loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_evaluation_keeps_the_best_checkpoint_and_stops_early(setup):
+    """Exact match on validation never improves on a barely trained model: patience 1 stops the
+    run at the second evaluation, and the first evaluation's checkpoint is the result."""
+    spec = setup["spec"].model_copy(
+        update={
+            "max_steps": 6,
+            "eval_steps": 1,
+            "save_steps": 1,
+            "eval_metric": "exact_match",
+            "early_stopping_patience": 1,
+            "packing": True,
+            "lr_scheduler": "cosine",
+            "eval_max_new_tokens": 3,
+        }
+    )
+    ref = train.run_train(setup["root"] / "art", setup["splits"], setup["model"], spec)
+    stats = read_stats(ref)
+    assert stats["steps"] == 2  # stopped early, not at max_steps 6
+    assert stats["best_checkpoint_step"] == 1 and stats["best_metric"] == 0.0
+    assert [row["step"] for row in stats["eval_history"]] == [1, 2]
+    assert all(
+        math.isfinite(row["eval_loss"]) and row["eval_exact_match"] == 0.0 for row in stats["eval_history"]
+    )
+    assert stats["validation_examples"] == 4
+
+
+def test_evaluation_without_validation_records_names_the_fix(setup, tmp_path):
+    with write_stage(tmp_path, "split", "s1") as writer:
+        for record in setup["records"]:
+            writer.count_in()
+            writer.keep(record, "train.jsonl")
+    splits = find_stage(tmp_path, "split", "s1")
+    spec = setup["spec"].model_copy(update={"eval_steps": 1, "save_steps": 1})
+    with pytest.raises(train.TrainDataError, match="split.validation"):
+        train.run_train(tmp_path, splits, setup["model"], spec)
+
+
+def test_resume_and_launch_coordinates_do_not_change_the_digest(setup):
+    spec = setup["spec"]
+    moved = spec.model_copy(
+        update={"resume": "fresh", "distributed": spec.distributed.model_copy(update={"main_port": 1234})}
+    )
+    assert train.train_digest(setup["model"], moved, setup["splits"]) == setup["ref"].digest
+    longer = spec.model_copy(update={"max_steps": 4})
+    assert train.train_digest(setup["model"], longer, setup["splits"]) != setup["ref"].digest

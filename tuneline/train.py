@@ -15,15 +15,25 @@ that need them: they cost seconds to import.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from transformers import TrainerCallback
 
-from tuneline import methods, models
+from tuneline import launch, methods, models
+from tuneline import tracking as tracking_lib
+from tuneline.errors import UserError
 from tuneline.methods import build_peft_config as build_peft_config  # re-exported for callers
 from tuneline.recipe import ModelSpec, TrainSpec
 from tuneline.store import (
@@ -35,6 +45,7 @@ from tuneline.store import (
     stage_digest,
     write_stage,
 )
+from tuneline.tracking import TrackingCallback, TrackingTarget
 
 # TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every training step.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -43,11 +54,19 @@ STAGE = "train"
 LossMode = Literal["assistant_only", "completion_only"]
 
 
-def build_sft_config(train: TrainSpec, output_dir: Path, *, loss_mode: LossMode = "assistant_only") -> Any:
+class TrainDataError(UserError, ValueError):
+    """Training data the trainer cannot learn from, or a validation split evaluation needs but lacks."""
+
+
+def build_sft_config(
+    train: TrainSpec, output_dir: Path, *, loss_mode: LossMode = "assistant_only", evaluate: bool = False
+) -> Any:
     """The recipe's training settings as a `trl.SFTConfig`.
 
-    TRL's defaults suit a GPU (bf16, gradient checkpointing); on CPU both are turned off. Nothing
-    is reported to external trackers and no checkpoints are saved: the stage saves the result.
+    TRL's defaults suit a GPU (bf16, gradient checkpointing); on CPU both are turned off.
+    Checkpoints go to `output_dir` every `save_steps`. With `evaluate`, the validation split is
+    scored every `eval_steps` and the best checkpoint by `eval_metric` is the result. Trackers are
+    off here: Tuneline's own callback logs to MLflow.
     """
     from trl import SFTConfig
 
@@ -62,9 +81,12 @@ def build_sft_config(train: TrainSpec, output_dir: Path, *, loss_mode: LossMode 
         num_train_epochs=train.epochs,
         max_steps=train.max_steps,
         learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
         per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_length=train.max_length,
+        packing=train.packing,  # padding-free: examples share a row, never attend to each other
         warmup_steps=train.warmup_ratio,  # a float below 1 is a share of the total steps
         seed=train.seed,
         data_seed=train.seed,
@@ -75,7 +97,14 @@ def build_sft_config(train: TrainSpec, output_dir: Path, *, loss_mode: LossMode 
         bf16=dtype == torch.bfloat16,
         **checkpointing,
         dataloader_pin_memory=on_gpu,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.eval_steps if evaluate else None,
+        load_best_model_at_end=evaluate,
+        metric_for_best_model=f"eval_{train.eval_metric}" if evaluate else None,
+        greater_is_better=train.eval_metric != "loss" if evaluate else None,
         report_to="none",
         disable_tqdm=True,
     )
@@ -95,37 +124,129 @@ def prompt_length(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
     )
 
 
-def make_training_rows(
-    records: list[dict[str, Any]], tokenizer: Any, loss_mode: LossMode, max_length: int, writer: StageWriter
-) -> list[dict[str, Any]]:
-    """Training rows for the SFT trainer; records it cannot learn from are dropped with a reason.
+def training_row(
+    record: dict[str, Any], tokenizer: Any, loss_mode: LossMode, max_length: int
+) -> tuple[dict[str, Any] | None, str, str]:
+    """A record as an SFT row, or (None, reason, detail) when it cannot be learned from.
 
     A record without an assistant turn has nothing to learn; one whose prompt alone fills
     `max_length` would be truncated to no trainable token (TRL would silently skip it).
     """
+    messages = [models.clean_message(m) for m in record["messages"]]
+    last = models.last_assistant_index(messages)
+    if last is None:
+        return None, "no_assistant_turn", "messages: no assistant turn to learn from"
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt_end = first if loss_mode == "assistant_only" else last
+    length = prompt_length(tokenizer, messages[:prompt_end]) if prompt_end else 0
+    if length >= max_length:
+        detail = f"prompt is {length} tokens, train.max_length is {max_length}; raise train.max_length"
+        return None, "prompt_exceeds_max_length", detail
+    if loss_mode == "assistant_only":
+        return {"messages": messages}, "", ""
+    return {"prompt": messages[:last], "completion": [messages[last]]}, "", ""
+
+
+def make_training_rows(
+    records: list[dict[str, Any]], tokenizer: Any, loss_mode: LossMode, max_length: int, writer: StageWriter
+) -> list[dict[str, Any]]:
+    """Training rows for the SFT trainer; records it cannot learn from are dropped with a reason."""
     rows = []
     for record in records:
-        messages = [models.clean_message(m) for m in record["messages"]]
-        last = models.last_assistant_index(messages)
-        if last is None:
-            writer.drop(record, "no_assistant_turn", "messages: no assistant turn to learn from")
+        row, reason, detail = training_row(record, tokenizer, loss_mode, max_length)
+        if row is None:
+            writer.drop(record, reason, detail)
             continue
-        first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        prompt_end = first if loss_mode == "assistant_only" else last
-        length = prompt_length(tokenizer, messages[:prompt_end]) if prompt_end else 0
-        if length >= max_length:
-            writer.drop(
-                record,
-                "prompt_exceeds_max_length",
-                f"prompt is {length} tokens, train.max_length is {max_length}; raise train.max_length",
-            )
-            continue
-        if loss_mode == "assistant_only":
-            rows.append({"messages": messages})
-        else:
-            rows.append({"prompt": messages[:last], "completion": [messages[last]]})
+        rows.append(row)
         writer.keep({"id": record["id"]}, "trained.jsonl")
     return rows
+
+
+def validation_conversations(
+    splits: StageRef, tokenizer: Any, loss_mode: LossMode, train: TrainSpec
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(SFT row, conversation) for each usable validation record: the row scores validation loss,
+    the conversation exact match. Raises TrainDataError when evaluation has nothing to score."""
+    pairs = []
+    for record in iter_records(splits, "validation.jsonl"):
+        row, _, _ = training_row(record, tokenizer, loss_mode, train.max_length)
+        if row is not None:
+            pairs.append((row, [models.clean_message(m) for m in record["messages"]]))
+    if not pairs:
+        raise TrainDataError(
+            f"train.eval_steps: {train.eval_steps}, but {splits.path}/validation.jsonl has no usable "
+            "record; raise split.validation or set train.eval_steps to null"
+        )
+    return pairs
+
+
+class ExactMatchCallback(TrainerCallback):
+    """After each evaluation, greedy answers to up to `eval_max_examples` validation records and
+    their exact match as `eval_exact_match`: the task metric, next to the validation loss."""
+
+    def __init__(
+        self, tokenizer: Any, validation: list[tuple[dict[str, Any], list[dict[str, Any]]]], train: TrainSpec
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.conversations = [conversation for _, conversation in validation[: train.eval_max_examples]]
+        self.max_new_tokens = train.eval_max_new_tokens
+        self.batch_size = train.batch_size
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Add exact match to the metrics the trainer keeps the best checkpoint and stops early by."""
+        from tuneline.evaluate import exact_match, generate_replies, split_conversation
+
+        model = kwargs["model"]
+        was_training = model.training
+        model.eval()
+        replies = generate_replies(
+            model,
+            self.tokenizer,
+            self.conversations,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+        model.train(was_training)
+        references = [split_conversation(c)[1]["content"] for c in self.conversations]
+        score = exact_match(replies, references)
+        if metrics is not None:
+            metrics["eval_exact_match"] = score
+        if state.log_history and "eval_loss" in state.log_history[-1]:
+            state.log_history[-1]["eval_exact_match"] = score  # the trainer logged before this ran
+
+
+def resolved_config(trainer: Any, train: TrainSpec, loss_mode: LossMode) -> dict[str, Any]:
+    """What training actually used, as flat params: the method's peft config and the SFT settings."""
+    params: dict[str, Any] = {"method": train.method, "loss_mode": loss_mode}
+    for name, config in (getattr(trainer.model, "peft_config", None) or {}).items():
+        for key, value in config.to_dict().items():
+            shown = json.dumps(sorted(value) if isinstance(value, set) else value, default=str)
+            params[f"peft.{name}.{key}"] = shown
+    for key in SFT_PARAMS:
+        params[f"sft.{key}"] = getattr(trainer.args, key, None)
+    return params
+
+
+# The SFT settings logged as params beside the method's configuration.
+SFT_PARAMS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "max_length",
+    "packing",
+    "seed",
+    "bf16",
+    "save_steps",
+    "eval_steps",
+    "metric_for_best_model",
+    "world_size",
+)
 
 
 def summarize_log_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,47 +258,181 @@ def summarize_log_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]
     ]
 
 
-def run_train(artifacts_dir: str | Path, splits: StageRef, model: ModelSpec, train: TrainSpec) -> StageRef:
-    """Fine-tune the base model on the train split with LoRA; cached on recipe, data and code digests."""
-    digest = stage_digest(
-        STAGE, model, train, splits.digest, code_digest(__file__, models.__file__, methods.__file__)
+def summarize_eval_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation curve: one (step, eval_loss, eval_exact_match) row per evaluation."""
+    return [
+        {
+            "step": entry["step"],
+            "eval_loss": entry["eval_loss"],
+            "eval_exact_match": entry.get("eval_exact_match"),
+        }
+        for entry in history
+        if "eval_loss" in entry
+    ]
+
+
+def train_digest(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
+    """The train stage's digest. `resume` and where a distributed run meets (node rank, address,
+    port) do not change the result, so they stay out: every node and a resumed run agree on it."""
+    section = train.model_dump(
+        mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
     )
-    cached = find_stage(artifacts_dir, STAGE, digest)
-    if cached:
+    code = code_digest(__file__, models.__file__, methods.__file__)
+    return stage_digest(STAGE, model, section, splits.digest, code)
+
+
+def checkpoint_dir(artifacts_dir: str | Path, digest: str) -> Path:
+    """Where a training keeps its checkpoints and log until its stage is written.
+
+    Outside the stage's temporary folder (renamed away when the stage is written), keyed by the
+    stage digest, so a killed run's checkpoints are found again by the same recipe.
+    """
+    return Path(artifacts_dir) / "checkpoints" / STAGE / digest
+
+
+def last_complete_checkpoint(work_dir: Path, *, remove_partial: bool = True) -> Path | None:
+    """The newest `checkpoint-N` whose trainer state was written (it is written last); newer,
+    half-written checkpoints of a killed process are removed (by the main process only)."""
+    found = sorted(
+        (int(path.name.removeprefix("checkpoint-")), path)
+        for path in work_dir.glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit()
+    )
+    for _, path in reversed(found):
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        except (OSError, ValueError, KeyError):
+            if remove_partial:
+                _remove_dir(path)
+            continue
+        return path
+    return None
+
+
+def run_train(
+    artifacts_dir: str | Path,
+    splits: StageRef,
+    model: ModelSpec,
+    train: TrainSpec,
+    *,
+    tracking: TrackingTarget | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> StageRef:
+    """Fine-tune the base model on the train split; cached on recipe, data and code digests.
+
+    A run killed mid-training resumes from its last complete checkpoint when called again with
+    the same inputs (`train.resume: auto`). With `train.distributed`, `accelerate launch` workers
+    train and this process waits (their output goes to `echo`). With `tracking`, the training
+    is an MLflow run whose id lands in the stage's stats.
+    """
+    digest = train_digest(model, train, splits)
+    if cached := find_stage(artifacts_dir, STAGE, digest):
         return cached
-    from transformers import set_seed
+    work_dir = checkpoint_dir(artifacts_dir, digest)
+    if train.resume == "fresh":
+        _remove_dir(work_dir)
+    if launch.needs_launch(train.distributed):
+        request = {
+            "artifacts_dir": str(Path(artifacts_dir).resolve()),
+            "splits": splits.model_dump(mode="json"),
+            "model": model.model_dump(mode="json"),
+            "train": train.model_dump(mode="json"),
+            "digest": digest,
+            "tracking": asdict(tracking) if tracking else None,
+        }
+        launch.launch_training(request, train.distributed, work_dir, echo)
+        ref = find_stage(artifacts_dir, STAGE, digest)
+        if ref is None:
+            raise launch.LaunchError(
+                f"train.distributed: the workers exited without writing the train stage {digest}; "
+                f"see {work_dir / launch.LOG_FILE}"
+            )
+    else:
+        ref = train_here(artifacts_dir, splits, model, train, digest=digest, tracking=tracking)
+    _remove_dir(work_dir)
+    return ref
+
+
+def train_here(
+    artifacts_dir: str | Path,
+    splits: StageRef,
+    model: ModelSpec,
+    train: TrainSpec,
+    *,
+    digest: str,
+    tracking: TrackingTarget | None = None,
+) -> StageRef | None:
+    """Train in this process (alone, or as one rank of a launched run); the main process writes
+    the stage and returns it, other ranks return None.
+
+    Checkpoints go to `checkpoint_dir`; the last complete one found there is resumed from.
+    """
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
+    main = _is_main_process()
+    work_dir = checkpoint_dir(artifacts_dir, digest)
     records = list(iter_records(splits, "train.jsonl"))
-    with write_stage(artifacts_dir, STAGE, digest, [splits]) as writer:
+    with _stage_writer(artifacts_dir, digest, splits, main) as writer:
         writer.count_in(len(records))
         tokenizer = models.load_tokenizer(model)
         loss_mode = choose_loss_mode(tokenizer)
         rows = make_training_rows(records, tokenizer, loss_mode, train.max_length, writer)
         if not rows:
-            raise ValueError(
+            raise TrainDataError(
                 f"splits {splits.path}: no trainable record among {len(records)} in train.jsonl "
                 "(see the train stage's rejects); check the data or raise train.max_length"
             )
+        evaluate = train.eval_steps is not None
+        validation = validation_conversations(splits, tokenizer, loss_mode, train) if evaluate else []
+        work_dir.mkdir(parents=True, exist_ok=True)
+        resume_from = last_complete_checkpoint(work_dir, remove_partial=main)
+        run_id = tracking_lib.open_run(tracking, Path(artifacts_dir), work_dir) if tracking and main else None
+        tracker = TrackingCallback(work_dir / tracking_lib.LOG_FILE, tracking, run_id)
+        callbacks: list[Any] = [tracker]
+        if evaluate:
+            # Before early stopping, which reads the metric this callback adds.
+            callbacks.insert(0, ExactMatchCallback(tokenizer, validation, train))
+            if train.early_stopping_patience:
+                callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
         set_seed(train.seed)
         prepared = methods.prepare_model(model, train)  # frozen or peft-wrapped as the method says
-        args = build_sft_config(train, writer.path("checkpoints"), loss_mode=loss_mode)
+        args = build_sft_config(train, work_dir, loss_mode=loss_mode, evaluate=evaluate)
+        callbacks += methods.method_callbacks(train, prepared)
         trainer = SFTTrainer(
             model=prepared.model,
             args=args,
             optimizers=(methods.build_optimizer(prepared.model, train, args, prepared), None),
             train_dataset=_to_dataset(rows),
+            eval_dataset=_to_dataset([row for row, _ in validation]) if evaluate else None,
             processing_class=tokenizer,
-            callbacks=methods.method_callbacks(train, prepared),
+            callbacks=callbacks,
         )
         trainable, total = methods.count_parameters(prepared)
+        if run_id:
+            tracking_lib.log_params(tracking, run_id, resolved_config(trainer, train, loss_mode))
         started = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - started
+        if not main:
+            return None
         methods.export_model(trainer.model, tokenizer, writer.dir, model, train)
-        writer.stats = _train_stats(trainer, result, loss_mode, trainable, total, seconds, len(rows))
-        writer.stats["method"] = prepared.method
-        _remove_dir(writer.path("checkpoints"))
+        shutil.copyfile(work_dir / tracking_lib.LOG_FILE, writer.path(tracking_lib.LOG_FILE))
+        curve = tracking_lib.plot_loss_curve(trainer.state.log_history, writer.path(tracking_lib.CURVE_FILE))
+        writer.stats = _train_stats(trainer, result, loss_mode, trainable, total, seconds, len(rows)) | {
+            "method": prepared.method,
+            "resumed_from_step": _step_of(resume_from),
+            "steps_run": tracker.steps_run,
+            "tokens_per_second": _rounded(tracker.tokens_per_second()),
+            "validation_examples": len(validation),
+            "best_checkpoint_step": _step_of(trainer.state.best_model_checkpoint),
+            "best_metric": trainer.state.best_metric,
+            "mlflow_run_id": run_id,
+            "tracking_uri": tracking.tracking_uri if tracking else None,
+        }
+        if run_id:
+            files = [writer.path(tracking_lib.LOG_FILE), *([curve] if curve else [])]
+            tracking_lib.finish_run(tracking, run_id, files, writer.stats)
     return find_stage(artifacts_dir, STAGE, digest)
 
 
@@ -206,10 +461,39 @@ def _train_stats(
         "tokens_per_second": round(tokens / seconds, 1) if tokens and seconds else None,
         "device": str(trainer.model.device),
         "log_history": summarize_log_history(history),
+        "eval_history": summarize_eval_history(history),
     }
 
 
 def _remove_dir(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun sets RANK in each worker), or a lone process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def _stage_writer(
+    artifacts_dir: str | Path, digest: str, splits: StageRef, main: bool
+) -> Iterator[StageWriter]:
+    """The stage writer on the main process; elsewhere a throwaway one (other ranks write nothing)."""
+    if main:
+        with write_stage(artifacts_dir, STAGE, digest, [splits]) as writer:
+            yield writer
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="tuneline-rank-"))
+    try:
+        yield StageWriter(scratch, STAGE, digest, [splits])
+    finally:
+        _remove_dir(scratch)
+
+
+def _step_of(checkpoint: str | Path | None) -> int | None:
+    """N of a `checkpoint-N` folder, or None."""
+    return int(Path(checkpoint).name.removeprefix("checkpoint-")) if checkpoint else None
+
+
+def _rounded(value: float | None) -> float | None:
+    return round(value, 1) if value is not None else None

@@ -1,0 +1,74 @@
+"""Training is tracked: MLflow run with per-step metrics, params, log and curve; the register stage
+can reuse the run, and falls back to a new one when the store was wiped."""
+
+from __future__ import annotations
+
+import pytest
+from train_fixtures import make_split_and_model, small_spec
+
+from tuneline import tracking, train
+from tuneline.registry import reusable_run_id
+from tuneline.store import read_stats
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("tracked")
+    splits, model = make_split_and_model(root)
+    target = tracking.TrackingTarget(f"sqlite:///{root}/mlflow.db", "tuneline-test", "tracked-run")
+    ref = train.run_train(root / "art", splits, model, small_spec(), tracking=target)
+    client = mlflow.MlflowClient(target.tracking_uri)
+    stats = read_stats(ref)
+    return {"root": root, "target": target, "ref": ref, "stats": stats, "client": client}
+
+
+def test_every_logging_step_reaches_mlflow(tracked):
+    client, run_id = tracked["client"], tracked["stats"]["mlflow_run_id"]
+    for key in ("loss", "learning_rate", "tokens_per_second", "memory_mb"):
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in history] == [1, 2, 3], key
+        assert all(m.value > 0 for m in history), key
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked-run"
+    assert run.data.metrics["train_steps"] == 3
+
+
+def test_run_holds_log_curve_and_resolved_method(tracked):
+    client, run_id = tracked["client"], tracked["stats"]["mlflow_run_id"]
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"train.log", "loss_curve.png"}
+    params = client.get_run(run_id).data.params
+    assert params["peft.default.r"] == "4" and params["peft.default.lora_alpha"] == "8"
+    assert params["sft.max_steps"] == "3" and params["loss_mode"] == "assistant_only"
+    log = tracked["ref"].file("train.log").read_text()
+    assert "training started; 3 steps in all" in log and "step 3: " in log and "tokens_per_second=" in log
+
+
+def test_register_reuses_the_run_unless_the_store_was_wiped(tracked, tmp_path):
+    import mlflow
+
+    client, stats = tracked["client"], tracked["stats"]
+    experiment_id = client.get_run(stats["mlflow_run_id"]).info.experiment_id
+    assert reusable_run_id(client, stats, experiment_id) == stats["mlflow_run_id"]
+    wiped = mlflow.MlflowClient(f"sqlite:///{tmp_path}/empty.db")
+    assert reusable_run_id(wiped, stats, experiment_id) is None
+    assert reusable_run_id(client, {"mlflow_run_id": None}, experiment_id) is None
+
+
+def test_a_resumed_training_keeps_its_run(tracked, tmp_path):
+    target = tracked["target"]
+    first = tracking.open_run(target, tmp_path, tmp_path)
+    assert tracking.open_run(target, tmp_path, tmp_path) == first
+    elsewhere = tracking.TrackingTarget(f"sqlite:///{tmp_path}/other.db", "tuneline-test", "r")
+    assert tracking.open_run(elsewhere, tmp_path, tmp_path) != first  # the old store is gone
+
+
+def test_prefect_summary_shows_the_numbers_and_the_log_end(tracked):
+    text = tracked["ref"].file("train.log").read_text()
+    markdown = tracking.training_markdown(tracked["stats"], text, tail_lines=2)
+    assert f"| MLflow run | {tracked['stats']['mlflow_run_id']} |" in markdown
+    assert "training ended at step 3" in markdown and "training started" not in markdown
+    assert tracking.image_data_url(tracked["ref"].file("loss_curve.png")).startswith(
+        "data:image/png;base64,iVBOR"
+    )
