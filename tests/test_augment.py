@@ -329,6 +329,24 @@ def test_teacher_errors_are_counted_and_a_rerun_asks_nothing(tmp_path, collected
         assert server.count == 2
 
 
+def test_a_seed_file_of_another_format_is_shown_and_its_unreadable_lines_listed(tmp_path, collected):
+    path = tmp_path / "seeds.sharegpt.jsonl"
+    turns = [
+        {"from": "human", "value": "my blender smells like burning"},
+        {"from": "gpt", "value": "complaint"},
+    ]
+    path.write_text(json.dumps({"conversations": turns}) + "\n{broken\n", encoding="utf-8")
+    good = reply(*candidates(("the yoga mat is peeling after one week of use", "complaint")))
+    with openai_server(lambda request: good) as server:
+        spec = make_spec(server, tmp_path, seeds={"path": str(path)}, per_round=5)
+        ref = run_generate_round(tmp_path / "art", spec, collected, 1, [])
+        shown = server.requests[0].user_text
+    assert '{"instruction": "my blender smells like burning", "output": "complaint"}' in shown
+    stats = read_stats(ref)
+    assert stats["seeds"] == 1 and stats["unreadable_seeds"][0].startswith(f"{path}:2: ")
+    assert read_candidates(ref)[0]["messages"][0]["role"] == "user"  # sharegpt seeds have no system prompt
+
+
 def test_a_recorded_round_replays_offline_with_the_same_candidates(tmp_path, collected):
     with openai_server(ROUND_ONE) as server:
         recorded = run_generate_round(tmp_path / "art", make_spec(server, tmp_path), collected, 1, [])

@@ -98,7 +98,7 @@ def run_generate_round(
     their decisions: their accepted records form the pool, their rejects the common mistakes.
     Raises TeacherError (replay miss, bad key) and TeacherUnreachable (retry the task).
     """
-    seeds = load_seeds(spec, source_ref)  # in documents mode: the collected records, not repeated
+    seeds, unreadable = load_seeds(spec, source_ref)  # documents mode: the collected records
     if spec.mode == "seeds" and not seeds:
         raise AugmentError("augment.mode seeds: no seed records; set augment.seeds.path or add a source")
     chunks = document_chunks(source_ref, spec.chunk_chars) if spec.mode == "documents" else []
@@ -157,6 +157,8 @@ def run_generate_round(
             "round": round_no,
             "mode": spec.mode,
             "teacher_model": spec.teacher.model,
+            "seeds": len(seeds),
+            "unreadable_seeds": unreadable,
             "requests": len(requests),
             "asked": spec.per_round,
             "from_recording": sum(r.recorded for r in replies),

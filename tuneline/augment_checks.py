@@ -286,11 +286,11 @@ class RoundRequest:
 # ---------------------------------------------------------------- material and prompts
 
 
-def load_seeds(spec: AugmentSpec, source_ref: StageRef) -> list[Record]:
+def load_seeds(spec: AugmentSpec, source_ref: StageRef) -> tuple[list[Record], list[str]]:
     """The records the teacher imitates (seeds mode) or must not repeat: the seed file when the recipe
-    names one, else the collected records."""
+    names one, else the collected records; and the seed file's unreadable lines as `file:line: reason`."""
     if spec.seeds is None:
-        return list(iter_records(source_ref))
+        return list(iter_records(source_ref)), []
     try:
         result = read_records(spec.seeds.path, spec.seeds.format, source="seeds")
     except (FormatError, OSError) as error:
@@ -300,7 +300,7 @@ def load_seeds(spec: AugmentSpec, source_ref: StageRef) -> list[Record]:
             f"augment.seeds.path {spec.seeds.path}: no readable seed record ({len(result.rejects)} "
             f"unreadable, first: {result.rejects[0] if result.rejects else 'none'}); fix the file"
         )
-    return result.records
+    return result.records, result.rejects
 
 
 def split_text(text: str, limit: int) -> list[str]:
