@@ -1,7 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
-    fetch (each source) -> collect -> clean -> quality_gate -> split -> train -> evaluate
-    -> register -> report
+    fetch (each source) -> collect -> [augment <-> review] -> clean -> quality_gate -> split
+    -> train -> evaluate -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
+from flows.augment import augment_rounds
 from tasks.stages import (
     clean,
     collect,
@@ -40,7 +41,11 @@ def finetune(recipe: Recipe) -> dict:
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails
     collected = collect(artifacts_dir, recipe.sources, fetched)
-    cleaned = clean(artifacts_dir, collected, recipe.clean, recipe.model)
+    if recipe.augment is not None:  # teacher rounds, each reviewed; clean reads collected + accepted
+        data, _ = augment_rounds(artifacts_dir, recipe.augment, collected, recipe.register)
+    else:
+        data = collected
+    cleaned = clean(artifacts_dir, data, recipe.clean, recipe.model)
     gated = quality_gate(artifacts_dir, cleaned, recipe.quality)
     splits = split(artifacts_dir, gated, recipe.split)
     trained = train(artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name)
@@ -48,7 +53,7 @@ def finetune(recipe: Recipe) -> dict:
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
     stages = {
-        "collect": collected,
+        data.stage: data,  # collect, or augment (whose ledger takes in the collected records)
         "clean": cleaned,
         "quality_gate": gated,
         "split": splits,
