@@ -26,7 +26,8 @@ from tuneline.augment import (
 from tuneline.augment_checks import rouge_l, split_text
 from tuneline.clean import run_clean
 from tuneline.collect import DOCUMENTS, run_collect
-from tuneline.recipe import AugmentSpec, CleanSpec, FileSource, RecipeError, validate_recipe
+from tuneline.recipe import AugmentSpec, CleanSpec, FileSource, RecipeError, load_recipe, validate_recipe
+from tuneline.review import auto_decide
 from tuneline.store import REJECTS, check_ledger, find_stage, iter_records, read_stats, write_stage
 from tuneline.teacher import TeacherError
 
@@ -383,3 +384,27 @@ def test_recipe_rejects_an_unusable_augment_section(changes, message):
     data = {"teacher": {"base_url": "http://localhost:8000/v1", "model": "m"}, **changes}
     with pytest.raises(ValueError, match=message.replace("{", r"\{").replace("(", r"\(").replace(")", r"\)")):
         AugmentSpec.model_validate(data)
+
+
+def test_the_demo_recipe_replays_its_shipped_recording_offline(tmp_path, monkeypatch):
+    """recipes/augment_demo.yaml runs on a fresh machine: every request of its three rounds is in
+    the shipped recording (re-record with recipes/data/record_augment_demo.py when prompts change)."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    recipe = load_recipe("recipes/augment_demo.yaml")
+    spec = recipe.augment
+    assert spec.teacher.mode == "replay" and spec.review.how == "auto"
+    collected = run_collect(tmp_path, recipe.sources)
+    history: list[ReviewedRound] = []
+    stop = None
+    while stop is None:
+        generated = run_generate_round(tmp_path, spec, collected, len(history) + 1, history)
+        decisions = [d.model_dump() for d in auto_decide(spec.review.auto, read_candidates(generated))]
+        history.append(ReviewedRound(round_no=len(history) + 1, generated=generated, decisions=decisions))
+        stop = next_round_or_stop(history, spec)
+    assert stop.startswith("target reached: 54 accepted")
+    assert "contains personal data" in json.loads(history[1].generated.file(PROMPT).read_text())["mistakes"]
+    merged = run_augment_merge(tmp_path, collected, history)
+    assert check_ledger(merged)["out"] == 40 + 54
+    assert {r["meta"]["review"]["reviewer"] for r in iter_records(merged) if "review" in r["meta"]} == {
+        "auto-policy"
+    }
