@@ -40,11 +40,17 @@ class TrainingPlan:
     total_params: int
     trainable_params: int
     memory: dict[str, int]
+    checkpointed_activations: int
 
     @property
     def peak_bytes(self) -> int:
         """The estimated peak: every component at once (the backward pass holds them all)."""
         return sum(self.memory.values())
+
+    @property
+    def checkpointed_peak_bytes(self) -> int:
+        """The peak if activations were recomputed in the backward pass instead of kept."""
+        return self.peak_bytes - self.memory["activations"] + self.checkpointed_activations
 
 
 def plan_training(model_spec: ModelSpec, train: TrainSpec, *, device: str | None = None) -> TrainingPlan:
@@ -89,8 +95,9 @@ def plan_training(model_spec: ModelSpec, train: TrainSpec, *, device: str | None
             "weights": weight_bytes,
             "gradients": trainable * trainable_bytes,
             "optimizer": trainable * _optimizer_bytes(train),
-            "activations": _activation_bytes(text, train, dtype, prepared),
+            "activations": _activation_bytes(text, train, device, prepared, checkpointed=False),
         },
+        checkpointed_activations=_activation_bytes(text, train, device, prepared, checkpointed=True),
     )
 
 
@@ -141,15 +148,22 @@ def _optimizer_bytes(train: TrainSpec) -> int:
 
 
 def _activation_bytes(
-    text: Any, train: TrainSpec, dtype: torch.dtype, prepared: methods.PreparedModel
+    text: Any, train: TrainSpec, device: str, prepared: methods.PreparedModel, *, checkpointed: bool
 ) -> int:
-    """Stored activations of one micro-batch, and the fp32 logits with their gradient."""
+    """Stored activations of one micro-batch, and the fp32 logits with their gradient.
+
+    With activation checkpointing only each layer's input is kept, plus one layer recomputed at a
+    time. On a GPU the fused attention kernels (SDPA) do not keep the attention scores; on CPU the
+    plain path does.
+    """
+    dtype_bytes = 2 if device == "cuda" else 4
     seq = train.max_length
     if train.method in methods.PROMPT_METHODS:
         seq += train.prompt_learning.num_virtual_tokens
     tokens = train.batch_size * seq
     hidden, heads = text.hidden_size, text.num_attention_heads
-    per_layer = tokens * (ACTIVATION_BYTES_PER_HIDDEN * hidden + 5 * heads * seq) * dtype.itemsize / 2
+    scores = 0 if device == "cuda" else 5 * heads * seq
+    per_layer = tokens * (ACTIVATION_BYTES_PER_HIDDEN * hidden + scores) * dtype_bytes / 2
     layers = text.num_hidden_layers
     if train.method == "freeze" and train.freeze.trainable_layers < layers:
         # Below the lowest trainable layer nothing needs a gradient, so nothing is stored there
@@ -157,6 +171,8 @@ def _activation_bytes(
         embedding_trains = any(p.dim() == 2 and p.shape[0] == text.vocab_size for p in prepared.extra_params)
         layers = layers if embedding_trains else train.freeze.trainable_layers
     logits = 2 * tokens * text.vocab_size * 4
+    if checkpointed:
+        return int(tokens * hidden * dtype_bytes * layers + per_layer + logits)
     return int(per_layer * layers + logits)
 
 
@@ -171,4 +187,5 @@ def format_plan(plan: TrainingPlan) -> str:
     ]
     lines += [f"  {name:<12}{size / GIB:9.3f} GiB" for name, size in plan.memory.items()]
     lines.append(f"  {'peak':<12}{plan.peak_bytes / GIB:9.3f} GiB")
+    lines.append(f"  with activation checkpointing: {plan.checkpointed_peak_bytes / GIB:.3f} GiB peak")
     return "\n".join(lines)
