@@ -26,7 +26,7 @@ import json
 import math
 import random
 import re
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -161,32 +161,43 @@ def rouge_l(a: str, b: str) -> float:
 
 
 class SimilarityIndex:
-    """Texts already taken (seeds, or the pool) and the closest one to a new text, by ROUGE-L."""
+    """Texts already taken (seeds, or the pool) and the first one a new text is near, by ROUGE-L.
+
+    An inverted index (word -> entries and counts) gives each entry's shared word count with the
+    query in one pass over the query's postings. The LCS cannot exceed that count, so only entries
+    whose bound reaches the threshold get the quadratic comparison.
+    """
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
-        self.entries: list[tuple[list[str], Counter[str], str]] = []
+        self.entries: list[tuple[list[str], str]] = []
+        self.postings: defaultdict[str, list[tuple[int, int]]] = defaultdict(list)
 
     def add(self, text: str, label: str) -> None:
         tokens = words(text)
-        if tokens:
-            self.entries.append((tokens, Counter(tokens), label))
+        if not tokens:
+            return
+        for word, count in Counter(tokens).items():
+            self.postings[word].append((len(self.entries), count))
+        self.entries.append((tokens, label))
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def match(self, text: str) -> tuple[float, str] | None:
-        """(score, label) of the first entry at or above the threshold, or None."""
+        """(score, label) of the earliest entry at or above the threshold, or None."""
         tokens = words(text)
         if not tokens:
             return None
-        bag = Counter(tokens)
-        for other, other_bag, label in self.entries:
-            total = len(tokens) + len(other)
-            # LCS <= shared words, so the F1 cannot exceed this bound: skip the DP when it is low.
-            if 2 * sum((bag & other_bag).values()) / total < self.threshold:
-                continue
-            score = 2 * lcs_length(tokens, other) / total
+        shared: defaultdict[int, int] = defaultdict(int)
+        for word, count in Counter(tokens).items():
+            for index, other_count in self.postings.get(word, ()):
+                shared[index] += min(count, other_count)
+        bound = self.threshold * len(tokens)
+        hits = [i for i, n in shared.items() if 2 * n >= bound + self.threshold * len(self.entries[i][0])]
+        for index in sorted(hits):
+            other, label = self.entries[index]
+            score = 2 * lcs_length(tokens, other) / (len(tokens) + len(other))
             if score >= self.threshold:
                 return score, label
         return None
