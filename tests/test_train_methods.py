@@ -1,7 +1,7 @@
 """Every training method on a tiny local model: a few steps, what trained, the export, the plan.
 
 Each method is prepared with `methods.prepare_model`, trained three steps by TRL's SFT trainer
-with the optimizer and callbacks the method asks for, exported with `methods.export_model`, and
+with the optimizer and callbacks the method asks for, exported with `export.export_model`, and
 reloaded with plain transformers/peft, as someone without Tuneline would.
 """
 
@@ -15,7 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline import methods, models
+from tuneline import export, methods, models
 from tuneline.evaluate import assistant_loss, generate_replies
 from tuneline.plan import format_plan, plan_training
 from tuneline.recipe import FreezeSpec, ModelSpec, PromptLearningSpec, TrainSpec, validate_recipe
@@ -144,7 +144,7 @@ def test_method_trains_exports_and_reloads(tiny, method):
 
     expected = logits_of(model, tokenizer, tiny["conversations"][:2])
     stage_dir = tiny["root"] / f"stage-{method}"
-    written = methods.export_model(model, tokenizer, stage_dir, ModelSpec(name=str(tiny["base_dir"])), train)
+    written = export.export_model(model, tokenizer, stage_dir, ModelSpec(name=str(tiny["base_dir"])), train)
     assert ("adapter" in written) == (method in methods.PEFT_METHODS)
     assert ("model" in written) == (method not in methods.PROMPT_METHODS)
     if "adapter" in written:  # plain peft, on the base the adapter was trained on
@@ -179,10 +179,10 @@ def test_soft_prompt_result_evaluates_from_its_adapter(tiny):
     train = train_spec("prompt")
     prepared, _, tokenizer, _ = train_few_steps(tiny, train)
     stage_dir = tiny["root"] / "stage-eval-prompt"
-    methods.export_model(prepared.model, tokenizer, stage_dir, ModelSpec(name=str(tiny["base_dir"])), train)
-    folder = methods.trained_folder(stage_dir)
+    export.export_model(prepared.model, tokenizer, stage_dir, ModelSpec(name=str(tiny["base_dir"])), train)
+    folder = export.trained_folder(stage_dir)
     assert folder.name == "adapter"
-    model = methods.load_trained(folder)
+    model = export.load_trained(folder)
     loaded_tokenizer = models.load_tokenizer(ModelSpec(name=str(folder)))
     loss = assistant_loss(model, loaded_tokenizer, tiny["conversations"], batch_size=4)
     assert math.isfinite(loss)
@@ -238,6 +238,7 @@ def test_freeze_errors_name_the_field(tiny):
         ),
         ({"method": "prefix", "prompt_learning": {"init_text": "hi"}}, "init_text (for prompt)"),
         ({"method": "freeze", "freeze": {"trainable_layers": 0}}, "nothing would train"),
+        ({"method": "freeze", "freeze": {"trainable_modules": ["lm_head("]}}, "'lm_head(' is not a regex"),
         ({"method": "adapters"}, "train.method: Input should be"),
     ],
 )
@@ -350,6 +351,7 @@ def test_plan_needs_no_weights_file(tiny, tmp_path):
     assert plans["full"].memory["optimizer"] == 8 * plans["full"].total_params
     assert plans["qlora"].memory["weights"] < plans["lora"].memory["weights"]
     text = format_plan(plans["qlora"])
+    assert plans["qlora"].checkpointed_peak_bytes < plans["qlora"].peak_bytes
     assert "qlora on cuda" in text and f"{plans['qlora'].trainable_params:,} trainable" in text
 
 

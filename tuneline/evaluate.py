@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tuneline import methods, models
+from tuneline import export, models
 from tuneline.recipe import EvaluateSpec, ModelSpec
 from tuneline.store import StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
 
@@ -203,7 +203,7 @@ def run_evaluate(
         conversations = [c for _, c in chosen]
         base_scores, base_replies = _score_folder(model, conversations, evaluate)
         tuned_spec = ModelSpec(
-            name=str(methods.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
+            name=str(export.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
         )
         tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
         for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):
@@ -227,7 +227,7 @@ def _score_folder(
     if not conversations:
         return {"loss": None, "perplexity": None, "exact_match": None}, []
     tokenizer = models.load_tokenizer(spec)
-    model = methods.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = export.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
         return score_model(model, tokenizer, conversations, evaluate)
     finally:

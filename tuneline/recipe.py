@@ -306,6 +306,11 @@ class FreezeSpec(Section):
             raise ValueError("nothing would train; set trainable_layers above 0 or list trainable_modules")
         if self.unfreeze_every is not None and self.trainable_layers < 2:
             raise ValueError("unfreeze_every needs trainable_layers of 2 or more: one layer cannot unfreeze")
+        for pattern in self.trainable_modules:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"trainable_modules: {pattern!r} is not a regex ({error})") from None
         return self
 
 

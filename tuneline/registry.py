@@ -70,11 +70,11 @@ class TunelineChatModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Load the tokenizer and model once, when MLflow loads the registered model."""
-        from tuneline import methods, models
+        from tuneline import export, models
 
         folder = context.artifacts["model"]
         self.tokenizer = models.load_tokenizer(ModelSpec(name=folder))
-        self.model = methods.load_trained(folder)  # a merged model, or a soft-prompt adapter on its base
+        self.model = export.load_trained(folder)  # a merged model, or a soft-prompt adapter on its base
         self.max_new_tokens = int(context.model_config["max_new_tokens"])
         self.batch_size = int(context.model_config["batch_size"])
 
@@ -304,9 +304,9 @@ def log_split_inputs(splits: StageRef) -> None:
 
 def log_chat_model(recipe: Recipe, trained: StageRef) -> Any:
     """Log the merged model folder as a TunelineChatModel pyfunc and register it as a new version."""
-    from tuneline import methods
+    from tuneline import export
 
-    folder = methods.trained_folder(trained.dir)
+    folder = export.trained_folder(trained.dir)
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
             f"{folder}: the train stage has no merged model or adapter (config.json missing); "

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from transformers import TrainerCallback
 
-from tuneline import launch, methods, models
+from tuneline import export, launch, methods, models
 from tuneline import tracking as tracking_lib
 from tuneline.errors import UserError
 from tuneline.methods import build_peft_config as build_peft_config  # re-exported for callers
@@ -277,7 +277,7 @@ def train_digest(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
     section = train.model_dump(
         mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
     )
-    code = code_digest(__file__, models.__file__, methods.__file__)
+    code = code_digest(__file__, models.__file__, methods.__file__, export.__file__)
     return stage_digest(STAGE, model, section, splits.digest, code)
 
 
@@ -416,11 +416,12 @@ def train_here(
         seconds = time.perf_counter() - started
         if not main:
             return None
-        methods.export_model(trainer.model, tokenizer, writer.dir, model, train)
+        export.export_model(trainer.model, tokenizer, writer.dir, model, train)
         shutil.copyfile(work_dir / tracking_lib.LOG_FILE, writer.path(tracking_lib.LOG_FILE))
         curve = tracking_lib.plot_loss_curve(trainer.state.log_history, writer.path(tracking_lib.CURVE_FILE))
         writer.stats = _train_stats(trainer, result, loss_mode, trainable, total, seconds, len(rows)) | {
             "method": prepared.method,
+            "processes": trainer.args.world_size,
             "resumed_from_step": _step_of(resume_from),
             "steps_run": tracker.steps_run,
             "tokens_per_second": _rounded(tracker.tokens_per_second()),
