@@ -240,6 +240,10 @@ def test_freeze_errors_name_the_field(tiny):
         ({"method": "freeze", "freeze": {"trainable_layers": 0}}, "nothing would train"),
         ({"method": "freeze", "freeze": {"trainable_modules": ["lm_head("]}}, "'lm_head(' is not a regex"),
         ({"method": "adapters"}, "train.method: Input should be"),
+        (
+            {"method": "freeze", "freeze": {"unfreeze_every": 1}, "distributed": {"strategy": "ddp"}},
+            "gradual unfreezing runs in one process only",
+        ),
     ],
 )
 def test_recipe_rejects_sections_of_another_method(train, message):

@@ -484,6 +484,12 @@ class TrainSpec(Section):
                     f"train.{name} is set but train.method is {self.method}; remove train.{name} "
                     f"or set train.method to {readers}"
                 )
+        if self.freeze and self.freeze.unfreeze_every and self.distributed.strategy != "none":
+            # DDP and FSDP fix the set of parameters they synchronise when they wrap the model.
+            raise ValueError(
+                "train.freeze.unfreeze_every: gradual unfreezing runs in one process only; remove it "
+                "or set train.distributed.strategy to none"
+            )
         misplaced = self.prompt_learning.misplaced(self.method) if self.prompt_learning else []
         if misplaced:
             raise ValueError(
