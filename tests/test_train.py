@@ -188,7 +188,6 @@ def test_checkpoints_are_removed_once_the_stage_is_written(setup):
     assert setup["ref"].file("loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
 def test_evaluation_keeps_the_best_checkpoint_and_stops_early(setup):
     """Exact match on validation never improves on a barely trained model: patience 1 stops the
     run at the second evaluation, and the first evaluation's checkpoint is the result."""

@@ -244,3 +244,35 @@ def training_markdown(stats: dict[str, Any], log_text: str, tail_lines: int = 40
     table = "\n".join(f"| {name} | {value} |" for name, value in rows if value is not None)
     tail = "\n".join(log_text.splitlines()[-tail_lines:])
     return f"## Training\n\n| | |\n|---|---|\n{table}\n\n### Training log (end)\n\n```\n{tail}\n```\n"
+
+
+def resolved_config(trainer: Any, train: Any, loss_mode: str) -> dict[str, Any]:
+    """What training actually used, as flat params: the method's peft config and the SFT settings."""
+    params: dict[str, Any] = {"method": train.method, "loss_mode": loss_mode}
+    for name, config in (getattr(trainer.model, "peft_config", None) or {}).items():
+        for key, value in config.to_dict().items():
+            shown = json.dumps(sorted(value) if isinstance(value, set) else value, default=str)
+            params[f"peft.{name}.{key}"] = shown
+    for key in SFT_PARAMS:
+        params[f"sft.{key}"] = getattr(trainer.args, key, None)
+    return params
+
+
+# The SFT settings logged as params beside the method's configuration.
+SFT_PARAMS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "max_length",
+    "packing",
+    "seed",
+    "bf16",
+    "save_steps",
+    "eval_steps",
+    "metric_for_best_model",
+    "world_size",
+)

@@ -1,16 +1,16 @@
-"""The train stage: LoRA supervised fine-tuning with TRL's SFT trainer, loss on assistant tokens.
+"""The train stage: supervised fine-tuning with TRL's SFT trainer, loss on assistant tokens only.
 
-Two ways to keep the loss on what the assistant says, picked from the chat template:
-- `assistant_only`: the template marks assistant output with `{% generation %}` (the tiny model's
-  ChatML does, end-of-turn token included); records train as whole conversations.
-- `completion_only`: most hub templates have no markers; each record becomes a conversational
-  prompt (every turn before the last assistant turn) and completion (that turn, rendered by the
-  template with its end-of-turn token).
+The method (full, freeze, LoRA, QLoRA, soft prompts) comes from tuneline/methods.py, the rows
+and the validation metric from tuneline/sft_data.py. This module runs the training safely:
+- checkpoints every `save_steps` go to `checkpoint_dir` (keyed by the stage digest, outside the
+  stage's temporary folder), so the same recipe run again after a crash resumes from the last
+  complete checkpoint; the folder is removed once the stage is written;
+- with `train.distributed`, `accelerate launch` workers (tuneline/launch.py) run `train_here`;
+- a `TrackingCallback` writes `train.log` and, given a tracking target, an MLflow run.
 
-The stage folder holds `adapter/` (the LoRA adapter), `model/` (the merged full model and its
-tokenizer, loadable with plain AutoModelForCausalLM/AutoTokenizer), `trained.jsonl` (one id per
-record trained on) and stats with the loss curve. peft and trl are imported inside the functions
-that need them: they cost seconds to import.
+The stage folder holds `adapter/` and/or `model/` (tuneline/export.py), `trained.jsonl` (one id
+per record trained on), `train.log`, `loss_curve.png` and stats with the loss curve. peft and trl
+are imported inside the functions that need them: they cost seconds to import.
 """
 
 from __future__ import annotations
@@ -26,16 +26,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
-from tuneline import export, launch, methods, models
+from tuneline import export, launch, methods, models, sft_data
 from tuneline import tracking as tracking_lib
-from tuneline.errors import UserError
 from tuneline.methods import build_peft_config as build_peft_config  # re-exported for callers
 from tuneline.recipe import ModelSpec, TrainSpec
+from tuneline.sft_data import (
+    ExactMatchCallback,
+    LossMode,
+    TrainDataError,
+    choose_loss_mode,
+    make_training_rows,
+    validation_conversations,
+)
 from tuneline.store import (
     StageRef,
     StageWriter,
@@ -51,11 +57,6 @@ from tuneline.tracking import TrackingCallback, TrackingTarget
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 STAGE = "train"
-LossMode = Literal["assistant_only", "completion_only"]
-
-
-class TrainDataError(UserError, ValueError):
-    """Training data the trainer cannot learn from, or a validation split evaluation needs but lacks."""
 
 
 def build_sft_config(
@@ -110,145 +111,6 @@ def build_sft_config(
     )
 
 
-def choose_loss_mode(tokenizer: Any) -> LossMode:
-    """`assistant_only` when the chat template has `{% generation %}` markers, else `completion_only`."""
-    return "assistant_only" if models.has_generation_markers(tokenizer.chat_template) else "completion_only"
-
-
-def prompt_length(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
-    """Tokens of the turns before an assistant reply, generation prompt included."""
-    return len(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
-    )
-
-
-def training_row(
-    record: dict[str, Any], tokenizer: Any, loss_mode: LossMode, max_length: int
-) -> tuple[dict[str, Any] | None, str, str]:
-    """A record as an SFT row, or (None, reason, detail) when it cannot be learned from.
-
-    A record without an assistant turn has nothing to learn; one whose prompt alone fills
-    `max_length` would be truncated to no trainable token (TRL would silently skip it).
-    """
-    messages = [models.clean_message(m) for m in record["messages"]]
-    last = models.last_assistant_index(messages)
-    if last is None:
-        return None, "no_assistant_turn", "messages: no assistant turn to learn from"
-    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt_end = first if loss_mode == "assistant_only" else last
-    length = prompt_length(tokenizer, messages[:prompt_end]) if prompt_end else 0
-    if length >= max_length:
-        detail = f"prompt is {length} tokens, train.max_length is {max_length}; raise train.max_length"
-        return None, "prompt_exceeds_max_length", detail
-    if loss_mode == "assistant_only":
-        return {"messages": messages}, "", ""
-    return {"prompt": messages[:last], "completion": [messages[last]]}, "", ""
-
-
-def make_training_rows(
-    records: list[dict[str, Any]], tokenizer: Any, loss_mode: LossMode, max_length: int, writer: StageWriter
-) -> list[dict[str, Any]]:
-    """Training rows for the SFT trainer; records it cannot learn from are dropped with a reason."""
-    rows = []
-    for record in records:
-        row, reason, detail = training_row(record, tokenizer, loss_mode, max_length)
-        if row is None:
-            writer.drop(record, reason, detail)
-            continue
-        rows.append(row)
-        writer.keep({"id": record["id"]}, "trained.jsonl")
-    return rows
-
-
-def validation_conversations(
-    splits: StageRef, tokenizer: Any, loss_mode: LossMode, train: TrainSpec
-) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """(SFT row, conversation) for each usable validation record: the row scores validation loss,
-    the conversation exact match. Raises TrainDataError when evaluation has nothing to score."""
-    pairs = []
-    for record in iter_records(splits, "validation.jsonl"):
-        row, _, _ = training_row(record, tokenizer, loss_mode, train.max_length)
-        if row is not None:
-            pairs.append((row, [models.clean_message(m) for m in record["messages"]]))
-    if not pairs:
-        raise TrainDataError(
-            f"train.eval_steps: {train.eval_steps}, but {splits.path}/validation.jsonl has no usable "
-            "record; raise split.validation or set train.eval_steps to null"
-        )
-    return pairs
-
-
-class ExactMatchCallback(TrainerCallback):
-    """After each evaluation, greedy answers to up to `eval_max_examples` validation records and
-    their exact match as `eval_exact_match`: the task metric, next to the validation loss."""
-
-    def __init__(
-        self, tokenizer: Any, validation: list[tuple[dict[str, Any], list[dict[str, Any]]]], train: TrainSpec
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.conversations = [conversation for _, conversation in validation[: train.eval_max_examples]]
-        self.max_new_tokens = train.eval_max_new_tokens
-        self.batch_size = train.batch_size
-
-    def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
-    ) -> None:
-        """Add exact match to the metrics the trainer keeps the best checkpoint and stops early by."""
-        from tuneline.evaluate import exact_match, generate_replies, split_conversation
-
-        model = kwargs["model"]
-        was_training = model.training
-        model.eval()
-        replies = generate_replies(
-            model,
-            self.tokenizer,
-            self.conversations,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-        )
-        model.train(was_training)
-        references = [split_conversation(c)[1]["content"] for c in self.conversations]
-        score = exact_match(replies, references)
-        if metrics is not None:
-            metrics["eval_exact_match"] = score
-        if state.log_history and "eval_loss" in state.log_history[-1]:
-            state.log_history[-1]["eval_exact_match"] = score  # the trainer logged before this ran
-
-
-def resolved_config(trainer: Any, train: TrainSpec, loss_mode: LossMode) -> dict[str, Any]:
-    """What training actually used, as flat params: the method's peft config and the SFT settings."""
-    params: dict[str, Any] = {"method": train.method, "loss_mode": loss_mode}
-    for name, config in (getattr(trainer.model, "peft_config", None) or {}).items():
-        for key, value in config.to_dict().items():
-            shown = json.dumps(sorted(value) if isinstance(value, set) else value, default=str)
-            params[f"peft.{name}.{key}"] = shown
-    for key in SFT_PARAMS:
-        params[f"sft.{key}"] = getattr(trainer.args, key, None)
-    return params
-
-
-# The SFT settings logged as params beside the method's configuration.
-SFT_PARAMS = (
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_steps",
-    "num_train_epochs",
-    "max_length",
-    "packing",
-    "seed",
-    "bf16",
-    "save_steps",
-    "eval_steps",
-    "metric_for_best_model",
-    "world_size",
-)
-
-
 def summarize_log_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The loss curve: one (step, loss, learning_rate) row per logging step."""
     return [
@@ -277,7 +139,7 @@ def train_digest(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
     section = train.model_dump(
         mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
     )
-    code = code_digest(__file__, models.__file__, methods.__file__, export.__file__)
+    code = code_digest(__file__, models.__file__, methods.__file__, export.__file__, sft_data.__file__)
     return stage_digest(STAGE, model, section, splits.digest, code)
 
 
@@ -410,7 +272,7 @@ def train_here(
         )
         trainable, total = methods.count_parameters(prepared)
         if run_id:
-            tracking_lib.log_params(tracking, run_id, resolved_config(trainer, train, loss_mode))
+            tracking_lib.log_params(tracking, run_id, tracking_lib.resolved_config(trainer, train, loss_mode))
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - started
