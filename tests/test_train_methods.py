@@ -174,10 +174,16 @@ def test_method_trains_exports_and_reloads(tiny, method):
 
 
 @pytest.mark.slow
-def test_soft_prompt_result_evaluates_from_its_adapter(tiny):
-    """A prompt-learning result has no merged model: evaluation loads base + adapter and scores it."""
+def test_soft_prompt_result_evaluates_and_serves_from_its_adapter(tiny):
+    """A prompt-learning result has no merged model: evaluation and the registered model's pyfunc
+    load base + adapter, and score it as the trained model scored (virtual tokens' logits cut off)."""
+    from types import SimpleNamespace
+
+    from tuneline.registry import TunelineChatModel
+
     train = train_spec("prompt")
     prepared, _, tokenizer, _ = train_few_steps(tiny, train)
+    trained_loss = assistant_loss(prepared.model.eval(), tokenizer, tiny["conversations"], batch_size=4)
     stage_dir = tiny["root"] / "stage-eval-prompt"
     export.export_model(prepared.model, tokenizer, stage_dir, ModelSpec(name=str(tiny["base_dir"])), train)
     folder = export.trained_folder(stage_dir)
@@ -185,11 +191,16 @@ def test_soft_prompt_result_evaluates_from_its_adapter(tiny):
     model = export.load_trained(folder)
     loaded_tokenizer = models.load_tokenizer(ModelSpec(name=str(folder)))
     loss = assistant_loss(model, loaded_tokenizer, tiny["conversations"], batch_size=4)
-    assert math.isfinite(loss)
+    assert math.isfinite(loss) and loss == pytest.approx(trained_loss, rel=1e-5)
     replies = generate_replies(
         model, loaded_tokenizer, tiny["conversations"][:2], max_new_tokens=3, batch_size=2
     )
-    assert len(replies) == 2
+    context = SimpleNamespace(
+        artifacts={"model": str(folder)}, model_config={"max_new_tokens": 3, "batch_size": 2}
+    )
+    served = TunelineChatModel()
+    served.load_context(context)
+    assert served.predict(context, tiny["conversations"][:2]) == replies
 
 
 @pytest.mark.slow
