@@ -348,6 +348,7 @@ def _element_count(param: torch.nn.Parameter) -> int:
 
 
 def _load_quantized(model_spec: ModelSpec, quantization_config: Any) -> Any:
+    from accelerate import PartialState
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -358,7 +359,8 @@ def _load_quantized(model_spec: ModelSpec, quantization_config: Any) -> Any:
         trust_remote_code=model_spec.trust_remote_code,
         quantization_config=quantization_config,
         dtype=dtype,
-        device_map={"": 0} if device == "cuda" else None,
+        # Each process of a launched run holds its own copy of the base on its own GPU.
+        device_map={"": PartialState().local_process_index} if device == "cuda" else None,
     )
     # Norms to fp32 and input gradients on; checkpointing is the trainer's setting, not set here.
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
