@@ -1,4 +1,4 @@
-"""Training methods: how the model is prepared for each one, and how the result is exported.
+"""Training methods: how the base model is prepared for each one, before the trainer sees it.
 
 `train.method` picks what trains:
 - `full`: every weight; `freeze`: only the top decoder layers and named modules, optionally with a
@@ -42,7 +42,8 @@ class PreparedModel:
     `model` is a peft model for the peft methods (already wrapped: pass no peft_config to the
     trainer), else the base with `requires_grad` set. `layer_groups` (freeze only) lists the
     trainable decoder layers' parameters, top layer first: learning-rate decay and gradual
-    unfreezing work on these groups.
+    unfreezing work on these groups; `extra_params` are the other trainable parameters
+    (`trainable_modules`), always at the full learning rate.
     """
 
     model: Any
