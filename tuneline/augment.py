@@ -71,7 +71,7 @@ SHOWN_CHARS = 160
 
 
 class ReviewedRound(BaseModel):
-    """A finished round: its stage (whose digest names the review batch) and the decisions on it."""
+    """A finished round: its `augment_round` stage and the reviewers' decisions on its candidates."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -251,7 +251,8 @@ def summarize_mistakes(history: list[ReviewedRound]) -> str:
                 key = " ".join(row["detail"].lower().split()).rstrip(".")
                 counts[key] += 1
                 wording.setdefault(key, " ".join(row["detail"].split()).rstrip("."))
-        for decision in reviewed.decisions:
+        latest = {decision["id"]: decision for decision in reviewed.decisions}  # the last one counts
+        for decision in latest.values():
             if decision["decision"] == "edit" and decision["id"] in candidates:
                 edits.append(_edit_line(candidates[decision["id"]]["messages"], decision["messages"]))
     lines = []
