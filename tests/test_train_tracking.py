@@ -41,6 +41,7 @@ def test_run_holds_log_curve_and_resolved_method(tracked):
     params = client.get_run(run_id).data.params
     assert params["peft.default.r"] == "4" and params["peft.default.lora_alpha"] == "8"
     assert params["sft.max_steps"] == "3" and params["loss_mode"] == "assistant_only"
+    assert params["method.name"] == "lora" and params["peft.default.task_type"] == "CAUSAL_LM"
     log = tracked["ref"].file("train.log").read_text()
     assert "training started; 3 steps in all" in log and "step 3: " in log and "tokens_per_second=" in log
 

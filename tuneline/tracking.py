@@ -246,16 +246,22 @@ def training_markdown(stats: dict[str, Any], log_text: str, tail_lines: int = 40
     return f"## Training\n\n| | |\n|---|---|\n{table}\n\n### Training log (end)\n\n```\n{tail}\n```\n"
 
 
-def resolved_config(trainer: Any, train: Any, loss_mode: str) -> dict[str, Any]:
-    """What training actually used, as flat params: the method's peft config and the SFT settings."""
-    params: dict[str, Any] = {"method": train.method, "loss_mode": loss_mode}
+def resolved_config(trainer: Any, method: dict[str, Any], loss_mode: str) -> dict[str, Any]:
+    """What training actually used, as flat params: the resolved method (`method.*`), the peft
+    config the trainer holds (`peft.<adapter>.*`) and the SFT settings (`sft.*`)."""
+    params: dict[str, Any] = {"loss_mode": loss_mode}
+    params |= {f"method.{key}": _param(value) for key, value in method.items()}
     for name, config in (getattr(trainer.model, "peft_config", None) or {}).items():
-        for key, value in config.to_dict().items():
-            shown = json.dumps(sorted(value) if isinstance(value, set) else value, default=str)
-            params[f"peft.{name}.{key}"] = shown
-    for key in SFT_PARAMS:
-        params[f"sft.{key}"] = getattr(trainer.args, key, None)
+        params |= {f"peft.{name}.{key}": _param(value) for key, value in config.to_dict().items()}
+    params |= {f"sft.{key}": _param(getattr(trainer.args, key, None)) for key in SFT_PARAMS}
     return params
+
+
+def _param(value: Any) -> str:
+    """A param value as text: scalars as they print, containers as JSON (sets sorted)."""
+    if isinstance(value, set):
+        value = sorted(value, key=str)
+    return json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
 
 
 # The SFT settings logged as params beside the method's configuration.

@@ -272,7 +272,9 @@ def train_here(
         )
         trainable, total = methods.count_parameters(prepared)
         if run_id:
-            tracking_lib.log_params(tracking, run_id, tracking_lib.resolved_config(trainer, train, loss_mode))
+            tracking_lib.log_params(
+                tracking, run_id, tracking_lib.resolved_config(trainer, prepared.method, loss_mode)
+            )
         started = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - started
