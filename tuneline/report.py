@@ -17,7 +17,8 @@ from tuneline.store import LedgerError, StageRef, check_ledger, read_stats, stag
 
 # (stage, the stage that feeds it, which of the feeder's outputs it takes in)
 LINKS = (
-    ("clean", "collect", None),
+    ("clean", "collect", None),  # without augmentation
+    ("clean", "augment", None),
     ("quality_gate", "clean", None),
     ("split", "quality_gate", None),
     ("train", "split", "train"),
@@ -60,8 +61,13 @@ def build_report(stages: dict[str, StageRef]) -> dict[str, Any]:
     """Funnel rows, base vs tuned metrics and the registered model, after checking the ledger."""
     ledgers = {name: check_ledger(ref) for name, ref in stages.items()}
     split_counts = read_stats(stages["split"])["counts"] if "split" in stages else {}
+    if "augment" in ledgers and "collect" in ledgers:
+        # augment takes in the collected records plus the teacher's; its stats say how many of each.
+        taken, gave = read_stats(stages["augment"])["collected"], ledgers["collect"]["out"]
+        if taken != gave:
+            raise LedgerError(f"stage augment took in {taken} collected records but collect gave it {gave}")
     for stage, feeder, part in LINKS:
-        if stage not in ledgers or feeder not in ledgers:
+        if stage not in ledgers or feeder not in ledgers or (feeder == "collect" and "augment" in ledgers):
             continue
         fed = split_counts[part] if part else ledgers[feeder]["out"]
         if ledgers[stage]["in"] != fed:

@@ -1,0 +1,47 @@
+"""The run report's cross-stage ledger check, with and without the augment stage between collect and clean."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneline.report import build_report
+from tuneline.store import LedgerError, find_stage, write_stage
+
+
+def make_stage(root, name, count_in, out, stats=None):
+    with write_stage(root, name, name) as writer:
+        for n in range(count_in):
+            writer.count_in()
+            if n < out:
+                writer.keep({"n": n})
+            else:
+                writer.drop({"n": n}, "test_drop", "dropped by the test")
+        writer.stats = stats or {}
+    return find_stage(root, name, name)
+
+
+def test_funnel_runs_collect_augment_clean(tmp_path):
+    collected = make_stage(tmp_path, "collect", 10, 9)
+    augmented = make_stage(tmp_path, "augment", 9 + 20, 9 + 15, {"collected": 9, "generated": 20})
+    cleaned = make_stage(tmp_path, "clean", 24, 20)
+    report = build_report({"collect": collected, "augment": augmented, "clean": cleaned})
+    assert [(row["stage"], row["in"], row["out"]) for row in report["funnel"]] == [
+        ("collect", 10, 9),
+        ("augment", 29, 24),
+        ("clean", 24, 20),
+    ]
+
+
+def test_augment_that_lost_collected_records_fails_the_report(tmp_path):
+    collected = make_stage(tmp_path, "collect", 10, 9)
+    augmented = make_stage(tmp_path, "augment", 8 + 20, 8 + 15, {"collected": 8, "generated": 20})
+    with pytest.raises(LedgerError, match="augment took in 8 collected records but collect gave it 9"):
+        build_report({"collect": collected, "augment": augmented})
+
+
+def test_clean_must_take_what_augment_gave(tmp_path):
+    collected = make_stage(tmp_path, "collect", 10, 9)
+    augmented = make_stage(tmp_path, "augment", 29, 24, {"collected": 9, "generated": 20})
+    cleaned = make_stage(tmp_path, "clean", 9, 9)  # read collect's output instead of augment's
+    with pytest.raises(LedgerError, match="clean took in 9 records but augment gave it 24"):
+        build_report({"collect": collected, "augment": augmented, "clean": cleaned})
