@@ -167,9 +167,9 @@ class TrackingCallback(TrainerCallback):
                 numbers["tokens_per_second"] = (tokens - previous) / elapsed
             self.tokens_run += tokens - previous
             self._last_tokens, self._last_time = tokens, now
+            self.seconds = now - self._started  # the span the counted tokens took
         if "loss" in numbers or "eval_loss" in numbers:  # not on the end-of-training summary
             numbers["memory_mb"] = memory_bytes() / 2**20
-        self.seconds = now - self._started
         shown = " ".join(f"{key}={value:.6g}" for key, value in sorted(numbers.items()))
         self.write(f"step {state.global_step}: {shown}")
         if self.target and self.run_id:
@@ -182,7 +182,6 @@ class TrackingCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the log with the step reached and the measured rate."""
-        self.seconds = time.perf_counter() - self._started
         if state.is_world_process_zero:
             self.write(
                 f"training ended at step {state.global_step}: {self.steps_run} steps run by this process, "
