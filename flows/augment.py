@@ -182,6 +182,8 @@ def wait_for_review(
         raise ReviewTimeout(
             f"round {pending.round}: nobody reviewed batch {pending.batch} within review.timeout_s="
             f"{spec.timeout_s}. Its {pending.count} candidates are kept in {pending.candidates_path} with "
-            f"the decisions made so far. To finish: {how}, then re-run the recipe (it asks only about "
-            "undecided candidates); or raise review.timeout_s"
+            f"the decisions made so far. Decide the rest with `tuneline review {pending.run_name}` or "
+            f"`tuneline review export {pending.run_name} --to review.csv` + `tuneline review import "
+            "review.csv`, then re-run the recipe (it asks only about undecided candidates); or raise "
+            "review.timeout_s"
         ) from None

@@ -124,7 +124,7 @@ def make_decision(
     return Decision(
         id=candidate["id"],
         decision=decision,
-        reason=(reason or "").strip() or None,
+        reason=((reason or "").strip() or None) if decision != "accept" else None,
         messages=messages,
         reviewer=reviewer,
         at=now(),
