@@ -279,15 +279,17 @@ def test_killing_the_run_during_review_loses_no_candidate_and_no_decision(prefec
 def test_a_review_nobody_does_fails_the_run_naming_the_batch_and_keeps_the_candidates(
     prefect_server, tmp_path
 ):
+    from flows.augment import augment  # in this process: the run pauses, nobody resumes it
+    from tuneline.recipe import load_recipe
+    from tuneline.review import ReviewTimeout
+
     artifacts = tmp_path / "artifacts"
     with openai_server(teacher_script) as server:
-        recipe = write_recipe(tmp_path, server.base_url, max_rounds=1, how="file", timeout_s=2)
-        log = tmp_path / "flow.log"
-        process = start_flow(recipe, log)
-        process.wait(timeout=120)
-    text = log.read_text()
-    assert process.returncode != 0
+        recipe = load_recipe(write_recipe(tmp_path, server.base_url, max_rounds=1, how="file", timeout_s=2))
+        with pytest.raises(ReviewTimeout) as failure:
+            augment(recipe)
+    text = str(failure.value)
     (pending,) = list_pending(artifacts)
     assert f"nobody reviewed batch {pending.batch} within review.timeout_s=2" in text
-    assert "tuneline review export" in text
+    assert f"tuneline review export {pending.run_name}" in text
     assert len(Path(pending.candidates_path).read_text().splitlines()) == 4
