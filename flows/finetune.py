@@ -53,7 +53,8 @@ def finetune(recipe: Recipe) -> dict:
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
     stages = {
-        data.stage: data,  # collect, or augment (whose ledger takes in the collected records)
+        "collect": collected,
+        **({"augment": data} if recipe.augment is not None else {}),  # collected + teacher's records
         "clean": cleaned,
         "quality_gate": gated,
         "split": splits,
