@@ -56,7 +56,14 @@ def local_prefect_server(prefect_home: Path, timeout: float = 90) -> Iterator[st
     prefect_home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI's pages call this API; without it they call the default port 4200 and show
+        # "Can't connect" (a paused review could not be answered from the browser).
+        "PREFECT_UI_API_URL": url,
+    }
     log_path = prefect_home / "server.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(

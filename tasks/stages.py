@@ -4,6 +4,10 @@ Caching is content-addressed in the artifact store: a stage whose digest (recipe
 inputs, code) already has a finished folder returns it at once. That survives a reset of
 Prefect's database and never returns a reference to a deleted folder, so Prefect's own
 result cache is left off (`NO_CACHE`) rather than kept as a second, weaker copy.
+
+The train, evaluate and register tasks import their core modules when they run: those pull in
+peft, the trainer and MLflow (~5-10 s), which a flow that stops before training (the `augment`
+flow, a failed gate) or a worker that only imports the flow should not pay for.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from prefect.tasks import exponential_backoff
 
 from tuneline.clean import run_clean
 from tuneline.collect import SourceUnreachable, run_collect
-from tuneline.evaluate import run_evaluate
 from tuneline.fetch import run_fetch
 from tuneline.gate import run_quality_gate
 from tuneline.recipe import (
@@ -36,12 +39,9 @@ from tuneline.recipe import (
     SplitSpec,
     TrainSpec,
 )
-from tuneline.registry import run_register
 from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
 from tuneline.split import run_split
 from tuneline.store import StageRef, read_stats
-from tuneline.tracking import CURVE_FILE, LOG_FILE, TrackingTarget, image_data_url, training_markdown
-from tuneline.train import run_train
 
 
 def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
@@ -129,6 +129,9 @@ def train(
 ) -> StageRef:
     """Fine-tune the base model on the train split, tracked in the `register` section's MLflow
     experiment; show the loss curve and the end of the training log in the UI."""
+    from tuneline.tracking import CURVE_FILE, LOG_FILE, TrackingTarget, image_data_url, training_markdown
+    from tuneline.train import run_train
+
     tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
     trained = run_train(artifacts_dir, splits, model, spec, tracking=tracking, echo=get_run_logger().info)
     if trained.file(CURVE_FILE).is_file():
@@ -147,6 +150,8 @@ def evaluate(
     artifacts_dir: Path, splits: StageRef, trained: StageRef, model: ModelSpec, spec: EvaluateSpec
 ) -> StageRef:
     """Compare base and tuned model on the test split."""
+    from tuneline.evaluate import run_evaluate
+
     return run_evaluate(artifacts_dir, splits, trained, model, spec)
 
 
@@ -155,6 +160,8 @@ def register(
     artifacts_dir: Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
 ) -> StageRef:
     """Register the tuned model in MLflow and promote it if it beats the champion."""
+    from tuneline.registry import run_register
+
     return run_register(artifacts_dir, recipe, splits, trained, evaluated)
 
 

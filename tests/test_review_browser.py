@@ -1,24 +1,21 @@
 """A paused augmentation round resumed through the Prefect UI's form, in headless Chromium.
 
 The test harness's server does not serve the UI (it runs with PREFECT_UI_ENABLED=0), so this
-test starts a real `prefect server start` on a free loopback port, with PREFECT_UI_API_URL
-pointing the UI at it. Chromium is Debian's (/usr/bin/chromium, installed by .ci/run), driven
-by playwright with the flags a closed network needs.
+test uses the server `tuneline run` starts: `prefect server start` on a free loopback port, with
+PREFECT_UI_API_URL pointing the UI at that port. Chromium is Debian's (/usr/bin/chromium,
+installed by .ci/run), driven by playwright with the flags a closed network needs.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from openai_server import openai_server
 from test_review_flow import TOPICS, flow_result, start_flow, teacher_script, wait_for_pause, write_recipe
 
-from flows.server import free_port, wait_healthy
+from flows.server import local_prefect_server
 from tuneline.review import finished_decisions, list_pending
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,37 +36,11 @@ pytestmark = [
 
 
 @pytest.fixture
-def prefect_ui(tmp_path):
-    """A Prefect server that serves the UI, on a free loopback port; yields its base URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    home = tmp_path / "prefect-ui-home"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"{url}/api",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log_path = tmp_path / "prefect-ui.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        wait_healthy(f"{url}/api", process, 120, log_path)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def prefect_ui(tmp_path, monkeypatch):
+    """The server `tuneline run` starts (it serves the UI, pointed at its own port); yields its base URL."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with local_prefect_server(tmp_path / "prefect-ui-home", timeout=120) as api_url:
+        yield api_url.removesuffix("/api")
 
 
 def choose(page, select, option: str) -> None:
