@@ -16,11 +16,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from tasks.stages import retry_network_errors
 from tuneline.augment import PROMPT, ReviewedRound, round_summary, run_augment_merge, run_generate_round
 from tuneline.recipe import AugmentSpec, RegisterSpec, TeacherSpec
 from tuneline.review import PendingBatch
 from tuneline.store import StageRef
-from tuneline.teacher import TeacherUnreachable
 
 
 def teacher_api_key(teacher: TeacherSpec) -> str | None:
@@ -33,23 +33,12 @@ def teacher_api_key(teacher: TeacherSpec) -> str | None:
     return Secret.load(teacher.api_key_secret).get()
 
 
-def retry_unreachable_teacher(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
-    """Retry a round only when the teacher could not be reached; a user's mistake is final."""
-    try:
-        state.result()
-    except TeacherUnreachable:
-        return True
-    except Exception:  # noqa: BLE001 - any other failure is final
-        return False
-    return False
-
-
 @task(
     name="generate_round",
     task_run_name="generate-round-{round_no}",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=retry_unreachable_teacher,
+    retry_condition_fn=retry_network_errors,
     cache_policy=NO_CACHE,
 )
 def generate_round(

@@ -42,13 +42,14 @@ from tuneline.recipe import (
 from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
 from tuneline.split import run_split
 from tuneline.store import StageRef, read_stats
+from tuneline.teacher import TeacherUnreachable
 
 
 def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
-    """Retry what a second try can fix (an unreachable source), never a user's mistake."""
+    """Retry what a second try can fix (an unreachable source or teacher), never a user's mistake."""
     try:
         state.result()
-    except SourceUnreachable:
+    except (SourceUnreachable, TeacherUnreachable):
         return True
     except Exception:  # noqa: BLE001 - any other failure is final
         return False
