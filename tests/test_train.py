@@ -233,3 +233,17 @@ def test_resume_and_launch_coordinates_do_not_change_the_digest(setup):
     assert train.train_digest(setup["model"], moved, setup["splits"]) == setup["ref"].digest
     longer = spec.model_copy(update={"max_steps": 4})
     assert train.train_digest(setup["model"], longer, setup["splits"]) != setup["ref"].digest
+
+
+def test_activation_checkpointing_trains_a_lora_adapter_to_the_same_loss(setup):
+    """Recomputing activations saves memory, not accuracy: same loss curve, adapter still learns."""
+    spec = setup["spec"].model_copy(update={"max_steps": 2, "logging_steps": 1})
+    plain = read_stats(train.run_train(setup["root"] / "art-ckpt", setup["splits"], setup["model"], spec))
+    checkpointed_spec = spec.model_copy(update={"activation_checkpointing": True})
+    config = train.build_sft_config(checkpointed_spec, setup["root"] / "cfg")
+    assert config.gradient_checkpointing is True
+    ref = train.run_train(setup["root"] / "art-ckpt", setup["splits"], setup["model"], checkpointed_spec)
+    checkpointed = read_stats(ref)
+    assert checkpointed["steps"] == plain["steps"] == 2
+    losses = [row["loss"] for row in checkpointed["log_history"]]
+    assert losses == pytest.approx([row["loss"] for row in plain["log_history"]], rel=1e-4)

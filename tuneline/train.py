@@ -64,7 +64,8 @@ def build_sft_config(
 ) -> Any:
     """The recipe's training settings as a `trl.SFTConfig`.
 
-    TRL's defaults suit a GPU (bf16, gradient checkpointing); on CPU both are turned off.
+    bf16 only where the device has it; activation checkpointing only when the recipe asks
+    (TRL turns it on by default; it costs tiny CPU models speed and saves them nothing).
     Checkpoints go to `output_dir` every `save_steps`. With `evaluate`, the validation split is
     scored every `eval_steps` and the best checkpoint by `eval_metric` is the result. Trackers are
     off here: Tuneline's own callback logs to MLflow.
@@ -73,10 +74,16 @@ def build_sft_config(
 
     device, dtype = models.choose_device()
     on_gpu = device == "cuda"
-    # transformers 5 renamed gradient_checkpointing (TRL turns it on by default; tiny CPU models
-    # only lose speed with it); the old name still works but warns.
-    renamed = "activation_checkpointing" in SFTConfig.__dataclass_fields__
-    checkpointing = {"activation_checkpointing" if renamed else "gradient_checkpointing": False}
+    # transformers 5 renamed gradient_checkpointing; the old name still works but warns.
+    # Non-reentrant checkpointing works with frozen embeddings (peft) without input grads.
+    name = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+        else "gradient_checkpointing"
+    )
+    checkpointing = {name: train.activation_checkpointing}
+    if train.activation_checkpointing:
+        checkpointing[f"{name}_kwargs"] = {"use_reentrant": False}
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=train.epochs,
