@@ -2,24 +2,25 @@
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_prefect_yaml_entrypoint_loads_the_finetune_flow(monkeypatch):
+@pytest.mark.parametrize("name", ["finetune", "augment"])
+def test_prefect_yaml_entrypoints_load_flows_whose_parameter_is_the_recipe(monkeypatch, name):
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.callables import parameter_schema
 
     config = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    (deployment,) = config["deployments"]
+    deployments = {deployment["name"]: deployment for deployment in config["deployments"]}
     monkeypatch.chdir(ROOT)
-    flow = load_flow_from_entrypoint(deployment["entrypoint"])
-    assert flow.name == "finetune"
+    flow = load_flow_from_entrypoint(deployments[name]["entrypoint"])
+    assert flow.name == name
     schema = parameter_schema(flow.fn).model_dump()
     assert schema["required"] == ["recipe"]
     recipe = schema["definitions"]["Recipe"]
-    assert {"sources", "clean", "quality", "split", "model", "train", "evaluate", "register"} <= set(
-        recipe["properties"]
-    )
+    sections = {"sources", "augment", "clean", "quality", "split", "model", "train", "evaluate", "register"}
+    assert sections <= set(recipe["properties"])
     assert recipe["additionalProperties"] is False
