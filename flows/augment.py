@@ -101,8 +101,10 @@ def augment_rounds(
         generated = generate_round(artifacts_dir, spec, collected, round_no, history)
         decisions = review_round(artifacts_dir, spec.review, generated, round_no)
         history.append(ReviewedRound(round_no=round_no, generated=generated, decisions=decisions))
-        rows = report_rounds(artifacts_dir, history, register, flow_run.get_name() or "local")
         stop = next_round_or_stop(history, spec)
+        # The table is refreshed every round; MLflow gets one run with every round, once they end.
+        tracking = register if stop is not None else None
+        rows = report_rounds(artifacts_dir, history, tracking, flow_run.get_name() or "local")
     logger.info("augmentation stopped: %s", stop)
     return augment_merge(artifacts_dir, collected, history), rows
 

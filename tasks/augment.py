@@ -97,7 +97,8 @@ def show_review_request(pending: PendingBatch) -> None:
 def report_rounds(
     artifacts_dir: Path, history: list[ReviewedRound], register: RegisterSpec | None, run_name: str
 ) -> list[dict]:
-    """Counts per round as a table in the UI; token counts per round to MLflow."""
+    """Counts per round as a table in the UI; with `register`, every round's counts and tokens to
+    one MLflow run (called once, after the last round)."""
     rows = [round_summary(reviewed) for reviewed in history]
     table = [
         {**row, "auto_rejected": ", ".join(f"{k}: {v}" for k, v in row["auto_rejected"].items()) or "-"}

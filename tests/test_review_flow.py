@@ -236,6 +236,16 @@ def test_flow_pauses_and_another_process_decides_through_the_prefect_api(prefect
     assert edited["messages"][-1]["content"] == "Yes: three wide cargo-bike stands are by the side door."
     assert edited["meta"]["review"]["reviewer"] == "qa-lead"
 
+    # one MLflow run for the augmentation, each round a step of its token and decision metrics
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [run.info.run_name.startswith("augment-") for run in runs] == [True]
+    history = client.get_metric_history(runs[0].info.run_id, "completion_tokens")
+    assert [m.step for m in history] == [1, 2] and all(m.value > 0 for m in history)
+    assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "accepted")] == [1, 4]
+
 
 @pytest.mark.slow
 def test_killing_the_run_during_review_loses_no_candidate_and_no_decision(prefect_server, tmp_path):
