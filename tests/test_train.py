@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import conversation
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneline import models, train
@@ -36,14 +37,6 @@ PLAIN_CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-
-def conversation(question: str, label: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": "Label the message."},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": label},
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 from peft import PeftModel
+from train_fixtures import conversation
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneline import export, methods, models
@@ -38,14 +39,6 @@ SECTIONS = {
     "prefix": {"prompt_learning": {"num_virtual_tokens": 4}},
     "prompt": {"prompt_learning": {"num_virtual_tokens": 4, "init_text": "Label the message."}},
 }
-
-
-def conversation(question: str, label: str) -> list[dict[str, str]]:
-    return [
-        {"role": "system", "content": "Label the message."},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": label},
-    ]
 
 
 @pytest.fixture(scope="module")
