@@ -32,6 +32,7 @@ class SiteArgs(BaseModel):
     question: str | None = None
     answer: str | None = None
     concurrency: int = Field(4, ge=1, le=64)
+    processes: int = Field(1, ge=1, le=16)
     allow_private: bool = False
 
     def domains(self) -> list[str]:

@@ -33,8 +33,8 @@ def extract_text(html: str, url: str) -> tuple[str, str | None]:
 
 class ExtractTextPipeline:
     """Adds `text` to documents, in worker processes so the crawl goes on while pages are parsed
-    (text extraction costs about as much CPU as the crawl itself). TUNELINE_EXTRACT_WORKERS sets
-    how many; 0 extracts in the crawl process."""
+    (about a fifth of a page's CPU). TUNELINE_EXTRACT_WORKERS sets how many; 0 extracts in the
+    crawl process."""
 
     def __init__(self, crawler: Any, workers: int) -> None:
         self.workers = workers

@@ -7,6 +7,8 @@ pages that cannot be parsed, and FAQ pages.
 
 import json
 import socket
+import sys
+import time
 
 import pytest
 from sites.site import ARTICLES, FixtureSite
@@ -161,3 +163,70 @@ def test_a_site_that_stays_down_fails_naming_the_source_and_the_last_error(tmp_p
         run_collect(tmp_path / "store", [source])
     assert not (tmp_path / "store" / "stages" / "collect").exists()
     assert not list((tmp_path / "store" / "stages" / "fetch").iterdir())
+
+
+def test_a_crawl_shared_by_two_processes_fetches_each_page_once_with_the_same_result(tmp_path):
+    sites = {processes: FixtureSite() for processes in (1, 2)}
+    stages = {}
+    try:
+        for processes, server in sites.items():
+            source = CrawlSource(
+                name="docs",
+                start_urls=[server.url + "/"],
+                allow_private=True,
+                max_depth=3,
+                processes=processes,
+            )
+            stages[processes] = (server.url, run_fetch(tmp_path / str(processes), source))
+    finally:
+        for server in sites.values():
+            server.close()
+
+    def outcome(url, stage):
+        kept = sorted(item["url"].removeprefix(url) for item in iter_records(stage, "items.jsonl"))
+        stats = json.loads(stage.file("crawl_stats.json").read_text())
+        refused = {
+            key: value
+            for key, value in stats.items()
+            if key.startswith(("tuneline/refused", "robotstxt/forb"))
+        }
+        return kept, read_manifest(stage)["ledger"], refused
+
+    assert outcome(*stages[2]) == outcome(*stages[1])
+    assert len(outcome(*stages[2])[0]) > 30
+    pages = {processes: {path: n for path, n in server.hits.items() if path != "/robots.txt"}
+             for processes, server in sites.items()}  # fmt: skip
+    assert pages[2] == pages[1], "every page fetched once, by the process that owns it"
+    assert sites[2].hits["/robots.txt"] == 2, "each process reads robots.txt itself"
+    assert not (stages[2][1].dir / "processes").exists(), "the processes' own files are merged away"
+
+
+def test_processes_share_one_page_budget(site, tmp_path):
+    source = CrawlSource(
+        name="map",
+        sitemaps=[f"{site.url}/sitemap.xml"],
+        max_depth=0,
+        max_pages=3,
+        allow_private=True,
+        processes=3,
+    )
+    urls = [
+        item["url"].removeprefix(site.url)
+        for item in iter_records(run_fetch(tmp_path, source), "items.jsonl")
+    ]
+    assert len(urls) == 3 and set(urls) <= {"/page/0", "/page/1", "/page/2", "/faq/1"}
+
+
+def test_a_failed_crawl_process_stops_the_others_at_once(tmp_path):
+    from tuneline.crawl import _run_processes
+
+    folders = [tmp_path / "ok", tmp_path / "broken"]
+    for folder in folders:
+        folder.mkdir()
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    broken = [sys.executable, "-c", "import sys; print('spider exploded'); sys.exit(3)"]
+    source = CrawlSource(name="docs", start_urls=["http://example.com/"], processes=2)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=r"(?s)source 'docs'.*exit 3.*spider exploded"):
+        _run_processes(source, [sleeper, broken], folders, timeout_s=120)
+    assert time.monotonic() - started < 20

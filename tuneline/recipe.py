@@ -112,7 +112,11 @@ class CrawlSource(Section):
     pair: str | None = Field(None, description="pairs mode: selector of each question/answer block.")
     question: str | None = Field(None, description="pairs mode: question text, inside `pair` if given.")
     answer: str | None = Field(None, description="pairs mode: answer text, inside `pair` if given.")
-    concurrency: int = Field(4, ge=1, le=64, description="Parallel requests per domain.")
+    concurrency: int = Field(4, ge=1, le=64, description="Parallel requests per domain, all processes together.")
+    processes: int = Field(
+        1, ge=1, le=16,
+        description="Scrapy processes sharing the crawl, one core each; each page is still fetched once.",
+    )  # fmt: skip
     allow_private: bool = Field(
         False, description="Allow private, loopback and link-local addresses (local test sites only)."
     )

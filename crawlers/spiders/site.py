@@ -12,12 +12,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urldefrag, urlsplit
 
 import scrapy
+from scrapy import signals
 from scrapy.exceptions import (
     CannotResolveHostError,
+    DontCloseSpider,
     DownloadConnectionRefusedError,
     DownloadFailedError,
     DownloadTimeoutError,
@@ -26,9 +29,12 @@ from scrapy.exceptions import (
 )
 from scrapy.http import Response, TextResponse
 from scrapy.spidermiddlewares.httperror import HttpError
+from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.sitemap import Sitemap
+from twisted.internet.task import LoopingCall
 
 from crawlers.args import SiteArgs
+from crawlers.frontier import BUDGET, Frontier, PageBudget
 from crawlers.items import DocumentItem, PairItem
 from crawlers.middlewares import host_allowed
 
@@ -61,35 +67,93 @@ class SiteSpider(scrapy.Spider):
         self.deny = [re.compile(pattern) for pattern in self.args.deny]
         self.domains = self.args.domains()
         self.seen: set[str] = set()
-        self.pages = 0
+        self.budget = PageBudget(self.args.max_pages)
+        self.frontier: Frontier | None = None
         self.item_class = DocumentItem if self.args.mode == "documents" else PairItem
+
+    @classmethod
+    def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> SiteSpider:
+        spider = super().from_crawler(crawler, *args, **kwargs)
+        folder = crawler.settings.get("TUNELINE_FRONTIER_DIR")
+        if folder and spider.args.processes > 1:
+            spider.share_crawl(Path(folder), crawler.settings.getint("TUNELINE_PROCESS"))
+        return spider
+
+    def share_crawl(self, folder: Path, index: int) -> None:
+        """Crawl the pages this process owns and trade links with the others (crawlers.frontier)."""
+        self.frontier = Frontier(folder, index, self.args.processes)
+        self.budget = PageBudget(self.args.max_pages, folder / BUDGET)
+        self.poller = LoopingCall(self.poll)
+        self.crawler.signals.connect(self.on_idle, signal=signals.spider_idle)
+        self.crawler.signals.connect(self.on_opened, signal=signals.spider_opened)
+        self.crawler.signals.connect(self.on_closed, signal=signals.spider_closed)
+
+    def owns(self, url: str) -> bool:
+        return self.frontier is None or self.frontier.owns(url)
 
     async def start(self) -> Any:
         for url in self.args.sitemaps:
-            yield scrapy.Request(url, callback=self.parse_sitemap, errback=self.failed)
+            if self.owns(url):
+                yield scrapy.Request(url, callback=self.parse_sitemap, errback=self.failed)
         for url in self.args.start_urls:
-            if request := self.page_request(url):
+            if request := self.page_request(url, depth=0):
                 yield request
 
-    def page_request(self, url: str) -> scrapy.Request | None:
-        """A request for a page not seen yet, while the page budget lasts. Links off the allowed
-        domains do not spend the budget: they are still requested, for the guard middleware to
-        refuse and count."""
+    def page_request(self, url: str, depth: int) -> scrapy.Request | None:
+        """A request for a page not seen yet, while the page budget lasts; a URL another process
+        owns is handed over to it. Links off the allowed domains do not spend the budget: they are
+        still requested, for the guard middleware to refuse and count."""
         if url in self.seen:
             return None
-        on_site = host_allowed(urlsplit(url).hostname or "", self.domains)
-        if on_site and self.pages >= self.args.max_pages:
+        if not self.owns(url):
+            self.frontier.hand_over(url, depth)
+            return None
+        if host_allowed(urlsplit(url).hostname or "", self.domains) and not self.budget.claim():
             return None
         self.seen.add(url)
-        self.pages += on_site
-        return scrapy.Request(url, callback=self.parse, errback=self.failed)
+        return scrapy.Request(url, callback=self.parse, errback=self.failed, meta={"depth": depth})
+
+    def schedule_received(self) -> bool:
+        """Queue the pages peers handed over; whether any was new (the process is busy again)."""
+        requests = [self.page_request(url, depth) for url, depth in self.frontier.receive()]
+        for request in filter(None, requests):
+            self.crawler.engine.crawl(request)
+            self.frontier.idle = False
+        return not self.frontier.idle
+
+    def poll(self) -> None:
+        """Every 50 ms: take the peers' links, tell them how things stand, close once all are done."""
+        self.schedule_received()
+        self.frontier.report()
+        if self.frontier.idle and self.frontier.finished():
+            self.poller.stop()
+            deferred_from_coro(self.crawler.engine.close_spider_async(reason="finished"))
+
+    def on_opened(self) -> None:
+        self.poller.start(0.05)  # its Deferred fires when it stops: not the signal's to wait for
+
+    def on_idle(self) -> None:
+        """Nothing left here: stay open while peers may still hand pages over."""
+        self.frontier.idle = True
+        if self.schedule_received():
+            raise DontCloseSpider
+        self.frontier.report()
+        if not self.frontier.finished():
+            raise DontCloseSpider
+
+    def on_closed(self) -> None:
+        if self.poller.running:
+            self.poller.stop()
+        self.frontier.close()
 
     def parse_sitemap(self, response: Response) -> Iterator[scrapy.Request]:
+        depth = response.meta.get("depth", 0) + 1
         sitemap = Sitemap(response.body)
         for entry in sitemap:
             if sitemap.type == "sitemapindex":
-                yield scrapy.Request(entry["loc"], callback=self.parse_sitemap, errback=self.failed)
-            elif request := self.page_request(entry["loc"]):
+                if self.owns(entry["loc"]):
+                    yield scrapy.Request(entry["loc"], callback=self.parse_sitemap, errback=self.failed)
+            elif request := self.page_request(entry["loc"], depth):
                 yield request
 
     def parse(self, response: Response) -> Iterator[Any]:
@@ -106,7 +170,7 @@ class SiteSpider(scrapy.Spider):
             yield from self.pairs(response, base)
         if depth < self.args.max_depth:
             for url in self.link_urls(response):
-                if request := self.page_request(url):
+                if request := self.page_request(url, depth + 1):
                     yield request
 
     def link_urls(self, response: TextResponse) -> Iterator[str]:
