@@ -57,6 +57,8 @@ from tuneline.tracking import TrackingCallback, TrackingTarget
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 STAGE = "train"
+# tuneline/packed_rows.py imports trl (seconds): imported only to train, its code still keys the stage.
+_PACKED_ROWS_FILE = str(Path(__file__).with_name("packed_rows.py"))
 
 
 def build_sft_config(
@@ -94,7 +96,7 @@ def build_sft_config(
         per_device_eval_batch_size=train.batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
         max_length=train.max_length,
-        packing=train.packing,  # padding-free: examples share a row, never attend to each other
+        packing=train.packing,  # best-fit-decreasing bins; rows of them without a varlen kernel (train_here)
         warmup_steps=train.warmup_ratio,  # a float below 1 is a share of the total steps
         seed=train.seed,
         data_seed=train.seed,
@@ -146,7 +148,9 @@ def train_digest(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
     section = train.model_dump(
         mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
     )
-    code = code_digest(__file__, models.__file__, methods.__file__, export.__file__, sft_data.__file__)
+    code = code_digest(
+        __file__, models.__file__, methods.__file__, export.__file__, sft_data.__file__, _PACKED_ROWS_FILE
+    )
     return stage_digest(STAGE, model, section, splits.digest, code)
 
 
@@ -239,6 +243,8 @@ def train_here(
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
+    from tuneline.packed_rows import PackedRowsTrainer, has_varlen_attention
+
     main = _is_main_process()
     work_dir = checkpoint_dir(artifacts_dir, digest)
     records = list(iter_records(splits, "train.jsonl"))
@@ -268,7 +274,10 @@ def train_here(
         prepared = methods.prepare_model(model, train)  # frozen or peft-wrapped as the method says
         args = build_sft_config(train, work_dir, loss_mode=loss_mode, evaluate=evaluate)
         callbacks += methods.method_callbacks(train, prepared)
-        trainer = SFTTrainer(
+        # TRL's packing flattens a batch into one sequence: cheap with a varlen (flash) kernel only;
+        # otherwise each packed bin stays its own row (tuneline/packed_rows.py).
+        rows_of_bins = train.packing and not has_varlen_attention(prepared.model)
+        trainer = (PackedRowsTrainer if rows_of_bins else SFTTrainer)(
             model=prepared.model,
             args=args,
             optimizers=(methods.build_optimizer(prepared.model, train, args, prepared), None),
