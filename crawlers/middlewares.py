@@ -4,6 +4,8 @@ Scrapy re-schedules a redirect as a new request, so checking each request here a
 where every redirect leads. Hosts are compared without the port (unlike LinkExtractor's
 allow_domains). A host that resolves to a private, loopback, link-local or otherwise
 non-public address is refused unless the source sets `allow_private`.
+
+Also here: Scrapy's robots.txt middleware, fixed for requests that wait for robots.txt together.
 """
 
 from __future__ import annotations
@@ -12,7 +14,11 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
+from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware as ScrapyRobotsTxtMiddleware
 from scrapy.exceptions import IgnoreRequest
+from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.httpobj import urlparse_cached
+from twisted.internet.defer import Deferred
 
 
 def host_allowed(host: str, domains: list[str]) -> bool:
@@ -70,3 +76,28 @@ class AllowedHostsMiddleware:
         self.crawler.stats.inc_value(f"tuneline/refused/{reason}")
         self.crawler.stats.set_value("tuneline/last_error", f"{request.url}: refused: {detail}")
         raise IgnoreRequest(f"{reason}: {detail}")
+
+
+class RobotsTxtMiddleware(ScrapyRobotsTxtMiddleware):
+    """Scrapy's robots.txt middleware, with every request that waits for a host's robots.txt
+    getting its rules.
+
+    Scrapy 2.19 makes each waiting request await the one Deferred that the download fires with the
+    parser; awaiting a Deferred consumes its result, so the first waiter got the rules and every
+    later one got None, which lets the request through (several start URLs on one host, or links
+    handed over by another crawl process, all wait at once). Here each waiter gets a Deferred of
+    its own that relays the result and passes it on.
+    """
+
+    async def robot_parser(self, request):  # noqa: ANN001, ANN201 (Scrapy's signature)
+        pending = self._parsers.get(urlparse_cached(request).netloc)
+        if isinstance(pending, Deferred):
+            mine: Deferred = Deferred()
+
+            def relay(parser):  # noqa: ANN001, ANN202
+                mine.callback(parser)
+                return parser
+
+            pending.addCallback(relay)
+            return await maybe_deferred_to_future(mine)
+        return await super().robot_parser(request)

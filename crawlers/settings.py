@@ -45,6 +45,9 @@ HTTPCACHE_IGNORE_HTTP_CODES = [408, 429, *range(500, 600)]
 DOWNLOADER_MIDDLEWARES = {
     # Before robots.txt (100) and redirects (600): every request and redirect passes the guard.
     "crawlers.middlewares.AllowedHostsMiddleware": 50,
+    # Scrapy's own lets through all but the first request waiting for a host's robots.txt.
+    "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
+    "crawlers.middlewares.RobotsTxtMiddleware": 100,
 }
 ITEM_PIPELINES = {
     "crawlers.pipelines.ExtractTextPipeline": 100,

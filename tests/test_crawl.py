@@ -230,3 +230,34 @@ def test_a_failed_crawl_process_stops_the_others_at_once(tmp_path):
     with pytest.raises(SourceError, match=r"(?s)source 'docs'.*exit 3.*spider exploded"):
         _run_processes(source, [sleeper, broken], folders, timeout_s=120)
     assert time.monotonic() - started < 20
+
+
+def test_robots_txt_holds_for_every_request_that_waited_for_it(tmp_path):
+    """Scrapy 2.19's RobotsTxtMiddleware handed the parser to the first request waiting for a
+    host's robots.txt only; every later one was let through. Start URLs all wait for it at once."""
+    server = FixtureSite()
+    try:
+        paths = ["/page/0", "/page/1", "/page/2", "/private/secret", "/private/other", "/page/3"]
+        source = CrawlSource(
+            name="docs", start_urls=[server.url + path for path in paths], max_depth=0, allow_private=True
+        )
+        fetched = run_fetch(tmp_path, source)
+    finally:
+        server.close()
+    assert server.hits["/private/secret"] == 0 and server.hits["/private/other"] == 0
+    assert json.loads(fetched.file("crawl_stats.json").read_text())["robotstxt/forbidden"] == 2
+
+
+def test_the_stats_of_a_shared_crawl_add_up():
+    from tuneline.crawl import merge_stats
+
+    parts = [
+        {"item_scraped_count": 3, "elapsed_s": 2.5, "memusage/max": 10, "tuneline/last_error": None,
+         "start_time": "2026-01-01 10:00:01", "finish_reason": "finished"},
+        {"item_scraped_count": 4, "elapsed_s": 3.0, "memusage/max": 8, "tuneline/last_error": "x: refused",
+         "start_time": "2026-01-01 10:00:00", "finish_reason": "finished", "retry/count": 2},
+    ]  # fmt: skip
+    assert merge_stats(parts) == {
+        "item_scraped_count": 7, "elapsed_s": 3.0, "memusage/max": 10, "tuneline/last_error": "x: refused",
+        "start_time": "2026-01-01 10:00:00", "finish_reason": "finished", "retry/count": 2,
+    }  # fmt: skip

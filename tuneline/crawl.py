@@ -159,9 +159,10 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for stats in parts:
         for key, value in stats.items():
-            if key not in merged:
-                merged[key] = value
-            elif key in ("elapsed_s",) or key.endswith("max"):
+            known = merged.get(key)
+            if known is None or value is None:  # a process that never set it
+                merged[key] = value if known is None else known
+            elif key == "elapsed_s" or key.endswith("max"):
                 merged[key] = max(merged[key], value)
             elif key == "start_time":
                 merged[key] = min(merged[key], value)
