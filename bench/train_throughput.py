@@ -156,9 +156,9 @@ def main() -> None:
             results["tuneline"].append(rate)
             results["padding"].append(rate)
             # Packed rows of max_length tokens, as many per step as the padded batches held real
-            # tokens: the same work per optimizer step, without the padding. (Padding-free rows
-            # of one step are one sequence; without a varlen attention kernel, as on CPU, attention
-            # over it is dense, so more rows per step would cost quadratically.)
+            # tokens: the same work per optimizer step, without the padding. (Without a varlen
+            # attention kernel, as on CPU, each packed row stays its own row of the batch:
+            # tuneline/packed_rows.py.)
             rows_per_step = max(1, round(tokens_per_step / args.max_length))
             packed = spec_for(args, packing=True, batch_size=rows_per_step)
             results["packing"].append(run_tuneline(root / f"pack-{attempt}", splits, model, packed)[0])

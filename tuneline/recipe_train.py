@@ -185,7 +185,12 @@ class TrainSpec(Section):
         "(`tuneline train plan` shows both peaks), about a third slower.",
     )
     packing: bool = Field(
-        False, description="Pack examples into rows without padding; examples never attend to each other."
+        False,
+        description=(
+            "Pack examples into rows of up to max_length tokens (best-fit decreasing); examples never "
+            "attend to each other. With flash attention a batch is one padding-free sequence; with "
+            "other attention (CPU, SDPA, eager) each row stays separate, padded to the batch's longest."
+        ),
     )
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate on the validation split every N steps (loss, exact match)."
