@@ -73,3 +73,26 @@ def test_prefect_summary_shows_the_numbers_and_the_log_end(tracked):
     assert tracking.image_data_url(tracked["ref"].file("loss_curve.png")).startswith(
         "data:image/png;base64,iVBOR"
     )
+
+
+def test_a_failed_training_marks_its_run_failed_and_the_rerun_finishes_it(tmp_path, monkeypatch):
+    import mlflow
+    from trl import SFTTrainer
+
+    splits, model = make_split_and_model(tmp_path)
+    target = tracking.TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "tuneline-test", "failing")
+
+    def out_of_memory(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SFTTrainer, "train", out_of_memory)
+        with pytest.raises(RuntimeError, match="simulated"):
+            train.run_train(tmp_path / "art", splits, model, small_spec(), tracking=target)
+    client = mlflow.MlflowClient(target.tracking_uri)
+    [failed] = client.search_runs(client.get_experiment_by_name("tuneline-test").experiment_id)
+    assert failed.info.status == "FAILED"
+
+    stats = read_stats(train.run_train(tmp_path / "art", splits, model, small_spec(), tracking=target))
+    assert stats["mlflow_run_id"] == failed.info.run_id
+    assert client.get_run(failed.info.run_id).info.status == "FINISHED"

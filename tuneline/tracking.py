@@ -57,6 +57,8 @@ def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str
         try:
             run = client.get_run(run_id)
             if run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id:
+                if run.info.status != "RUNNING":  # a failed attempt's run, going on
+                    client.update_run(run_id, status="RUNNING")
                 return run_id
         except MlflowException:
             pass  # the store was wiped since: start a new run
@@ -65,6 +67,13 @@ def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str
     ).info.run_id
     saved.write_text(json.dumps({"run_id": run_id, "target": asdict(target)}), encoding="utf-8")
     return run_id
+
+
+def fail_run(target: TrackingTarget, run_id: str) -> None:
+    """Mark the run FAILED (a re-run that resumes the training reopens it)."""
+    import mlflow
+
+    mlflow.MlflowClient(target.tracking_uri).set_terminated(run_id, status="FAILED")
 
 
 def log_params(target: TrackingTarget, run_id: str, params: dict[str, Any]) -> None:

@@ -262,8 +262,7 @@ def train_here(
         validation = validation_conversations(splits, tokenizer, loss_mode, train) if evaluate else []
         work_dir.mkdir(parents=True, exist_ok=True)
         resume_from = last_complete_checkpoint(work_dir, remove_partial=main)
-        run_id = tracking_lib.open_run(tracking, Path(artifacts_dir), work_dir) if tracking and main else None
-        tracker = TrackingCallback(work_dir / tracking_lib.LOG_FILE, tracking, run_id)
+        tracker = TrackingCallback(work_dir / tracking_lib.LOG_FILE, tracking)
         callbacks: list[Any] = [tracker]
         if evaluate:
             # Before early stopping, which reads the metric this callback adds.
@@ -287,12 +286,18 @@ def train_here(
             callbacks=callbacks,
         )
         trainable, total = methods.count_parameters(prepared)
-        if run_id:
-            tracking_lib.log_params(
-                tracking, run_id, tracking_lib.resolved_config(trainer, prepared.method, loss_mode)
-            )
+        run_id = tracking_lib.open_run(tracking, Path(artifacts_dir), work_dir) if tracking and main else None
+        tracker.run_id = run_id
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            if run_id:
+                config = tracking_lib.resolved_config(trainer, prepared.method, loss_mode)
+                tracking_lib.log_params(tracking, run_id, config)
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException:
+            if run_id:  # not left RUNNING; a re-run that resumes reopens it
+                tracking_lib.fail_run(tracking, run_id)
+            raise
         seconds = time.perf_counter() - started
         if not main:
             return None
