@@ -19,10 +19,10 @@ import gc
 import random
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+import train_throughput  # this folder: the plain TRL script both benchmarks compare with
 
 from tuneline import models, train
 from tuneline.recipe import LoraSpec, ModelSpec, QuantizationSpec, TrainSpec
@@ -132,59 +132,12 @@ def run_tuneline(artifacts_dir: Path, splits, model: ModelSpec, spec: TrainSpec)
 
 
 def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: Path) -> tuple[float, float]:
-    """Tokens/s and peak GiB of a plain TRL SFT script with the same settings."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
-    from trl import SFTConfig, SFTTrainer
-
+    """Tokens/s and peak GiB of the plain TRL SFT script with the same settings."""
     _free()
-    device, dtype = models.choose_device()
-    set_seed(spec.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model.name)
-    quantized = spec.method == "qlora"
-    loading = {"dtype": dtype}
-    if quantized:
-        loading["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )  # fmt: skip
-        loading["device_map"] = {"": 0} if device == "cuda" else {"": "cpu"}
-    base = AutoModelForCausalLM.from_pretrained(model.name, **loading)
-    if not quantized:
-        base = base.to(device)
-    config = SFTConfig(
-        output_dir=str(out_dir),
-        max_steps=spec.max_steps,
-        learning_rate=spec.learning_rate,
-        per_device_train_batch_size=spec.batch_size,
-        max_length=spec.max_length,
-        logging_steps=spec.logging_steps,
-        seed=spec.seed,
-        assistant_only_loss=True,
-        use_cpu=device != "cuda",
-        bf16=dtype == torch.bfloat16,
-        activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        optim=spec.quantization.optimizer if quantized else "adamw_torch",
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-    )
-    peft_config = LoraConfig(task_type="CAUSAL_LM", r=spec.lora.r, lora_alpha=spec.lora.alpha,
-                             lora_dropout=spec.lora.dropout, target_modules="all-linear")  # fmt: skip
-    dataset = Dataset.from_list([{"messages": [dict(m) for m in r["messages"]]} for r in rows])
-    trainer = SFTTrainer(
-        model=base, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
-    )
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
-    tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
-    del trainer, base
+    rate = train_throughput.run_plain_trl(model, rows, spec, out_dir)
     peak = _peak_gib()
     _free()
-    return tokens / seconds, peak
+    return rate, peak
 
 
 def main() -> None:

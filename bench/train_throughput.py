@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from tuneline import models, train
 from tuneline.recipe import LoraSpec, ModelSpec, TrainSpec
 from tuneline.records import make_record
@@ -84,16 +86,35 @@ def run_tuneline(artifacts_dir: Path, splits, model: ModelSpec, spec: TrainSpec)
 
 
 def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: Path) -> float:
-    """Tokens/s of a plain TRL SFT script with the same settings."""
+    """Tokens/s of a plain TRL SFT script with the same settings (LoRA, or QLoRA: the base loaded
+    in 4 bits through transformers' BitsAndBytesConfig, as TRL's documentation does it)."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
     from trl import SFTConfig, SFTTrainer
 
-    device, _ = models.choose_device()
+    device, dtype = models.choose_device()
     set_seed(spec.seed)
     tokenizer = AutoTokenizer.from_pretrained(model.name)
-    base = AutoModelForCausalLM.from_pretrained(model.name).to(device)
+    quantized = spec.method == "qlora"
+    if quantized:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )  # fmt: skip
+        base = AutoModelForCausalLM.from_pretrained(
+            model.name,
+            dtype=dtype,
+            quantization_config=quantization,
+            device_map={"": 0 if device == "cuda" else "cpu"},
+        )
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model.name, dtype=dtype).to(device)
+    extra: dict = {"activation_checkpointing": spec.activation_checkpointing}
+    if spec.activation_checkpointing:
+        extra["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    if quantized:
+        extra["optim"] = spec.quantization.optimizer
     config = SFTConfig(
         output_dir=str(out_dir),
         max_steps=spec.max_steps,
@@ -106,8 +127,8 @@ def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: 
         data_seed=spec.seed,
         assistant_only_loss=True,
         use_cpu=device != "cuda",
-        bf16=device == "cuda",
-        activation_checkpointing=False,
+        bf16=dtype == torch.bfloat16,
+        **extra,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
