@@ -5,6 +5,9 @@ middleware enforces them) up to `max_depth` links away and `max_pages` pages in 
 per page either a document (title and raw HTML; an item pipeline adds the main text) or the
 question/answer pairs its selectors find. A page that cannot be fetched or read still yields an
 item with `error` set, so it is dropped with a reason rather than lost.
+
+With `processes` above 1 (and a frontier folder from tuneline.crawl), several of these spiders
+share one crawl: each fetches the URLs it owns and hands the others over (crawlers.frontier).
 """
 
 from __future__ import annotations
@@ -150,9 +153,8 @@ class SiteSpider(scrapy.Spider):
         depth = response.meta.get("depth", 0) + 1
         sitemap = Sitemap(response.body)
         for entry in sitemap:
-            if sitemap.type == "sitemapindex":
-                if self.owns(entry["loc"]):
-                    yield scrapy.Request(entry["loc"], callback=self.parse_sitemap, errback=self.failed)
+            if sitemap.type == "sitemapindex":  # only the owner of the index reads it: all its sitemaps
+                yield scrapy.Request(entry["loc"], callback=self.parse_sitemap, errback=self.failed)
             elif request := self.page_request(entry["loc"], depth):
                 yield request
 
