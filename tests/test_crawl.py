@@ -261,3 +261,15 @@ def test_the_stats_of_a_shared_crawl_add_up():
         "item_scraped_count": 7, "elapsed_s": 3.0, "memusage/max": 10, "tuneline/last_error": "x: refused",
         "start_time": "2026-01-01 10:00:00", "finish_reason": "finished", "retry/count": 2,
     }  # fmt: skip
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_sitemap_index_is_crawled_whole(site, tmp_path, processes):
+    from sites.site import SITEMAP, SITEMAP_MORE
+
+    source = CrawlSource(
+        name="maps", sitemaps=[f"{site.url}/sitemap-index.xml"], max_depth=0, allow_private=True,
+        processes=processes,
+    )  # fmt: skip
+    items = iter_records(run_fetch(tmp_path, source), "items.jsonl")
+    assert sorted(item["url"].removeprefix(site.url) for item in items) == sorted(SITEMAP + SITEMAP_MORE)

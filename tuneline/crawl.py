@@ -55,7 +55,6 @@ def crawl_command(
         "TUNELINE_DROPS_PATH": str(out_dir / DROPS),
         "TUNELINE_STATS_PATH": str(out_dir / CRAWL_STATS),
         "HTTPCACHE_DIR": str(cache_dir),
-        "DEPTH_LIMIT": str(source.max_depth + 1),  # the spider stops following links at max_depth
         "CONCURRENT_REQUESTS_PER_DOMAIN": str(concurrency),
         # AutoThrottle reads the process's own event-loop lag as the site's latency; aiming each
         # process at its share would throttle a busy crawl below the cap shared above.

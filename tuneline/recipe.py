@@ -106,13 +106,17 @@ class CrawlSource(Section):
     )
     allow: list[str] = Field(default_factory=list, description="Follow only URLs matching one of these.")
     deny: list[str] = Field(default_factory=list, description="Never follow URLs matching these regexes.")
-    max_depth: int = Field(3, ge=0, description="Links followed from a start page, at most.")
+    max_depth: int = Field(
+        3, ge=0, description="Links followed from a start URL or a page a sitemap lists, at most."
+    )
     max_pages: int = Field(1000, ge=1, description="Pages crawled, at most.")
     selectors: Literal["css", "xpath"] = Field("css", description="Language of the pair selectors.")
     pair: str | None = Field(None, description="pairs mode: selector of each question/answer block.")
     question: str | None = Field(None, description="pairs mode: question text, inside `pair` if given.")
     answer: str | None = Field(None, description="pairs mode: answer text, inside `pair` if given.")
-    concurrency: int = Field(4, ge=1, le=64, description="Parallel requests per domain, all processes together.")
+    concurrency: int = Field(
+        4, ge=1, le=64, description="Parallel requests per domain, all processes together."
+    )
     processes: int = Field(
         1, ge=1, le=16,
         description="Scrapy processes sharing the crawl, one core each; each page is still fetched once.",

@@ -42,6 +42,9 @@ from crawlers.items import DocumentItem, PairItem
 from crawlers.middlewares import host_allowed
 
 SPACES = re.compile(r"\s+")
+# Links followed from a start URL or a sitemap's page. Not Scrapy's `depth`, which also counts
+# the sitemaps an index leads through, and which a page handed over by another process restarts.
+LINK_DEPTH = "tuneline_link_depth"
 # Failures another try may fix; Scrapy's own retries have already been spent on them.
 NETWORK_ERRORS = (
     CannotResolveHostError, DownloadConnectionRefusedError, DownloadFailedError,
@@ -114,7 +117,7 @@ class SiteSpider(scrapy.Spider):
         if host_allowed(urlsplit(url).hostname or "", self.domains) and not self.budget.claim():
             return None
         self.seen.add(url)
-        return scrapy.Request(url, callback=self.parse, errback=self.failed, meta={"depth": depth})
+        return scrapy.Request(url, callback=self.parse, errback=self.failed, meta={LINK_DEPTH: depth})
 
     def schedule_received(self) -> bool:
         """Queue the pages peers handed over; whether any was new (the process is busy again)."""
@@ -150,16 +153,15 @@ class SiteSpider(scrapy.Spider):
         self.frontier.close()
 
     def parse_sitemap(self, response: Response) -> Iterator[scrapy.Request]:
-        depth = response.meta.get("depth", 0) + 1
         sitemap = Sitemap(response.body)
         for entry in sitemap:
             if sitemap.type == "sitemapindex":  # only the owner of the index reads it: all its sitemaps
                 yield scrapy.Request(entry["loc"], callback=self.parse_sitemap, errback=self.failed)
-            elif request := self.page_request(entry["loc"], depth):
+            elif request := self.page_request(entry["loc"], depth=0):  # listed pages start the crawl
                 yield request
 
     def parse(self, response: Response) -> Iterator[Any]:
-        depth = response.meta.get("depth", 0)
+        depth = response.meta.get(LINK_DEPTH, 0)
         base = {"url": response.url, "fetched_at": now(), "depth": depth}
         if not isinstance(response, TextResponse):
             yield self.item_class(
@@ -245,5 +247,5 @@ class SiteSpider(scrapy.Spider):
         ):
             self.crawler.stats.inc_value("tuneline/network_errors")
         if request.callback == self.parse:
-            yield self.item_class(url=request.url, fetched_at=now(), depth=request.meta.get("depth", 0),
+            yield self.item_class(url=request.url, fetched_at=now(), depth=request.meta.get(LINK_DEPTH, 0),
                                   error=detail)  # fmt: skip

@@ -4,7 +4,7 @@
 to a whole crawl; `/redirect-out` redirects to `localhost` (a host outside the allowed domains);
 the index links to a private address (10.255.255.1) and to pages that cannot be parsed;
 `/faq/1` and `/faq/2` hold question/answer blocks for pairs mode; `/sitemap.xml` lists four
-pages. The server records every path requested.
+pages, `/sitemap-index.xml` that sitemap and another of ten. The server records every path requested.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ FAQ = {
 
 
 SITEMAP = ["/page/0", "/page/1", "/page/2", "/faq/1"]
+SITEMAP_MORE = [f"/page/{n}" for n in range(10, 20)]
+SITEMAP_INDEX = ["/sitemap.xml", "/sitemap-more.xml"]
 
 
 class SiteHandler(http.server.BaseHTTPRequestHandler):
@@ -69,9 +71,14 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
             return self.send(200, page("Index", f"<p>{WORDS}</p><ul>{links}</ul>"))
         if path.startswith("/page/") and path[6:].isdigit() and int(path[6:]) < ARTICLES:
             return self.send(200, article(int(path[6:])))
-        if path == "/sitemap.xml":
-            locs = "".join(f"<url><loc>http://127.0.0.1:{port}{page}</loc></url>" for page in SITEMAP)
+        if path in ("/sitemap.xml", "/sitemap-more.xml"):
+            pages = SITEMAP if path == "/sitemap.xml" else SITEMAP_MORE
+            locs = "".join(f"<url><loc>http://127.0.0.1:{port}{page}</loc></url>" for page in pages)
             xml = f'<?xml version="1.0"?><urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{locs}</urlset>'
+            return self.send(200, xml.encode(), "application/xml")
+        if path == "/sitemap-index.xml":
+            maps = "".join(f"<sitemap><loc>http://127.0.0.1:{port}{m}</loc></sitemap>" for m in SITEMAP_INDEX)
+            xml = f'<?xml version="1.0"?><sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{maps}</sitemapindex>'
             return self.send(200, xml.encode(), "application/xml")
         if path == "/about":
             return self.send(200, page("About", f"<p>About us. {WORDS}</p>"))
