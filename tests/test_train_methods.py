@@ -378,3 +378,19 @@ def test_train_plan_cli(tiny, tmp_path):
     assert "method     freeze on cpu" in result.output and "peak" in result.output
     result = CliRunner().invoke(app, ["train", "plan", str(recipe), "train.method=freeze", "train.lora.r=4"])
     assert result.exit_code == 2 and "train.lora is set but train.method is freeze" in result.output
+
+
+def test_a_run_edited_in_the_prefect_ui_can_switch_method():
+    """Prefect keeps a run's parameters as dumped, and the UI edits that JSON: a method section
+    the user never set must not be in it, one with settings of its own must still be caught."""
+    from pydantic import ValidationError
+
+    dumped = TrainSpec().model_dump(mode="json")
+    assert "lora" not in dumped
+    assert TrainSpec.model_validate({**dumped, "method": "full"}).lora is None
+    tuned = TrainSpec(lora={"r": 8}).model_dump(mode="json")
+    with pytest.raises(ValidationError, match="train.lora is set but train.method is full"):
+        TrainSpec.model_validate({**tuned, "method": "full"})
+    for method in METHODS:
+        spec = TrainSpec(method=method)
+        assert TrainSpec.model_validate(spec.model_dump(mode="json")) == spec

@@ -403,7 +403,8 @@ def apply_override(data: dict[str, Any], override: str) -> str | None:
 
 def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML, every default written out: what a run actually used."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    resolved = recipe.model_dump(mode="json", context={"resolved": True})
+    return yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
 
 
 def flatten_recipe(recipe: Recipe) -> dict[str, str]:
@@ -420,5 +421,5 @@ def flatten_recipe(recipe: Recipe) -> dict[str, str]:
         else:
             flat[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
-    walk("", recipe.model_dump(mode="json"))
+    walk("", recipe.model_dump(mode="json", context={"resolved": True}))
     return flat

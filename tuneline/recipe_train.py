@@ -6,7 +6,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import (
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from tuneline.section import Section
 
@@ -221,6 +227,22 @@ class TrainSpec(Section):
         method = data.get("method", "lora")
         sections = METHOD_SECTIONS.get(method, ()) if isinstance(method, str) else ()
         return {**data, **{name: {} for name in sections if data.get(name) is None}}
+
+    @model_serializer(mode="wrap")
+    def _omit_filled_sections(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """A method section still at its defaults is left out of dumps (loading fills it again): a
+        run re-started from the Prefect UI, which edits the dumped parameters, can then switch
+        method without deleting a section the user never set, while a section with settings of
+        its own still fails for another method. `context={"resolved": True}` writes it out."""
+        data = handler(self)
+        if (info.context or {}).get("resolved"):
+            return data
+        for name in METHOD_SECTIONS[self.method]:
+            if getattr(self, name) == type(getattr(self, name))():
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="after")
     def _sections_match_method(self) -> TrainSpec:
