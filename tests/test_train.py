@@ -240,3 +240,23 @@ def test_activation_checkpointing_trains_a_lora_adapter_to_the_same_loss(setup):
     assert checkpointed["steps"] == plain["steps"] == 2
     losses = [row["loss"] for row in checkpointed["log_history"]]
     assert losses == pytest.approx([row["loss"] for row in plain["log_history"]], rel=1e-4)
+
+
+@pytest.mark.parametrize(("eval_steps", "saved"), [(None, [2]), (1, [2, 3])])
+def test_no_checkpoint_at_the_last_step_unless_due_or_evaluating(setup, monkeypatch, eval_steps, saved):
+    """The stage exports the model at the end and removes the checkpoints: the trainer's extra
+    save at the last step (the optimizer state too) is skipped, except when evaluating, where the
+    last step's checkpoint can be the best one."""
+    from transformers import Trainer
+
+    steps: list[int] = []
+    original = Trainer._save_checkpoint
+
+    def spy(self, model, trial):
+        steps.append(self.state.global_step)
+        return original(self, model, trial)
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", spy)
+    spec = setup["spec"].model_copy(update={"save_steps": 2, "eval_steps": eval_steps})
+    stats = read_stats(train.run_train(setup["root"] / "art", setup["splits"], setup["model"], spec))
+    assert stats["steps"] == 3 and steps == saved

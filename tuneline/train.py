@@ -4,7 +4,8 @@ The method (full, freeze, LoRA, QLoRA, soft prompts) comes from tuneline/methods
 and the validation metric from tuneline/sft_data.py. This module runs the training safely:
 - checkpoints every `save_steps` go to `checkpoint_dir` (keyed by the stage digest, outside the
   stage's temporary folder), so the same recipe run again after a crash resumes from the last
-  complete checkpoint; the folder is removed once the stage is written;
+  complete checkpoint; the folder is removed once the stage is written (so the trainer's extra
+  checkpoint at the last step is skipped: `SkipFinalCheckpoint`);
 - with `train.distributed`, `accelerate launch` workers (tuneline/launch.py) run `train_here`;
 - a `TrackingCallback` writes `train.log` and, given a tracking target, an MLflow run.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from tuneline import export, launch, methods, models, sft_data
 from tuneline import tracking as tracking_lib
@@ -118,6 +120,21 @@ def build_sft_config(
         report_to="none",
         disable_tqdm=True,
     )
+
+
+class SkipFinalCheckpoint(TrainerCallback):
+    """No checkpoint at the last step unless one is due there anyway.
+
+    The trainer saves one at the end whatever `save_steps` says; the stage exports the model right
+    after and removes the checkpoints, so it is pure cost: 4% of a short LoRA run on CPU, and for
+    a full fine-tune the weights and AdamW state (~12 bytes a parameter: ~84 GB for 7B). A run
+    killed while exporting resumes from the last checkpoint that was due. Not used with
+    evaluation: the best checkpoint can be the last one.
+    """
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps and state.global_step % (state.save_steps or args.save_steps):
+            control.should_save = False
 
 
 def summarize_log_history(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -269,6 +286,8 @@ def train_here(
             callbacks.insert(0, ExactMatchCallback(tokenizer, validation, train))
             if train.early_stopping_patience:
                 callbacks.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+        else:
+            callbacks.append(SkipFinalCheckpoint())
         set_seed(train.seed)
         prepared = methods.prepare_model(model, train)  # frozen or peft-wrapped as the method says
         args = build_sft_config(train, work_dir, loss_mode=loss_mode, evaluate=evaluate)
