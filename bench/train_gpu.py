@@ -134,10 +134,10 @@ def run_tuneline(artifacts_dir: Path, splits, model: ModelSpec, spec: TrainSpec)
 def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: Path) -> tuple[float, float]:
     """Tokens/s and peak GiB of the plain TRL SFT script with the same settings."""
     _free()
-    rate = train_throughput.run_plain_trl(model, rows, spec, out_dir)
+    tokens, seconds = train_throughput.run_plain_trl(model, rows, spec, out_dir)
     peak = _peak_gib()
     _free()
-    return rate, peak
+    return tokens / seconds, peak
 
 
 def main() -> None:

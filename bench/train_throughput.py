@@ -1,15 +1,19 @@
 """Benchmark: Tuneline's train stage against a plain TRL SFT script, and packing against padding.
 
 Builds one tiny Llama model and one set of mixed-length conversations (short labels, questions
-from a few words to a paragraph), then trains on CPU (or the GPU when there is one):
+from a few words to a paragraph), then trains on CPU (or the GPU when there is one), in one process:
 1. Tuneline's `run_train` (LoRA, assistant-only loss, the tracking callback on) and a plain TRL
-   script with identical settings (same model, rows, LoRA, batch, steps, seed), in one process;
-   tokens/s of each and the ratio (goal: >= 1.0);
-2. Tuneline with `train.packing` on and off on the same data: tokens/s ratio (goal: >= 1.5).
+   script with identical settings (same model, rows, LoRA, batch, steps, seed): tokens/s of each
+   and the ratio (goal: >= 1.0);
+2. Tuneline with `train.packing` on, at the same real tokens per step: tokens/s against the padded
+   run of 1. (goal: >= 1.5).
 
-Tokens are the real (non-padding) tokens TRL counts; seconds are those of `trainer.train()`, so
-both sides pay the same model loading outside the timing. Tuneline saves no checkpoint inside
-the timed steps here (save_steps > steps), as the plain script saves none.
+The three trainings run in processes that take turns optimizer step by optimizer step (`Lockstep`),
+so the drift of a shared machine's speed, which made back-to-back runs differ by +-10%, falls on
+all three alike. Tokens are the real (non-padding) tokens TRL counts; seconds are each one's own
+time inside `trainer.train()`, so both sides pay model loading and tokenizing outside the timing.
+Tuneline saves no checkpoint inside the timed steps here (save_steps > steps), as the plain script
+saves none.
 
     python bench/train_throughput.py                      # the measurement (a few minutes)
     python bench/train_throughput.py --steps 6 --records 64 --repeat 1   # smoke run
@@ -19,12 +23,16 @@ the timed steps here (save_steps > steps), as the plain script saves none.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
+import queue
 import random
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,15 +87,16 @@ def spec_for(args: argparse.Namespace, **changes: object) -> TrainSpec:
     return spec.model_copy(update=changes)
 
 
-def run_tuneline(artifacts_dir: Path, splits, model: ModelSpec, spec: TrainSpec) -> tuple[float, float]:
-    """Tokens/s of Tuneline's train stage (a new artifacts folder each time), and real tokens per step."""
+def run_tuneline(artifacts_dir: Path, splits, model: ModelSpec, spec: TrainSpec) -> tuple[int, int]:
+    """Real tokens Tuneline's train stage trained on (a new artifacts folder each time), and its steps."""
     stats = read_stats(train.run_train(artifacts_dir, splits, model, spec))
-    return stats["tokens"] / stats["seconds"], stats["tokens"] / stats["steps"]
+    return stats["tokens"], stats["steps"]
 
 
-def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: Path) -> float:
-    """Tokens/s of a plain TRL SFT script with the same settings (LoRA, or QLoRA: the base loaded
-    in 4 bits through transformers' BitsAndBytesConfig, as TRL's documentation does it)."""
+def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: Path) -> tuple[int, float]:
+    """Real tokens and seconds of `trainer.train()` in a plain TRL SFT script with the same settings
+    (LoRA, or QLoRA: the base loaded in 4 bits through transformers' BitsAndBytesConfig, as TRL's
+    documentation does it)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
@@ -149,7 +158,144 @@ def run_plain_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, out_dir: 
     trainer.train()
     seconds = time.perf_counter() - started
     tokens = max(entry.get("num_tokens", 0) for entry in trainer.state.log_history)
-    return tokens / seconds
+    return int(tokens), seconds
+
+
+class Lockstep:
+    """Trainings in processes of their own that take turns optimizer step by optimizer step: one
+    works while the others wait, so the drifting speed of a shared machine falls on all alike.
+
+    (Processes, not threads: a training in a second thread of a process ran 1.6x slower here.) A
+    process holds the turn from its start, through loading and tokenizing, until its trainer ends
+    an optimizer step, then passes it on; its clock runs only inside `trainer.train()` while it
+    holds the turn: its steps, data loading, callbacks and logging, and none of another's.
+    """
+
+    def __init__(self, jobs: dict[str, Callable[[], tuple[int, float]]], warm_up: Callable[[str], object]):
+        self.names = list(jobs)
+        self.jobs = jobs
+        self.warm_up = warm_up  # called with the job's name first: an untimed training (kernels, imports)
+        context = multiprocessing.get_context("spawn")
+        self._cond = context.Condition()
+        self._turn = context.Value("i", 0, lock=False)
+        self._alive = context.Array("b", [1] * len(jobs), lock=False)
+        self._ready = context.Barrier(len(jobs))
+        self._results = context.Queue()
+
+    def run(self) -> dict[str, tuple[int, float]]:
+        """(real tokens trained, seconds in turn) by job name."""
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=self._take_part, args=(index,), name=name, daemon=True)
+            for index, name in enumerate(self.names)
+        ]
+        for process in processes:
+            process.start()
+        results: dict[str, tuple[int, float]] = {}
+        while len(results) < len(processes):
+            try:
+                name, tokens, seconds, error = self._results.get(timeout=5)
+            except queue.Empty:
+                if dead := [p for p in processes if p.exitcode not in (None, 0)]:
+                    raise RuntimeError(f"{dead[0].name} exited with {dead[0].exitcode}") from None
+                continue
+            if error:
+                raise RuntimeError(f"{name} failed: {error}")
+            results[name] = (tokens, seconds)
+        for process in processes:
+            process.join()
+        return results
+
+    def _take_part(self, index: int) -> None:
+        """In the job's process: warm up, wait for all, then train in turns."""
+        name = self.names[index]
+        self.warm_up(name)
+        clock = _Clock()
+        _train_in_turns(lambda: self._pass_turn(index, clock), clock)
+        self._ready.wait()
+        self._wait_for_turn(index)
+        try:
+            tokens = self.jobs[name]()[0]
+            self._results.put((name, tokens, clock.seconds, None))
+        except BaseException as error:
+            self._results.put((name, None, None, repr(error)))
+        finally:
+            with self._cond:
+                self._alive[index] = 0
+                self._advance(index)
+
+    def _pass_turn(self, index: int, clock: _Clock) -> None:
+        clock.stop()
+        with self._cond:
+            self._advance(index)
+        self._wait_for_turn(index)
+        clock.start()
+
+    def _advance(self, index: int) -> None:
+        """The turn to the next living one after `index` (called holding the condition's lock)."""
+        count = len(self.names)
+        for step in range(1, count + 1):
+            if self._alive[(index + step) % count]:
+                self._turn.value = (index + step) % count
+                break
+        self._cond.notify_all()
+
+    def _wait_for_turn(self, index: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn.value == index)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._since: float | None = None
+
+    def start(self) -> None:
+        self._since = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._since is not None:
+            self.seconds += time.perf_counter() - self._since
+            self._since = None
+
+
+def _train_in_turns(pass_turn: Callable[[], None], clock: _Clock) -> None:
+    """Every SFTTrainer of this process (Tuneline's or the plain script's) times its `train()` on
+    `clock` and calls `pass_turn` at the end of each optimizer step."""
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class TurnCallback(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            pass_turn()
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+            clock.stop()
+
+    original = SFTTrainer.train
+
+    def train(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        self.add_callback(TurnCallback())  # last, so a step's own callbacks run in its turn
+        return original(self, *args, **kwargs)
+
+    SFTTrainer.train = train
+
+
+def warm_up_trl(model: ModelSpec, rows: list[dict], spec: TrainSpec, root: Path, name: str) -> None:
+    """Two steps of the plain script: a process's first training pays one-time costs."""
+    run_plain_trl(model, rows, spec.model_copy(update={"max_steps": 2}), root / f"warm-up-{name}")
+
+
+def tokens_per_example(rows: list[dict], model: ModelSpec) -> float:
+    """Mean tokens of a formatted conversation (what a padded batch holds, per row, without padding)."""
+    tokenizer = models.load_tokenizer(model)
+    return statistics.mean(
+        len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
+        for r in rows
+    )
 
 
 def main() -> None:
@@ -158,53 +304,51 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--repeat", type=int, default=2, help="Runs per side; the best one counts.")
+    parser.add_argument("--repeat", type=int, default=2, help="Rounds; each ratio is printed.")
     parser.add_argument("--out", type=Path, help="Also write the results to this file.")
     args = parser.parse_args()
+    rates: dict[str, list[float]] = {"tuneline": [], "trl": [], "packing": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         splits, model, rows = make_data(root, args.records, seed=0)
         spec = spec_for(args)
-        results: dict[str, list[float]] = {"tuneline": [], "trl": [], "padding": [], "packing": []}
-        # Warm-up: the first training in a process pays one-time costs (kernels, allocator, imports).
-        run_plain_trl(model, rows, spec.model_copy(update={"max_steps": 2}), root / "warm-up")
-        for attempt in range(args.repeat):  # interleaved, alternating who goes first
-            if attempt % 2:
-                rate, tokens_per_step = run_tuneline(root / f"art-{attempt}", splits, model, spec)
-                results["trl"].append(run_plain_trl(model, rows, spec, root / f"trl-{attempt}"))
-            else:
-                results["trl"].append(run_plain_trl(model, rows, spec, root / f"trl-{attempt}"))
-                rate, tokens_per_step = run_tuneline(root / f"art-{attempt}", splits, model, spec)
-            results["tuneline"].append(rate)
-            results["padding"].append(rate)
-            # Packed rows of max_length tokens, as many per step as the padded batches held real
-            # tokens: the same work per optimizer step, without the padding. (Without a varlen
-            # attention kernel, as on CPU, each packed row stays its own row of the batch:
-            # tuneline/packed_rows.py.)
-            rows_per_step = max(1, round(tokens_per_step / args.max_length))
-            packed = spec_for(args, packing=True, batch_size=rows_per_step)
-            results["packing"].append(run_tuneline(root / f"pack-{attempt}", splits, model, packed)[0])
-    best = {name: max(values) for name, values in results.items()}
+        # Packed rows of max_length tokens, as many per step as the padded batches hold real tokens:
+        # the same work per optimizer step, without the padding. (Without a varlen attention kernel,
+        # as on CPU, each packed row stays its own row of the batch: tuneline/packed_rows.py.)
+        rows_per_step = max(1, round(tokens_per_example(rows, model) * args.batch_size / args.max_length))
+        packed = spec_for(args, packing=True, batch_size=rows_per_step)
+        warm_up = partial(warm_up_trl, model, rows, spec, root)
+        for attempt in range(args.repeat):
+            results = Lockstep(
+                {
+                    "tuneline": partial(run_tuneline, root / f"art-{attempt}", splits, model, spec),
+                    "trl": partial(run_plain_trl, model, rows, spec, root / f"trl-{attempt}"),
+                    "packing": partial(run_tuneline, root / f"pack-{attempt}", splits, model, packed),
+                },
+                warm_up=warm_up,
+            ).run()
+            for name, (tokens, seconds) in results.items():
+                rates[name].append(tokens / seconds)
 
-    def paired(mine: str, baseline: str) -> str:
-        """The ratio within each attempt (run back to back), for a machine whose speed drifts."""
-        ratios = sorted(a / b for a, b in zip(results[mine], results[baseline], strict=True))
-        each = ", ".join(f"{ratio:.2f}" for ratio in ratios)
-        return f"; per attempt {each}, median {statistics.median(ratios):.2f}"
+    def ratios(mine: str, baseline: str, goal: float) -> str:
+        each = [a / b for a, b in zip(rates[mine], rates[baseline], strict=True)]
+        listed = ", ".join(f"{ratio:.3f}" for ratio in each)
+        return f"{statistics.median(each):9.3f}   (goal >= {goal}); each round {listed}"
+
+    def rate(name: str) -> str:
+        return f"{statistics.median(rates[name]):9.1f} tokens/s"
 
     device, _ = models.choose_device()
     lines = [
         f"train throughput: tiny Llama (hidden 256, 4 layers), LoRA r16, {args.records} mixed-length records,"
-        f" {args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, device {device}, "
-        f"best of {args.repeat}; load average {os.getloadavg()[0]:.2f}",
-        f"tuneline train stage : {best['tuneline']:9.1f} tokens/s",
-        f"plain TRL script     : {best['trl']:9.1f} tokens/s",
-        f"ratio tuneline/TRL   : {best['tuneline'] / best['trl']:9.2f}   (goal >= 1.0)"
-        + paired("tuneline", "trl"),
-        f"padding              : {best['padding']:9.1f} tokens/s",
-        f"packing              : {best['packing']:9.1f} tokens/s",
-        f"ratio packing/padding: {best['packing'] / best['padding']:9.2f}   (goal >= 1.5)"
-        + paired("packing", "padding"),
+        f" {args.steps} steps, batch {args.batch_size} (packed: {rows_per_step} rows), max_length "
+        f"{args.max_length}, device {device}; the three trainings take turns step by step, "
+        f"medians of {args.repeat} rounds; load average {os.getloadavg()[0]:.2f}",
+        f"tuneline train stage : {rate('tuneline')}",
+        f"plain TRL script     : {rate('trl')}",
+        f"ratio tuneline/TRL   : {ratios('tuneline', 'trl', 1.0)}",
+        f"packing (tuneline)   : {rate('packing')}",
+        f"ratio packing/padding: {ratios('packing', 'tuneline', 1.5)}",
     ]
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)
