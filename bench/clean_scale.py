@@ -67,8 +67,8 @@ def build(work: Path, count: int) -> None:
 
 
 def child(step: str, work: Path, count: int) -> None:
-    from tuneline.clean import run_clean
-    from tuneline.gate import run_quality_gate
+    from tuneline.curate.clean import run_clean
+    from tuneline.curate.gate import run_quality_gate
     from tuneline.recipe import CleanSpec, QualitySpec
     from tuneline.store import find_stage, iter_records, read_manifest, read_stats
 
@@ -105,7 +105,7 @@ def measure(step: str, work: Path, count: int) -> dict:
 
 
 def near_pairs_in_original() -> tuple[int, float, list[tuple[str, str]]]:
-    from tuneline.dedup import near_duplicate_pairs
+    from tuneline.curate.dedup import near_duplicate_pairs
     from tuneline.recipe import CleanSpec
 
     spec = CleanSpec()

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tuneline.crawl import run_crawl
 from tuneline.recipe import CrawlSource
+from tuneline.sources.crawl import run_crawl
 
 SECTIONS = 30
 PARAGRAPH = (

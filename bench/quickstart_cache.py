@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TUNELINE = [sys.executable, "-m", "tuneline.cli"]
+TUNELINE = [sys.executable, "-m", "tuneline.cli.main"]
 
 
 def timed(command: list[str], cwd: Path) -> float:

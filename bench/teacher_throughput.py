@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from openai_server import openai_server  # noqa: E402  (the test server lives beside the tests)
 
+from tuneline.augment.teacher import ask_teacher  # noqa: E402
 from tuneline.recipe import TeacherSpec  # noqa: E402
-from tuneline.teacher import ask_teacher  # noqa: E402
 
 GOAL = 6.0
 

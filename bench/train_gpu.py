@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 import train_throughput  # this folder: the plain TRL script both benchmarks compare with
 
-from tuneline import models, train
+from tuneline import models
 from tuneline.recipe import LoraSpec, ModelSpec, QuantizationSpec, TrainSpec
 from tuneline.records import make_record
 from tuneline.store import find_stage, read_stats, write_stage
+from tuneline.train import stage as train
 
 # Llama shapes: TinyLlama-1.1B and Llama-2-7B (vocabulary 32,000: the tokenizer uses its first ids).
 SIZES = {

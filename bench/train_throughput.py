@@ -37,10 +37,11 @@ from pathlib import Path
 
 import torch
 
-from tuneline import models, train
+from tuneline import models
 from tuneline.recipe import LoraSpec, ModelSpec, TrainSpec
 from tuneline.records import make_record
 from tuneline.store import find_stage, read_stats, write_stage
+from tuneline.train import stage as train
 
 WORDS = [
     *("order", "parcel", "refund", "lamp", "chair", "delivery", "invoice", "account", "password"),
@@ -314,7 +315,7 @@ def main() -> None:
         spec = spec_for(args)
         # Packed rows of max_length tokens, as many per step as the padded batches hold real tokens:
         # the same work per optimizer step, without the padding. (Without a varlen attention kernel,
-        # as on CPU, each packed row stays its own row of the batch: tuneline/packed_rows.py.)
+        # as on CPU, each packed row stays its own row of the batch: tuneline/train/packing.py.)
         rows_per_step = max(1, round(tokens_per_example(rows, model) * args.batch_size / args.max_length))
         packed = spec_for(args, packing=True, batch_size=rows_per_step)
         warm_up = partial(warm_up_trl, model, rows, spec, root)

@@ -13,8 +13,7 @@ from typing import Any
 import trafilatura
 from scrapy import signals
 from scrapy.exceptions import DropItem
-
-from crawlers.items import DocumentItem, PairItem
+from tuneline.crawlers.items import DocumentItem, PairItem
 
 MIN_TEXT_CHARS = 20
 

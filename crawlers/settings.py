@@ -6,8 +6,8 @@ Per-crawl values (feed path, concurrency, depth, cache folder) come as `-s` opti
 """
 
 BOT_NAME = "tuneline"
-SPIDER_MODULES = ["crawlers.spiders"]
-NEWSPIDER_MODULE = "crawlers.spiders"
+SPIDER_MODULES = ["tuneline.crawlers.spiders"]
+NEWSPIDER_MODULE = "tuneline.crawlers.spiders"
 
 USER_AGENT = "Tuneline/0.1 (+https://github.com/tuneline/tuneline; dataset crawler)"
 ROBOTSTXT_OBEY = True
@@ -36,7 +36,7 @@ HTTPCACHE_ENABLED = True
 HTTPCACHE_POLICY = "scrapy.extensions.httpcache.DummyPolicy"
 # One SQLite file per spider: the filesystem storage writes six files a page and the DBM one
 # opens four (dbm.dumb, where Python lacks gdbm); either took a third or more of the crawl's CPU.
-HTTPCACHE_STORAGE = "crawlers.cache.SqliteCacheStorage"
+HTTPCACHE_STORAGE = "tuneline.crawlers.cache.SqliteCacheStorage"
 # The cache serves a retried or re-configured crawl; after a day pages are fetched afresh.
 HTTPCACHE_EXPIRATION_SECS = 24 * 3600
 # The cache stores 5xx by default; a cached failure would be served to every retry.
@@ -44,19 +44,19 @@ HTTPCACHE_IGNORE_HTTP_CODES = [408, 429, *range(500, 600)]
 
 DOWNLOADER_MIDDLEWARES = {
     # Before robots.txt (100) and redirects (600): every request and redirect passes the guard.
-    "crawlers.middlewares.AllowedHostsMiddleware": 50,
+    "tuneline.crawlers.middlewares.AllowedHostsMiddleware": 50,
     # Scrapy's own lets through all but the first request waiting for a host's robots.txt.
     "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
-    "crawlers.middlewares.RobotsTxtMiddleware": 100,
+    "tuneline.crawlers.middlewares.RobotsTxtMiddleware": 100,
 }
 ITEM_PIPELINES = {
-    "crawlers.pipelines.ExtractTextPipeline": 100,
-    "crawlers.pipelines.ValidatePipeline": 200,
+    "tuneline.crawlers.pipelines.ExtractTextPipeline": 100,
+    "tuneline.crawlers.pipelines.ValidatePipeline": 200,
 }
 # Async pipelines (text extraction awaits worker processes) need the asyncio reactor.
 TWISTED_REACTOR = "twisted.internet.asyncioreactor.AsyncioSelectorReactor"
 EXTENSIONS = {
-    "crawlers.extensions.CrawlReport": 500,
+    "tuneline.crawlers.extensions.CrawlReport": 500,
 }
 
 FEED_EXPORT_ENCODING = "utf-8"

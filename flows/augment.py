@@ -11,7 +11,7 @@ augmentation alone, to grow a dataset without training.
 The review checkpoint pauses the run with a pre-filled form (one row per candidate: decision,
 reason, answer) whichever way the recipe says people review: the form is in the UI, and
 `tuneline review` (terminal) and `tuneline review import` (file) store their decisions, then
-resume the run with the same form data. The decision store (tuneline.review) is the source of
+resume the run with the same form data. The decision store (tuneline.augment.review) is the source of
 truth: a finished batch is never asked about again, so a re-run, or a suspended run whose body
 runs again, goes straight on. A submitted form breaking a rule (a reject without a reason) is not
 lost: its good rows are stored and the run pauses again, showing the problems.
@@ -29,12 +29,10 @@ from prefect.input import RunInput
 from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel, Field
+from tuneline.tasks.augment import augment_merge, generate_round, report_rounds, show_review_request
+from tuneline.tasks.stages import collect, fetch
 
-from tasks.augment import augment_merge, generate_round, report_rounds, show_review_request
-from tasks.stages import collect, fetch
-from tuneline.augment import ReviewedRound, next_round_or_stop, read_candidates
-from tuneline.recipe import AugmentSpec, Recipe, RecipeError, RegisterSpec, ReviewSpec
-from tuneline.review import (
+from tuneline.augment.review import (
     PendingBatch,
     ReviewTimeout,
     auto_decide,
@@ -49,6 +47,8 @@ from tuneline.review import (
     to_form_input,
     undecided,
 )
+from tuneline.augment.rounds import ReviewedRound, next_round_or_stop, read_candidates
+from tuneline.recipe import AugmentSpec, Recipe, RecipeError, RegisterSpec, ReviewSpec
 from tuneline.store import StageRef
 
 POLL_INTERVAL_S = 2  # how often a paused run asks the server whether it was resumed

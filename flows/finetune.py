@@ -14,9 +14,8 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
-
-from flows.augment import augment_rounds
-from tasks.stages import (
+from tuneline.flows.augment import augment_rounds
+from tuneline.tasks.stages import (
     clean,
     collect,
     evaluate,
@@ -28,6 +27,7 @@ from tasks.stages import (
     split,
     train,
 )
+
 from tuneline.recipe import Recipe
 
 

@@ -1,6 +1,6 @@
 """Prefect tasks of the augmentation loop: generate a round, merge the accepted records, report.
 
-Thin wrappers over tuneline.augment: they resolve the teacher's API key (a Prefect Secret block
+Thin wrappers over tuneline.augment.rounds: they resolve the teacher's API key (a Prefect Secret block
 when the recipe names one), retry a round whose teacher was unreachable (and nothing else),
 show each round's prompt and counts in the UI and log token counts to MLflow.
 """
@@ -15,11 +15,17 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
+from tuneline.tasks.stages import retry_network_errors
 
-from tasks.stages import retry_network_errors
-from tuneline.augment import PROMPT, ReviewedRound, round_summary, run_augment_merge, run_generate_round
+from tuneline.augment.review import PendingBatch
+from tuneline.augment.rounds import (
+    PROMPT,
+    ReviewedRound,
+    round_summary,
+    run_augment_merge,
+    run_generate_round,
+)
 from tuneline.recipe import AugmentSpec, RegisterSpec, TeacherSpec
-from tuneline.review import PendingBatch
 from tuneline.store import StageRef
 
 
@@ -118,7 +124,7 @@ def log_token_counts(
     """One MLflow run per augmentation; each round's counts and tokens are a step of its metrics."""
     import mlflow
 
-    from tuneline.registry import ensure_experiment, prepare_tracking_uri
+    from tuneline.register.stage import ensure_experiment, prepare_tracking_uri
 
     prepare_tracking_uri(register.tracking_uri)
     mlflow.set_tracking_uri(register.tracking_uri)

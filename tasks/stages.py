@@ -24,10 +24,10 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from tuneline.clean import run_clean
-from tuneline.collect import SourceUnreachable, run_collect
-from tuneline.fetch import run_fetch
-from tuneline.gate import run_quality_gate
+from tuneline.augment.teacher import TeacherUnreachable
+from tuneline.curate.clean import run_clean
+from tuneline.curate.gate import run_quality_gate
+from tuneline.curate.split import run_split
 from tuneline.recipe import (
     CleanSpec,
     EvaluateSpec,
@@ -40,9 +40,9 @@ from tuneline.recipe import (
     TrainSpec,
 )
 from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
-from tuneline.split import run_split
+from tuneline.sources.collect import SourceUnreachable, run_collect
+from tuneline.sources.fetch import run_fetch
 from tuneline.store import StageRef, read_stats
-from tuneline.teacher import TeacherUnreachable
 
 
 def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
@@ -130,8 +130,14 @@ def train(
 ) -> StageRef:
     """Fine-tune the base model on the train split, tracked in the `register` section's MLflow
     experiment; show the loss curve and the end of the training log in the UI."""
-    from tuneline.tracking import CURVE_FILE, LOG_FILE, TrackingTarget, image_data_url, training_markdown
-    from tuneline.train import run_train
+    from tuneline.train.stage import run_train
+    from tuneline.train.tracking import (
+        CURVE_FILE,
+        LOG_FILE,
+        TrackingTarget,
+        image_data_url,
+        training_markdown,
+    )
 
     tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
     trained = run_train(artifacts_dir, splits, model, spec, tracking=tracking, echo=get_run_logger().info)
@@ -151,7 +157,7 @@ def evaluate(
     artifacts_dir: Path, splits: StageRef, trained: StageRef, model: ModelSpec, spec: EvaluateSpec
 ) -> StageRef:
     """Compare base and tuned model on the test split."""
-    from tuneline.evaluate import run_evaluate
+    from tuneline.evaluate.stage import run_evaluate
 
     return run_evaluate(artifacts_dir, splits, trained, model, spec)
 
@@ -161,7 +167,7 @@ def register(
     artifacts_dir: Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
 ) -> StageRef:
     """Register the tuned model in MLflow and promote it if it beats the champion."""
-    from tuneline.registry import run_register
+    from tuneline.register.stage import run_register
 
     return run_register(artifacts_dir, recipe, splits, trained, evaluated)
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from openai_server import openai_server, server_error
 
-from tuneline.augment import (
+from tuneline.augment.checks import rouge_l, split_text
+from tuneline.augment.review import auto_decide
+from tuneline.augment.rounds import (
     CANDIDATES,
     PROMPT,
     AugmentError,
@@ -23,13 +25,11 @@ from tuneline.augment import (
     run_generate_round,
     summarize_mistakes,
 )
-from tuneline.augment_checks import rouge_l, split_text
-from tuneline.clean import run_clean
-from tuneline.collect import DOCUMENTS, run_collect
+from tuneline.augment.teacher import TeacherError
+from tuneline.curate.clean import run_clean
 from tuneline.recipe import AugmentSpec, CleanSpec, FileSource, RecipeError, load_recipe, validate_recipe
-from tuneline.review import auto_decide
+from tuneline.sources.collect import DOCUMENTS, run_collect
 from tuneline.store import REJECTS, check_ledger, find_stage, iter_records, read_stats, write_stage
-from tuneline.teacher import TeacherError
 
 SYSTEM = "Label the customer message with its intent."
 SEEDS = [

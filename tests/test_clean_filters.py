@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from tuneline.clean import Cleaner, repair_text, run_clean
-from tuneline.dedup import NearDedup, choose_bands, near_duplicate_pairs
-from tuneline.pii import redact_text
+from tuneline.curate.clean import Cleaner, repair_text, run_clean
+from tuneline.curate.dedup import NearDedup, choose_bands, near_duplicate_pairs
+from tuneline.curate.pii import redact_text
 from tuneline.recipe import CleanSpec
 from tuneline.records import make_record
 from tuneline.store import find_stage, iter_records, read_manifest, read_stats, write_stage
@@ -127,8 +127,8 @@ def test_stage_ledger_and_stats(tmp_path):
 
 
 def test_split_drops_training_records_overlapping_held_out_and_benchmarks(tmp_path):
+    from tuneline.curate.split import run_split
     from tuneline.recipe import SplitSpec
-    from tuneline.split import run_split
 
     long_tail = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
     records = [conv(f"question {i} " + long_tail, f"answer {i}") for i in range(60)]
@@ -153,8 +153,8 @@ def test_split_drops_training_records_overlapping_held_out_and_benchmarks(tmp_pa
 
 
 def test_benchmark_prompts_alone_contaminate(tmp_path):
+    from tuneline.curate.split import run_split
     from tuneline.recipe import SplitSpec
-    from tuneline.split import run_split
 
     records = [conv(f"distinct question number {i}", f"answer {i}") for i in range(20)]
     records.append(
@@ -175,9 +175,9 @@ def test_benchmark_prompts_alone_contaminate(tmp_path):
 
 
 def test_lineage_funnel_follows_manifests_back_to_collect(tmp_path):
+    from tuneline.curate.split import run_split
     from tuneline.recipe import SplitSpec
     from tuneline.report import lineage_funnel
-    from tuneline.split import run_split
 
     records = [conv(f"question {i} about things", f"answer {i} with detail") for i in range(10)]
     with write_stage(tmp_path, "collect", "in") as writer:

@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from tuneline.clean import run_clean
-from tuneline.collect import run_collect
-from tuneline.data_cli import data_app
-from tuneline.gate import QualityGateFailed, run_quality_gate
+from tuneline.cli.data import data_app
+from tuneline.curate.clean import run_clean
+from tuneline.curate.gate import QualityGateFailed, run_quality_gate
 from tuneline.recipe import CleanSpec, FileSource, QualitySpec
+from tuneline.sources.collect import run_collect
 from tuneline.store import iter_records, read_manifest, read_stats
 
 SECRET = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0" * 2

@@ -2,10 +2,10 @@
 
 import pytest
 
-from tuneline.clean import normalize_record, run_clean
+from tuneline.curate.clean import normalize_record, run_clean
+from tuneline.curate.split import assign_split, run_split
 from tuneline.recipe import CleanSpec, SplitSpec
 from tuneline.records import make_record
-from tuneline.split import assign_split, run_split
 from tuneline.store import find_stage, iter_records, read_manifest, write_stage
 
 

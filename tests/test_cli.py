@@ -5,7 +5,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from tuneline.cli import app, hide_user_error_tracebacks
+from tuneline.cli.main import app, hide_user_error_tracebacks
 from tuneline.recipe import RecipeError
 
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from tuneline.collect import SourceError, SourceUnreachable, run_collect, source_fingerprint
 from tuneline.recipe import FileSource
+from tuneline.sources.collect import SourceError, SourceUnreachable, run_collect, source_fingerprint
 from tuneline.store import iter_records, read_manifest, read_stats
 
 
@@ -102,8 +102,7 @@ def test_missing_url_is_a_user_error_and_a_down_server_is_retryable(tmp_path, we
 
 def test_collect_task_retries_a_failing_source_then_succeeds(tmp_path, web, prefect_server):
     from prefect import flow
-
-    from tasks.stages import collect
+    from tuneline.tasks.stages import collect
 
     alpaca_file(tmp_path / "a.jsonl", [("q1", "a1")])
     FlakyHandler.failures["/a.jsonl"] = 2  # HEAD and GET of the first try fail with 500

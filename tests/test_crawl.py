@@ -12,13 +12,13 @@ import time
 
 import pytest
 from sites.site import ARTICLES, FixtureSite
+from tuneline.crawlers.args import SiteArgs
+from tuneline.crawlers.middlewares import host_allowed, non_public_address
 
-from crawlers.args import SiteArgs
-from crawlers.middlewares import host_allowed, non_public_address
-from tuneline.collect import DOCUMENTS, run_collect
-from tuneline.fetch import run_fetch
 from tuneline.recipe import CrawlSource
-from tuneline.source_errors import SourceError, SourceUnreachable
+from tuneline.sources.collect import DOCUMENTS, run_collect
+from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.sources.fetch import run_fetch
 from tuneline.store import iter_records, read_manifest, read_stats
 
 
@@ -218,7 +218,7 @@ def test_processes_share_one_page_budget(site, tmp_path):
 
 
 def test_a_failed_crawl_process_stops_the_others_at_once(tmp_path):
-    from tuneline.crawl import _run_processes
+    from tuneline.sources.crawl import _run_processes
 
     folders = [tmp_path / "ok", tmp_path / "broken"]
     for folder in folders:
@@ -249,7 +249,7 @@ def test_robots_txt_holds_for_every_request_that_waited_for_it(tmp_path):
 
 
 def test_the_stats_of_a_shared_crawl_add_up():
-    from tuneline.crawl import merge_stats
+    from tuneline.sources.crawl import merge_stats
 
     parts = [
         {"item_scraped_count": 3, "elapsed_s": 2.5, "memusage/max": 10, "tuneline/last_error": None,

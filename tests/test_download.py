@@ -16,11 +16,11 @@ from collections import Counter
 
 import pytest
 
-from tuneline.collect import run_collect
-from tuneline.download import download
-from tuneline.fetch import run_fetch
 from tuneline.recipe import HfSource, UrlSource
-from tuneline.source_errors import SourceError, SourceUnreachable
+from tuneline.sources.collect import run_collect
+from tuneline.sources.download import download
+from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.sources.fetch import run_fetch
 from tuneline.store import iter_records, read_manifest, read_stats
 
 
@@ -183,8 +183,7 @@ def test_fetch_task_retries_a_source_that_fails_twice_and_the_flow_fails_on_one_
     files, tmp_path, prefect_server
 ):
     from prefect import flow
-
-    from tasks.stages import collect, fetch
+    from tuneline.tasks.stages import collect, fetch
 
     folder, url, handler = files
     (folder / "a.jsonl").write_bytes(alpaca_lines(2))

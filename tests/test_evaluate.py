@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from tuneline import evaluate, models
+from tuneline import models
+from tuneline.evaluate import stage as evaluate
 from tuneline.recipe import EvaluateSpec, ModelSpec
 from tuneline.records import make_record
 from tuneline.store import check_ledger, find_stage, iter_records, read_manifest, read_stats, write_stage

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneline.gate import QualityGateFailed
+from tuneline.curate.gate import QualityGateFailed
 from tuneline.models import make_tiny_model
 from tuneline.recipe import validate_recipe
 from tuneline.store import iter_jsonl
@@ -66,7 +66,7 @@ def recipe_for(project, **sections):
 
 @pytest.fixture(scope="module")
 def first_run(project, prefect_server):
-    from flows.finetune import finetune
+    from tuneline.flows.finetune import finetune
 
     return finetune(recipe_for(project))
 
@@ -117,7 +117,7 @@ def test_registered_model_reloads_by_alias_in_a_fresh_process(first_run, project
 
 
 def test_second_run_reuses_every_stage(first_run, project):
-    from flows.finetune import finetune
+    from tuneline.flows.finetune import finetune
 
     again = finetune(recipe_for(project))
     assert again["stage_dirs"] == first_run["stage_dirs"]
@@ -125,7 +125,7 @@ def test_second_run_reuses_every_stage(first_run, project):
 
 
 def test_training_change_reruns_only_training_and_after(first_run, project):
-    from flows.finetune import finetune
+    from tuneline.flows.finetune import finetune
 
     changed = finetune(recipe_for(project, train={"learning_rate": 0.002}))
     before, after = first_run["stage_dirs"], changed["stage_dirs"]
@@ -136,7 +136,7 @@ def test_training_change_reruns_only_training_and_after(first_run, project):
 
 
 def test_failing_gate_stops_before_training(first_run, project):
-    from flows.finetune import finetune
+    from tuneline.flows.finetune import finetune
 
     with pytest.raises(QualityGateFailed, match="10000"):
         finetune(recipe_for(project, quality={"min_records": 10000}))

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tuneline import formats
-from tuneline.data_cli import data_app
+from tuneline.cli.data import data_app
 from tuneline.formats import (
     ConversionError,
     Format,

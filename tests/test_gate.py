@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tuneline import gate
-from tuneline.gate import QualityGateFailed, SuiteError, run_quality_gate
+from tuneline.curate import gate
+from tuneline.curate.gate import QualityGateFailed, SuiteError, run_quality_gate
 from tuneline.recipe import QualitySpec
 from tuneline.records import make_record
 from tuneline.store import find_stage, iter_records, read_manifest, read_stats, write_stage

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tuneline.cli import app
+from tuneline.cli.main import app
 from tuneline.recipe import RecipeError, dump_recipe, flatten_recipe, load_recipe
 
 GOOD = {

@@ -15,11 +15,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tuneline.evaluate import generate_replies
+from tuneline.evaluate.stage import generate_replies
 from tuneline.models import load_model, load_tokenizer, make_tiny_model
 from tuneline.recipe import ModelSpec, dump_recipe, validate_recipe
 from tuneline.records import make_record
-from tuneline.registry import (
+from tuneline.register.stage import (
     MAX_PARAM_CHARS,
     decide_promotion,
     model_requirements,
@@ -175,7 +175,7 @@ def test_champion_reloads_by_alias_in_a_fresh_process_with_the_same_replies(regi
     recipe = registered["recipe"]
     script = textwrap.dedent(f"""
         import json, sys
-        from tuneline.registry import load_registered
+        from tuneline.register.stage import load_registered
         model = load_registered("models:/{MODEL_NAME}@champion", {recipe.register.tracking_uri!r})
         print(json.dumps(list(model.predict(json.load(sys.stdin)))))
     """)

@@ -8,8 +8,7 @@ import json
 
 import pytest
 
-from tuneline.recipe import AutoPolicy, ReviewSpec
-from tuneline.review import (
+from tuneline.augment.review import (
     AUTO_REVIEWER,
     PendingBatch,
     ReviewError,
@@ -27,6 +26,7 @@ from tuneline.review import (
     record_decision,
     to_form_input,
 )
+from tuneline.recipe import AutoPolicy, ReviewSpec
 
 
 def candidate(number: int, answer: str = "") -> dict:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from openai_server import openai_server
 from test_review_flow import TOPICS, flow_result, start_flow, teacher_script, wait_for_pause, write_recipe
+from tuneline.flows.server import local_prefect_server
 
-from flows.server import local_prefect_server
-from tuneline.review import finished_decisions, list_pending
+from tuneline.augment.review import finished_decisions, list_pending
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [

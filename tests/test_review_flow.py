@@ -20,7 +20,7 @@ import pytest
 import yaml
 from openai_server import openai_server
 
-from tuneline.review import (
+from tuneline.augment.review import (
     PendingBatch,
     finish_batch,
     finished_decisions,
@@ -106,7 +106,7 @@ def write_recipe(tmp_path: Path, base_url: str, max_rounds: int = 2, **review: A
 
 RUN_FLOW = (
     "import json, sys\n"
-    "from flows.augment import augment\n"
+    "from tuneline.flows.augment import augment\n"
     "from tuneline.recipe import load_recipe\n"
     "print('RESULT ' + json.dumps(augment(load_recipe(sys.argv[1], sys.argv[2:]))), flush=True)\n"
 )
@@ -192,7 +192,7 @@ def test_flow_pauses_and_another_process_decides_through_the_prefect_api(prefect
             second = wait_for_pause(artifacts, process, log, seen={first.batch})
             assert second.round == 2 and second.run_id == first.run_id
             exported = tmp_path / "round2.csv"
-            cli = [sys.executable, "-m", "tuneline.cli", "review"]
+            cli = [sys.executable, "-m", "tuneline.cli.main", "review"]
             env = {**os.environ, "PREFECT_API_URL": "", "TUNELINE_REVIEWER": "bob"}
             subprocess.run([*cli, "export", second.run_name, "--to", str(exported), "--artifacts-dir",
                             str(artifacts)], check=True, cwd=REPO, env=env, capture_output=True)  # fmt: skip
@@ -289,9 +289,10 @@ def test_killing_the_run_during_review_loses_no_candidate_and_no_decision(prefec
 def test_a_review_nobody_does_fails_the_run_naming_the_batch_and_keeps_the_candidates(
     prefect_server, tmp_path
 ):
-    from flows.augment import augment  # in this process: the run pauses, nobody resumes it
+    from tuneline.flows.augment import augment  # in this process: the run pauses, nobody resumes it
+
+    from tuneline.augment.review import ReviewTimeout
     from tuneline.recipe import load_recipe
-    from tuneline.review import ReviewTimeout
 
     artifacts = tmp_path / "artifacts"
     with openai_server(teacher_script) as server:

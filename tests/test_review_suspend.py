@@ -15,8 +15,8 @@ import pytest
 from openai_server import openai_server
 from test_review_flow import teacher_script, write_recipe
 
+from tuneline.augment.review import finished_decisions, list_pending, to_form_input
 from tuneline.recipe import load_recipe
-from tuneline.review import finished_decisions, list_pending, to_form_input
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,7 @@ def deploy_augment(pool: str) -> UUID:
     from prefect import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.workers.process import ProcessWorker
-
-    from flows.augment import augment
+    from tuneline.flows.augment import augment
 
     with get_client(sync_client=True) as client:
         client.create_work_pool(

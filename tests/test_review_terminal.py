@@ -10,9 +10,9 @@ import sys
 import pexpect
 import pytest
 
-from tuneline.review import PendingBatch, batch_digest, finished_decisions, list_pending, open_batch
+from tuneline.augment.review import PendingBatch, batch_digest, finished_decisions, list_pending, open_batch
 
-TUNELINE = shutil.which("tuneline") or f"{sys.executable} -m tuneline.cli"
+TUNELINE = shutil.which("tuneline") or f"{sys.executable} -m tuneline.cli.main"
 
 
 @pytest.fixture

@@ -11,15 +11,15 @@ import pydantic
 import pytest
 from openai_server import Reply, openai_server, rate_limited, scripted, server_error
 
-from tuneline.errors import UserError
-from tuneline.recipe import TeacherSpec
-from tuneline.teacher import (
+from tuneline.augment.teacher import (
     TeacherError,
     TeacherUnreachable,
     ask_teacher,
     parse_json_reply,
     request_digest,
 )
+from tuneline.errors import UserError
+from tuneline.recipe import TeacherSpec
 
 
 def make_spec(server, tmp_path: Path, **changes) -> TeacherSpec:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from train_fixtures import conversation
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline import models, train
+from tuneline import models
 from tuneline.recipe import LoraSpec, ModelSpec, TrainSpec
 from tuneline.records import make_record
 from tuneline.store import (
@@ -23,6 +23,7 @@ from tuneline.store import (
     sha256_file,
     write_stage,
 )
+from tuneline.train import stage as train
 
 QUESTIONS = {
     "refund": ["I want my money back", "refund the lamp please", "can I get a refund"],

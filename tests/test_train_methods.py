@@ -16,10 +16,11 @@ from peft import PeftModel
 from train_fixtures import conversation
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline import export, methods, models
-from tuneline.evaluate import assistant_loss, generate_replies
-from tuneline.plan import format_plan, plan_training
+from tuneline import models
+from tuneline.evaluate.stage import assistant_loss, generate_replies
 from tuneline.recipe import FreezeSpec, ModelSpec, PromptLearningSpec, TrainSpec, validate_recipe
+from tuneline.train import export, methods
+from tuneline.train.plan import format_plan, plan_training
 
 LABELS = {
     "refund": ["I want my money back", "refund the lamp please", "can I get a refund"],
@@ -145,6 +146,7 @@ def test_method_trains_exports_and_reloads(tiny, method):
             base = AutoModelForCausalLM.from_pretrained(
                 tiny["base_dir"], quantization_config=methods.build_quantization_config(train)
             )
+            methods.keep_narrow_layers_off_packed_cpu_kernel(base)  # hidden size 32 < bnb's block
         else:
             base = AutoModelForCausalLM.from_pretrained(tiny["base_dir"])
         reloaded = PeftModel.from_pretrained(base, stage_dir / "adapter")
@@ -172,7 +174,7 @@ def test_soft_prompt_result_evaluates_and_serves_from_its_adapter(tiny):
     load base + adapter, and score it as the trained model scored (virtual tokens' logits cut off)."""
     from types import SimpleNamespace
 
-    from tuneline.registry import TunelineChatModel
+    from tuneline.register.stage import TunelineChatModel
 
     train = train_spec("prompt")
     prepared, _, tokenizer, _ = train_few_steps(tiny, train)
@@ -366,7 +368,7 @@ def test_plan_needs_no_weights_file(tiny, tmp_path):
 def test_train_plan_cli(tiny, tmp_path):
     from typer.testing import CliRunner
 
-    from tuneline.cli import app
+    from tuneline.cli.main import app
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(

@@ -1,4 +1,4 @@
-"""Packing without a varlen attention kernel (tuneline/packed_rows.py): rows of packed bins.
+"""Packing without a varlen attention kernel (tuneline/train/packing.py): rows of packed bins.
 
 Several examples share each row; each must see only itself (its logits and loss equal those of
 the example alone), the loss must fall on the reply tokens only, and the train stage must train
@@ -15,11 +15,12 @@ import torch
 from train_fixtures import QUESTIONS, conversation, make_split_and_model, small_spec
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline import models, train
-from tuneline.packed_rows import PackedRowsTrainer, has_varlen_attention
+from tuneline import models
 from tuneline.records import make_record
-from tuneline.sft_data import choose_loss_mode, training_row
 from tuneline.store import read_stats
+from tuneline.train import stage as train
+from tuneline.train.packing import PackedRowsTrainer, has_varlen_attention
+from tuneline.train.sft_data import choose_loss_mode, training_row
 
 # ~40 tokens per conversation: bins of 160 tokens hold three or four of them.
 MAX_LENGTH = 160

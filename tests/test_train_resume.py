@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from train_fixtures import make_split_and_model, small_spec
 
-from tuneline import train
 from tuneline.store import find_stage, read_stats
+from tuneline.train import stage as train
 
 MAX_STEPS = 12
 SAVE_STEPS = 3
@@ -25,7 +25,8 @@ SAVE_STEPS = 3
 DRIVER = textwrap.dedent(
     """
     import json, sys, time
-    from tuneline import tracking, train
+    from tuneline.train import tracking
+    from tuneline.train import stage as train
     from tuneline.recipe import ModelSpec, TrainSpec
     from tuneline.store import StageRef
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from train_fixtures import make_split_and_model, small_spec
 
-from tuneline import tracking, train
-from tuneline.registry import reusable_run_id
+from tuneline.register.stage import reusable_run_id
 from tuneline.store import read_stats
+from tuneline.train import stage as train
+from tuneline.train import tracking
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuneline.console import number
+from tuneline.cli.console import number
 from tuneline.recipe import Recipe, dump_recipe
 from tuneline.store import LedgerError, StageRef, check_ledger, read_stats, stage_dir
 

@@ -1,4 +1,4 @@
-"""`site`: the one generic Tuneline spider, configured by typed arguments (crawlers.args.SiteArgs).
+"""`site`: the one generic Tuneline spider, configured by typed arguments (tuneline.crawlers.args.SiteArgs).
 
 It starts from start URLs or sitemaps, follows links within the allowed domains (the guard
 middleware enforces them) up to `max_depth` links away and `max_pages` pages in all, and yields
@@ -6,8 +6,8 @@ per page either a document (title and raw HTML; an item pipeline adds the main t
 question/answer pairs its selectors find. A page that cannot be fetched or read still yields an
 item with `error` set, so it is dropped with a reason rather than lost.
 
-With `processes` above 1 (and a frontier folder from tuneline.crawl), several of these spiders
-share one crawl: each fetches the URLs it owns and hands the others over (crawlers.frontier).
+With `processes` above 1 (and a frontier folder from tuneline.sources.crawl), several of these spiders
+share one crawl: each fetches the URLs it owns and hands the others over (tuneline.crawlers.frontier).
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ from scrapy.http import Response, TextResponse
 from scrapy.spidermiddlewares.httperror import HttpError
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.sitemap import Sitemap
+from tuneline.crawlers.args import SiteArgs
+from tuneline.crawlers.frontier import BUDGET, Frontier, PageBudget
+from tuneline.crawlers.items import DocumentItem, PairItem
+from tuneline.crawlers.middlewares import host_allowed
 from twisted.internet.task import LoopingCall
-
-from crawlers.args import SiteArgs
-from crawlers.frontier import BUDGET, Frontier, PageBudget
-from crawlers.items import DocumentItem, PairItem
-from crawlers.middlewares import host_allowed
 
 SPACES = re.compile(r"\s+")
 # Links followed from a start URL or a sitemap's page. Not Scrapy's `depth`, which also counts
@@ -86,7 +85,7 @@ class SiteSpider(scrapy.Spider):
         return spider
 
     def share_crawl(self, folder: Path, index: int) -> None:
-        """Crawl the pages this process owns and trade links with the others (crawlers.frontier)."""
+        """Crawl the pages this process owns and trade links with the others (tuneline.crawlers.frontier)."""
         self.frontier = Frontier(folder, index, self.args.processes)
         self.budget = PageBudget(self.args.max_pages, folder / BUDGET)
         self.poller = LoopingCall(self.poll)

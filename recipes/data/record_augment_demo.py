@@ -29,7 +29,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from openai_server import Request, openai_server  # noqa: E402
 
-from tuneline.augment import (  # noqa: E402
+from tuneline.augment.review import auto_decide  # noqa: E402
+from tuneline.augment.rounds import (  # noqa: E402
     ReviewedRound,
     next_round_or_stop,
     read_candidates,
@@ -37,9 +38,8 @@ from tuneline.augment import (  # noqa: E402
     run_augment_merge,
     run_generate_round,
 )
-from tuneline.collect import run_collect  # noqa: E402
 from tuneline.recipe import load_recipe  # noqa: E402
-from tuneline.review import auto_decide  # noqa: E402
+from tuneline.sources.collect import run_collect  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "augment_demo.yaml"
 SEED_FILE = Path(__file__).with_name("augment_demo_seeds.jsonl")

@@ -1,0 +1,254 @@
+"""The `tuneline` command line.
+
+Heavy libraries (torch, transformers, Prefect, MLflow) are imported inside the commands that
+need them, so `tuneline recipe check` and `tuneline data inspect` start in well under a second.
+The CLI is the application's entry point: `run` and `quickstart` are the one place that reaches
+into `flows/`, which sits above this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuneline.cli.data import data_app
+from tuneline.cli.review import review_command
+from tuneline.errors import UserError
+from tuneline.recipe import Recipe, RecipeError, load_recipe
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Fine-tune language models as one pipeline."
+)
+recipe_app = typer.Typer(no_args_is_help=True, help="Check recipes and show their schema.")
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data", help="Inspect and convert datasets.")
+train_app = typer.Typer(no_args_is_help=True, help="Plan training runs.")
+app.add_typer(train_app, name="train")
+app.command("review")(review_command)
+
+QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
+QUICKSTART_DATA = Path("recipes/data/support_intents.jsonl")
+QUICKSTART_MODEL = Path(".tuneline/models/tiny-chat")
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")]
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print a user-facing error (no traceback) and return the exit to raise."""
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def read_recipe(path: Path, overrides: list[str] | None) -> Recipe:
+    try:
+        return load_recipe(path, overrides or [])
+    except RecipeError as error:
+        raise fail(str(error), 2) from None
+
+
+@recipe_app.command("check")
+def recipe_check(path: Path, overrides: Overrides = None) -> None:
+    """Validate a recipe and list every problem with its field path (exit 2 if any)."""
+    recipe = read_recipe(path, overrides)
+    typer.echo(f"{path}: ok ({len(recipe.sources)} source(s), model {recipe.model.name})")
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the recipe's JSON schema (every field, its default and description)."""
+    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+@train_app.command("plan")
+def train_plan(
+    path: Path,
+    overrides: Overrides = None,
+    device: Annotated[
+        str | None, typer.Option(help="Plan for cuda (bf16 weights) or cpu (fp32); default: this machine.")
+    ] = None,
+) -> None:
+    """Trainable parameters and estimated peak memory of the recipe's training, no weights loaded."""
+    recipe = read_recipe(path, overrides)
+    from tuneline.train.plan import format_plan, plan_training
+
+    try:
+        plan = plan_training(recipe.model, recipe.train, device=device)
+    except UserError as error:
+        raise fail(str(error), 2) from None
+    typer.echo(format_plan(plan))
+
+
+@app.command("make-tiny-model")
+def make_tiny_model_command(
+    out_dir: Path,
+    corpus: Annotated[Path, typer.Option(help="A dataset file whose text trains the tokenizer.")],
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    vocab_size: int = 1000,
+) -> None:
+    """Build a small Llama-architecture model and a locally trained tokenizer with a chat template."""
+    from tuneline.formats import FormatError, iter_file
+    from tuneline.models import make_tiny_model
+
+    try:
+        texts = [
+            m["content"] for item in iter_file(str(corpus)) if item.record for m in item.record["messages"]
+        ]
+    except (FormatError, OSError) as error:
+        raise fail(f"--corpus {corpus}: {error}", 2) from None
+    if not texts:
+        raise fail(f"--corpus {corpus}: no readable records to train a tokenizer on", 2)
+    path = make_tiny_model(
+        out_dir, texts, vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers
+    )
+    typer.echo(f"tiny model and tokenizer written to {path}")
+
+
+@app.command("run")
+def run_command(path: Path, overrides: Overrides = None) -> None:
+    """Run the finetune flow on a recipe, on a local Prefect server started for the run."""
+    recipe = read_recipe(path, overrides)
+    run_recipe(recipe)
+
+
+@app.command("quickstart")
+def quickstart() -> None:
+    """Build the tiny local base model if needed, then run recipes/quickstart.yaml."""
+    if not QUICKSTART_RECIPE.is_file():
+        raise fail(f"{QUICKSTART_RECIPE} not found: run the quickstart from the Tuneline project folder", 2)
+    recipe = read_recipe(QUICKSTART_RECIPE, None)
+    quiet_environment(Path(recipe.artifacts_dir).resolve() / "prefect")
+    if not (QUICKSTART_MODEL / "config.json").is_file():
+        typer.echo(
+            f"Building the quickstart's tiny base model in {QUICKSTART_MODEL} (nothing is downloaded)..."
+        )
+        make_tiny_model_command(QUICKSTART_MODEL, QUICKSTART_DATA)
+    run_recipe(recipe)
+
+
+def quiet_environment(prefect_home: Path) -> None:
+    """The project's Prefect home, no analytics, and no progress bars in the run's log.
+
+    Set before Prefect, transformers or datasets are imported: they read these at import time.
+    """
+    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
+    for name, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+        ("TQDM_DISABLE", "1"),
+        ("GX_ANALYTICS_ENABLED", "false"),
+    ):
+        os.environ.setdefault(name, value)
+
+
+def hide_user_error_tracebacks(record: logging.LogRecord) -> bool:
+    """Logging filter: a user's mistake is logged as its message, without Tuneline's traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], UserError):
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
+def run_recipe(recipe: Recipe) -> dict:
+    """Start (or reuse) a Prefect server, run the flow, print the report; exit 1 if it failed."""
+    home = Path(recipe.artifacts_dir).resolve() / "prefect"
+    quiet_environment(home)
+    from tuneline.cli.console import print_failure, print_report
+    from tuneline.flows.server import ServerStartError, local_prefect_server
+
+    # Import the flow (Prefect, torch, transformers: ~6 s) while the server starts (~5 s).
+    preload = threading.Thread(target=importlib.import_module, args=("tuneline.flows.finetune",), daemon=True)
+    preload.start()
+    try:
+        with local_prefect_server(home) as api_url:
+            preload.join()
+            from prefect.logging.handlers import APILogHandler
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            from tuneline.flows.finetune import finetune
+
+            for name in ("prefect.flow_runs", "prefect.task_runs", ""):  # "" is the root's console
+                for handler in logging.getLogger(name).handlers:
+                    handler.addFilter(hide_user_error_tracebacks)
+
+            with temporary_settings({PREFECT_API_URL: api_url}):
+                try:
+                    summary = finetune(recipe)
+                except Exception as error:  # noqa: BLE001 - the flow's failure is shown, not re-raised
+                    print_failure(error)
+                    raise typer.Exit(1) from None
+                finally:
+                    APILogHandler().flush()  # send the last logs before the server stops
+    except ServerStartError as error:
+        raise fail(str(error), 1) from None
+    print_report(summary, recipe)
+    return summary
+
+
+@app.command("ui")
+def ui(
+    recipe_path: Annotated[
+        Path, typer.Argument(help="Recipe whose artifacts and MLflow store to show.")
+    ] = QUICKSTART_RECIPE,
+    prefect_port: int = 4200,
+    mlflow_port: int = 5000,
+) -> None:
+    """Serve the Prefect UI (runs, funnel artifacts) and the MLflow UI (metrics, models) until Ctrl-C."""
+    import subprocess
+    import sys
+
+    recipe = read_recipe(recipe_path, None)
+    home = Path(recipe.artifacts_dir).resolve() / "prefect"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(prefect_port),
+        ],
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--backend-store-uri",
+            recipe.register.tracking_uri,
+        ],
+    ]
+    processes = [subprocess.Popen(command, env=env) for command in commands]
+    typer.echo(
+        f"Prefect: http://127.0.0.1:{prefect_port}   MLflow: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)"
+    )
+    try:
+        for process in processes:
+            process.wait()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The split stage: deterministic train/validation/test by hashing each record's id with a seed,
+then decontamination of the training split.
+
+A record's split depends only on its content and the seed, never on file order or on which
+other records exist, so adding data does not move old test records into training.
+
+Decontamination needs the held-out splits, so it happens here: a first pass deals the records
+and collects the word n-gram hashes (`split.decontaminate_ngram` words) of validation, test and
+the recipe's benchmark prompt files; a second pass drops every training record that shares one
+of them (`contaminated`, in the ledger and rejects). The held-out n-grams are kept as one sorted
+numpy array of uint64 (8 bytes each), so memory follows the held-out size, not the training size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+
+from tuneline.curate.dedup import comparable_text
+from tuneline.curate.shingles import ngram_hashes
+from tuneline.errors import UserError
+from tuneline.formats import FormatError, iter_file
+from tuneline.recipe import SplitSpec
+from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
+
+SPLITS = ("train", "validation", "test")
+BATCH = 5_000
+
+
+class BenchmarkFileError(UserError, ValueError):
+    """A benchmark prompt file named in `split.benchmarks` that cannot be read."""
+
+
+def assign_split(record_id: str, spec: SplitSpec) -> str:
+    """Which split a record belongs to: a stable position in [0, 1) from its id and the seed."""
+    position = int(hashlib.sha256(f"{spec.seed}:{record_id}".encode()).hexdigest()[:12], 16) / 16**12
+    if position < spec.test:
+        return "test"
+    if position < spec.test + spec.validation:
+        return "validation"
+    return "train"
+
+
+def _batched(texts: Iterator[str]) -> Iterator[list[str]]:
+    while batch := list(islice(texts, BATCH)):
+        yield batch
+
+
+def benchmark_texts(path: str) -> Iterator[str]:
+    """The prompts of a benchmark file: one per line of a .txt file, else every record's text."""
+    try:
+        if path.endswith(".txt"):
+            with open(path, encoding="utf-8") as handle:
+                yield from (line for line in handle if line.strip())
+            return
+        for item in iter_file(path):
+            if item.record is not None:
+                yield comparable_text(item.record)
+    except (OSError, FormatError) as error:
+        raise BenchmarkFileError(f"split.benchmarks: cannot read {path}: {error}; fix the path") from None
+
+
+class HeldOutNgrams:
+    """The n-gram hashes of every held-out text, collected in batches, queried per record."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._parts: list[np.ndarray] = []
+        self.index = np.zeros(0, dtype=np.uint64)
+
+    def add(self, texts: list[str]) -> None:
+        hashes, _ = ngram_hashes(texts, self.n, short_texts_as_words=False)
+        self._parts.append(np.unique(hashes))
+
+    def freeze(self) -> None:
+        self.index = np.unique(np.concatenate(self._parts)) if self._parts else self.index
+        self._parts = []
+
+    def contaminated(self, texts: list[str]) -> list[bool]:
+        """Whether each text shares at least one n-gram with the held-out texts."""
+        hashes, offsets = ngram_hashes(texts, self.n, short_texts_as_words=False)
+        if not self.index.size or not hashes.size:
+            return [False] * len(texts)
+        positions = np.minimum(np.searchsorted(self.index, hashes), self.index.size - 1)
+        hits = self.index[positions] == hashes
+        running = np.concatenate(([0], np.cumsum(hits, dtype=np.int64)))
+        return (running[offsets[1:]] - running[offsets[:-1]] > 0).tolist()
+
+
+def run_split(artifacts_dir: str | Path, gated: StageRef, spec: SplitSpec) -> StageRef:
+    """Deal the gated records into train.jsonl, validation.jsonl and test.jsonl, then drop
+    training records that overlap the held-out splits or the benchmark files."""
+    benchmark_files = [Path(p) for p in spec.benchmarks]
+    missing = [str(p) for p in benchmark_files if not p.is_file()]
+    if missing:
+        raise BenchmarkFileError(f"split.benchmarks: {missing} do not exist; fix the paths")
+    code = code_digest(
+        __file__, *(Path(__file__).with_name(n) for n in ("shingles.py", "dedup.py")), *benchmark_files
+    )
+    digest = stage_digest("split", spec, gated.digest, code)
+    if cached := find_stage(artifacts_dir, "split", digest):
+        return cached
+    held_out = HeldOutNgrams(spec.decontaminate_ngram)
+    with write_stage(artifacts_dir, "split", digest, [gated]) as writer:
+        counts = dict.fromkeys(SPLITS, 0)
+        pending: list[str] = []
+        for record in iter_records(gated, RECORDS):
+            writer.count_in()
+            name = assign_split(record["id"], spec)
+            if name == "train":
+                continue  # dealt in the second pass, once every held-out n-gram is known
+            writer.keep(record, f"{name}.jsonl")
+            counts[name] += 1
+            if spec.decontaminate:
+                pending.append(comparable_text(record))
+                if len(pending) >= BATCH:
+                    held_out.add(pending)
+                    pending = []
+        if spec.decontaminate:
+            held_out.add(pending)
+            for path in spec.benchmarks:
+                for batch in _batched(benchmark_texts(path)):
+                    held_out.add(batch)
+            held_out.freeze()
+        train = (r for r in iter_records(gated, RECORDS) if assign_split(r["id"], spec) == "train")
+        while batch := list(islice(train, BATCH)):
+            flags = held_out.contaminated([comparable_text(r) for r in batch]) if spec.decontaminate else []
+            for index, record in enumerate(batch):
+                if flags and flags[index]:
+                    writer.drop(record, "contaminated")
+                else:
+                    writer.keep(record, "train.jsonl")
+                    counts["train"] += 1
+        for name in SPLITS:  # an empty split is still a file, so readers need no special case
+            writer.path(f"{name}.jsonl").touch()
+        writer.stats = {
+            "counts": counts,
+            "contaminated": writer.dropped.get("contaminated", 0),
+            "decontaminate_ngram": spec.decontaminate_ngram if spec.decontaminate else None,
+            "held_out_ngrams": int(held_out.index.size),
+            "benchmarks": list(spec.benchmarks),
+        }
+    return find_stage(artifacts_dir, "split", digest)

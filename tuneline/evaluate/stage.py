@@ -1,0 +1,251 @@
+"""The evaluate stage: base vs tuned model on the test split, by loss and by a task metric.
+
+For every test conversation the reference is its last assistant turn and the prompt is every
+turn before it. Each model is scored on:
+- `loss` (and `perplexity = exp(loss)`): mean cross-entropy on the reference's tokens, masked
+  the way training masks them;
+- `exact_match`: share of greedy replies equal to the reference after strip + casefold.
+
+`generate_replies` is standalone on purpose: the registry reuses it to serve the registered model.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneline import models
+from tuneline.recipe import EvaluateSpec, ModelSpec
+from tuneline.store import StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
+from tuneline.train import export
+
+STAGE = "evaluate"
+
+
+def split_conversation(
+    conversation: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """(prompt turns, last assistant turn); with no assistant turn, the whole conversation and None."""
+    last = models.last_assistant_index(conversation)
+    if last is None:
+        return list(conversation), None
+    return list(conversation[:last]), conversation[last]
+
+
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, Any]]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy replies to each conversation's turns before its last assistant turn.
+
+    Batches are left-padded (generation continues from the right end of every row); replies are
+    decoded without special tokens and stripped. Same inputs and batch size, same replies.
+    """
+    from transformers import GenerationConfig
+
+    prompts = [
+        tokenizer.apply_chat_template(split_conversation(c)[0], add_generation_prompt=True, tokenize=False)
+        for c in conversations
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=pad_id,
+    )
+    replies: list[str] = []
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,  # the chat template already wrote any BOS it wants
+            ).to(model.device)
+            with torch.inference_mode():
+                output = model.generate(**batch, generation_config=config)
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            replies += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+    return replies
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Tokens that end a reply: the tokenizer's eos and any the model's generation config lists."""
+    configured = model.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in [tokenizer.eos_token_id, *ids] if i is not None))
+
+
+def reply_labels(tokenizer: Any, conversation: list[dict[str, Any]]) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) for a conversation up to its last assistant turn; labels are -100 except
+    on that turn's tokens (and, with `{% generation %}` markers, only on the marked ones)."""
+    prompt, reply = split_conversation(conversation)
+    if reply is None:
+        return None
+    prompt_ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
+    marked = models.has_generation_markers(tokenizer.chat_template)
+    full = tokenizer.apply_chat_template(
+        [*prompt, reply], tokenize=True, return_dict=True, return_assistant_tokens_mask=marked
+    )
+    input_ids = list(full["input_ids"])
+    start = _common_prefix(prompt_ids, input_ids)
+    mask = full["assistant_masks"] if marked else [1] * len(input_ids)
+    labels = [t if i >= start and mask[i] else -100 for i, t in enumerate(input_ids)]
+    return input_ids, labels
+
+
+def assistant_loss(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]], *, batch_size: int
+) -> float:
+    """Mean cross-entropy per token of each conversation's last assistant turn (token-weighted)."""
+    examples = [e for e in (reply_labels(tokenizer, c) for c in conversations) if e is not None]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        with torch.inference_mode():
+            logits = model(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)
+            ).logits.float()
+        logits = logits[:, -width:]  # a soft-prompt model puts its virtual tokens' logits first
+        targets = labels[:, 1:].to(model.device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += losses.item()
+        count += int((targets != -100).sum())
+    return total / count if count else float("nan")
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: the text stripped and casefolded."""
+    return text.strip().casefold()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after normalization."""
+    if len(predictions) != len(references):
+        raise ValueError(f"exact_match: {len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return float("nan")
+    hits = sum(
+        normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True)
+    )
+    return hits / len(references)
+
+
+def score_model(
+    model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]], evaluate: EvaluateSpec
+) -> tuple[dict[str, float], list[str]]:
+    """Loss, perplexity and exact match of one model, with its replies."""
+    references = [split_conversation(c)[1]["content"] for c in conversations]
+    replies = generate_replies(
+        model,
+        tokenizer,
+        conversations,
+        max_new_tokens=evaluate.max_new_tokens,
+        batch_size=evaluate.batch_size,
+    )
+    loss = assistant_loss(model, tokenizer, conversations, batch_size=evaluate.batch_size)
+    scores = {
+        "loss": _finite(loss),
+        "perplexity": _finite(math.exp(loss)) if math.isfinite(loss) and loss < 700 else None,
+        "exact_match": _finite(exact_match(replies, references)),
+    }
+    return scores, replies
+
+
+def run_evaluate(
+    artifacts_dir: str | Path, splits: StageRef, trained: StageRef, model: ModelSpec, evaluate: EvaluateSpec
+) -> StageRef:
+    """Score the base and the tuned model on the test split; cached on recipe, inputs and code."""
+    digest = stage_digest(
+        STAGE, model, evaluate, splits.digest, trained.digest, code_digest(__file__, models.__file__)
+    )
+    cached = find_stage(artifacts_dir, STAGE, digest)
+    if cached:
+        return cached
+    records = list(iter_records(splits, "test.jsonl"))
+    limit = evaluate.max_examples or len(records)
+    with write_stage(artifacts_dir, STAGE, digest, [splits, trained]) as writer:
+        writer.count_in(len(records))
+        chosen = []
+        for record in records:
+            conversation = [models.clean_message(m) for m in record["messages"]]
+            last = models.last_assistant_index(conversation)
+            if last is None:
+                writer.drop(record, "no_assistant_turn", "messages: no assistant turn to compare with")
+            elif len(chosen) >= limit:
+                writer.drop({"id": record["id"]}, "beyond_max_examples", f"evaluate.max_examples is {limit}")
+            else:
+                chosen.append((record["id"], conversation[: last + 1]))
+        conversations = [c for _, c in chosen]
+        base_scores, base_replies = _score_folder(model, conversations, evaluate)
+        tuned_spec = ModelSpec(
+            name=str(export.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
+        )
+        tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
+        for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):
+            reference = conversation[-1]["content"]
+            writer.keep(
+                {"id": record_id, "reference": reference, "base": base, "tuned": tuned}, "predictions.jsonl"
+            )
+        writer.stats = {
+            "examples": len(chosen),
+            "metric": evaluate.metric,
+            "base": base_scores,
+            "tuned": tuned_scores,
+        }
+    return find_stage(artifacts_dir, STAGE, digest)
+
+
+def _score_folder(
+    spec: ModelSpec, conversations: list[list[dict[str, Any]]], evaluate: EvaluateSpec
+) -> tuple[dict[str, float | None], list[str]]:
+    """Load one model, score it, and free its memory before the next one loads."""
+    if not conversations:
+        return {"loss": None, "perplexity": None, "exact_match": None}, []
+    tokenizer = models.load_tokenizer(spec)
+    model = export.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    try:
+        return score_model(model, tokenizer, conversations, evaluate)
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None

@@ -1,0 +1,416 @@
+"""Dataset formats: read files of known formats into canonical records, and write them back out.
+
+Five formats come in (alpaca, sharegpt in LLaMA-Factory's flavour, openai chat, prompt_completion
+and self_instruct); all but self_instruct go out again. Reading never stops at a bad record: each
+becomes an `Item` with the line and the reason, so callers quarantine it. Only a whole file that
+cannot be read raises (`FormatError` for an unknown format, OSError for a missing file). Writing
+says what the target format cannot hold (`to_format` losses) and which records it could not
+represent at all, never dropping one silently. What each format looks like (one object <-> one
+conversation) lives in `tuneline.formats.codecs`; import everything from here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.spec import AbstractBufferedFile
+
+from tuneline.errors import UserError
+from tuneline.formats.codecs import (
+    WRITABLE_FORMATS,
+    ConversionError,
+    Format,
+    json_type,
+    parse_object,
+    to_format,
+)
+from tuneline.records import Record, RecordError, make_record
+
+__all__ = [
+    "WRITABLE_FORMATS", "ConversionError", "Format", "FormatError", "Item", "ReadResult", "WriteResult",
+    "detect_format", "detect_keys", "iter_file", "parse_object", "read_records", "to_format",
+    "write_records", "write_stream",
+]  # fmt: skip
+
+
+class FormatError(UserError, ValueError):
+    """A whole file (or a request) in a format Tuneline cannot handle; the message says the fix."""
+
+
+FORMAT_KEYS = (
+    "alpaca (instruction, input, output); sharegpt (conversations, tools); openai (messages); "
+    "prompt_completion (prompt, completion); self_instruct (instruction, instances)"
+)
+BOM = b"\xef\xbb\xbf"
+# A line this long is rejected unread rather than held in memory; 64 MiB is far beyond any
+# sensible training example but small enough never to exhaust a worker.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+JSON_SPACE = " \t\r\n"
+# Bytes that are not UTF-8 come out of a "surrogateescape" decode as U+DC80..U+DCFF.
+UNDECODABLE = re.compile("[\udc80-\udcff]")
+READ_ERRORS = (OSError, EOFError, zlib.error)
+TOO_DEEP = "invalid JSON: nested too deeply to read"
+
+
+@dataclass(frozen=True)
+class RawValue:
+    """One JSON value of a file and the line it starts on, or the reason it could not be read."""
+
+    line: int
+    value: Any = None
+    reason: str | None = None
+
+
+def is_json_array_path(path: str) -> bool:
+    """Whether a path names a JSON array file (`.json`, also gzipped) rather than JSON lines."""
+    name = PurePosixPath(str(path)).name.lower().removesuffix(".gz")
+    return name.endswith(".json")
+
+
+def source_name(path: str) -> str:
+    """A file's name without folders and dataset suffixes: the default source name of its records."""
+    name = PurePosixPath(str(path)).name.removesuffix(".gz")
+    for suffix in (".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def iter_json_values(path: str) -> Iterator[RawValue]:
+    """Every JSON value of a JSON-lines or JSON-array file, in order; bad ones as reasons."""
+    with fsspec.open(path, "rb", compression="infer") as stream:
+        if isinstance(stream, AbstractBufferedFile):  # remote files: readline() takes no size
+            stream = io.BufferedReader(stream, buffer_size=1 << 20)
+        yield from _iter_stream(stream)
+
+
+def _iter_stream(stream: BinaryIO) -> Iterator[RawValue]:
+    """Read line by line; switch to array parsing when the first content starts with `[`."""
+    line_no, seen_content = 0, False
+    while True:
+        try:
+            raw = stream.readline(MAX_LINE_BYTES + 1)
+        except READ_ERRORS as error:
+            yield RawValue(line_no + 1, reason=f"file unreadable from here on: {error}")
+            return
+        if not raw:
+            return
+        line_no += 1
+        if line_no == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        if len(raw) > MAX_LINE_BYTES:
+            yield _skip_long_line(stream, line_no)
+            continue
+        stripped = raw.strip()
+        if not stripped:
+            continue
+        if not seen_content and stripped.startswith(b"["):
+            try:
+                data = raw + stream.read()
+            except READ_ERRORS as error:
+                yield RawValue(line_no, reason=f"file unreadable from here on: {error}")
+                return
+            yield from _iter_array(data, line_no)
+            return
+        seen_content = True
+        yield _decode_line(raw, line_no)
+
+
+def _skip_long_line(stream: BinaryIO, line_no: int) -> RawValue:
+    """Read past a line over MAX_LINE_BYTES without keeping it; the line becomes a reject."""
+    chunk = b""
+    while not chunk.endswith(b"\n"):
+        try:
+            chunk = stream.readline(MAX_LINE_BYTES)
+        except READ_ERRORS:
+            break
+        if not chunk:
+            break
+    return RawValue(line_no, reason=f"line longer than {MAX_LINE_BYTES} bytes; not read")
+
+
+def _decode_line(raw: bytes, line_no: int) -> RawValue:
+    """One JSON-lines line as a value, or why not (bad UTF-8, bad JSON, truncated last line)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return RawValue(
+            line_no, reason=f"invalid UTF-8 at byte {error.start} of the line ({raw[error.start]:#04x})"
+        )
+    try:
+        return RawValue(line_no, json.loads(text))
+    except json.JSONDecodeError as error:
+        reason = f"invalid JSON: {error.msg} (column {error.colno})"
+        if not raw.endswith(b"\n"):
+            reason += "; the last line has no newline, so the file looks truncated"
+        return RawValue(line_no, reason=reason)
+    except RecursionError:
+        return RawValue(line_no, reason=TOO_DEEP)
+
+
+def _iter_array(data: bytes, first_line: int) -> Iterator[RawValue]:
+    """The elements of a JSON array with the line each starts on.
+
+    A JSON array cannot be resynchronised after a broken element, so the first element that fails
+    to decode becomes one reject naming its line and what the decoder said, and reading stops.
+    """
+    text = data.decode("utf-8", "surrogateescape")
+    decoder = json.JSONDecoder()
+    position = _skip_space(text, text.index("[") + 1)
+    line = first_line + text.count("\n", 0, position)
+    if position < len(text) and text[position] == "]":
+        yield from _check_trailer(text, position + 1, line)
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as error:
+            where = f"line {first_line + error.lineno - 1}, column {error.colno}"
+            yield RawValue(
+                line, reason=f"invalid JSON: {error.msg} ({where}); the rest of the array cannot be read"
+            )
+            return
+        except RecursionError:
+            yield RawValue(line, reason=f"{TOO_DEEP}; the rest of the array cannot be read")
+            return
+        yield _element(text, value, position, end, line)
+        after = _skip_space(text, end)
+        if after >= len(text):
+            yield RawValue(line, reason="the JSON array is not closed with `]`; the file looks truncated")
+            return
+        line += text.count("\n", position, after)
+        if text[after] == "]":
+            yield from _check_trailer(text, after + 1, line)
+            return
+        if text[after] != ",":
+            yield RawValue(
+                line, reason=f"invalid JSON: expected `,` or `]` after an element, got {text[after]!r}"
+            )
+            return
+        position = _skip_space(text, after + 1)
+        line += text.count("\n", after, position)
+
+
+def _element(text: str, value: Any, start: int, end: int, line: int) -> RawValue:
+    """An array element, rejected when its bytes were not UTF-8 (they decoded as surrogates)."""
+    found = UNDECODABLE.search(text, start, end)
+    if found is None:
+        return RawValue(line, value)
+    bad_line = line + text.count("\n", start, found.start())
+    line_start = text.rfind("\n", 0, found.start()) + 1
+    column = len(text[line_start : found.start()].encode("utf-8", "surrogateescape"))
+    byte = ord(found.group()) - 0xDC00
+    return RawValue(line, reason=f"invalid UTF-8 at byte {column} of line {bad_line} ({byte:#04x})")
+
+
+def _check_trailer(text: str, position: int, line: int) -> Iterator[RawValue]:
+    """Anything but whitespace after the closing `]` is reported, not ignored."""
+    rest = _skip_space(text, position)
+    if rest < len(text):
+        yield RawValue(
+            line + text.count("\n", position, rest), reason="extra data after the closing `]` of the array"
+        )
+
+
+def _skip_space(text: str, position: int) -> int:
+    """The index of the first non-whitespace character at or after position."""
+    while position < len(text) and text[position] in JSON_SPACE:
+        position += 1
+    return position
+
+
+def write_json_values(values: Iterable[dict[str, Any]], stream: BinaryIO, json_array: bool) -> None:
+    """Write objects as JSON lines, or as one indented JSON array (what LLaMA-Factory reads)."""
+    if not json_array:
+        for value in values:
+            stream.write(json.dumps(value, ensure_ascii=False).encode("utf-8") + b"\n")
+        return
+    separator = b"[\n"
+    for value in values:
+        # JSON text never holds a raw newline inside a string, so indenting by replace is safe.
+        element = "  " + json.dumps(value, ensure_ascii=False, indent=2).replace("\n", "\n  ")
+        stream.write(separator + element.encode("utf-8"))
+        separator = b",\n"
+    stream.write(b"[]\n" if separator == b"[\n" else b"\n]\n")
+
+
+def detect_keys(obj: dict[str, Any]) -> Format | None:
+    """The format an object's keys point to, or None when they match no known format."""
+    if "conversations" in obj:
+        return Format.SHAREGPT
+    if "messages" in obj:
+        first = obj["messages"][0] if isinstance(obj["messages"], list) and obj["messages"] else None
+        return Format.SHAREGPT if isinstance(first, dict) and "from" in first else Format.OPENAI
+    if "instruction" in obj:
+        return Format.SELF_INSTRUCT if "instances" in obj else Format.ALPACA
+    if "prompt" in obj:
+        return Format.PROMPT_COMPLETION
+    return None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One record read from a file with the line its object starts on, or why that object was rejected."""
+
+    line: int
+    record: Record | None = None
+    reason: str | None = None
+
+
+@dataclass
+class ReadResult:
+    """A whole file read: its format (None when it held no object), records and `file:line: reason`s."""
+
+    path: str
+    format: Format | None
+    records: list[Record] = field(default_factory=list)
+    rejects: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WriteResult:
+    """What a write did: records written, records per loss reason, and (where, reason) not converted."""
+
+    written: int = 0
+    losses: Counter[str] = field(default_factory=Counter)
+    unconverted: list[tuple[str, str]] = field(default_factory=list)
+
+
+def as_format(value: Format | str | None) -> Format | None:
+    """A caller's format name as a Format; an unknown name raises FormatError listing the known ones."""
+    if value is None or isinstance(value, Format):
+        return value
+    try:
+        return Format(value)
+    except ValueError:
+        raise FormatError(f"unknown format {value!r}; use one of {', '.join(Format)}") from None
+
+
+def detect_format(path: str | Path) -> Format:
+    """The format of a file, from the keys of its first readable JSON object."""
+    fmt = _detect(str(path))
+    if fmt is None:
+        raise FormatError(
+            f"{path}: holds no readable JSON object, so its format cannot be detected; "
+            f"check the file, or pass --format {'|'.join(Format)}"
+        )
+    return fmt
+
+
+def _detect(path: str) -> Format | None:
+    """The format of the first readable object of a file; None when there is no object at all."""
+    for raw in iter_json_values(path):
+        if raw.reason is None and isinstance(raw.value, dict):
+            return _format_of(raw.value, path, raw.line)
+    return None
+
+
+def _format_of(obj: dict[str, Any], path: str, line: int) -> Format:
+    """detect_keys, or a FormatError naming the file, the keys seen and the --format fix."""
+    fmt = detect_keys(obj)
+    if fmt is None:
+        seen = ", ".join(sorted(obj)[:12]) or "no keys"
+        raise FormatError(
+            f"{path}:{line}: cannot tell the format from the keys [{seen}]; expected {FORMAT_KEYS}; "
+            f"pass --format {'|'.join(Format)} if the file is one of these"
+        )
+    return fmt
+
+
+def iter_file(
+    path: str | Path, format: Format | str | None = None, source: str | None = None
+) -> Iterator[Item]:
+    """Stream a file's records with their lines, and an Item with a reason for each unreadable one.
+
+    An explicit format overrides detection; without one the first readable object's keys decide.
+    `source` names the records' origin in meta (default: the file name without suffixes).
+    """
+    path = str(path)
+    fmt = as_format(format)
+    meta = {"source": source or source_name(path), "origin": "collected", "file": path}
+    for raw in iter_json_values(path):
+        if raw.reason is not None:
+            yield Item(raw.line, reason=raw.reason)
+        elif not isinstance(raw.value, dict):
+            yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}")
+        else:
+            fmt = fmt or _format_of(raw.value, path, raw.line)
+            yield from _read_object(raw.value, fmt, {**meta, "line": raw.line})
+
+
+def _read_object(obj: dict[str, Any], fmt: Format, meta: dict[str, Any]) -> Iterator[Item]:
+    """The records of one object, or one rejecting Item when any part of it is unusable."""
+    try:
+        conversations = parse_object(obj, fmt)
+        records = [make_record(c.messages, c.tools, {**meta, **c.hint}) for c in conversations]
+    except RecordError as error:
+        yield Item(meta["line"], reason=str(error))
+        return
+    for record in records:
+        yield Item(meta["line"], record)
+
+
+def read_records(
+    path: str | Path, format: Format | str | None = None, source: str | None = None
+) -> ReadResult:
+    """Read a whole file: its format, records and rejects as `file:line: reason`."""
+    fmt = as_format(format) or _detect(str(path))
+    result = ReadResult(str(path), fmt)
+    for item in iter_file(path, fmt, source):
+        if item.record is not None:
+            result.records.append(item.record)
+        else:
+            result.rejects.append(f"{path}:{item.line}: {item.reason}")
+    return result
+
+
+def writable_format(value: Format | str) -> Format:
+    """A format that has a writer; self_instruct and unknown names raise FormatError with the choices."""
+    fmt = as_format(value)
+    if fmt not in WRITABLE_FORMATS:
+        raise FormatError(f"cannot write {value!r}: Tuneline writes {', '.join(WRITABLE_FORMATS)}")
+    return fmt
+
+
+def record_location(record: Record) -> str:
+    """Where a record came from as `file:line` (from its meta), else its id."""
+    meta = record.get("meta") or {}
+    return f"{meta['file']}:{meta.get('line', '?')}" if "file" in meta else f"record {record.get('id')}"
+
+
+def write_stream(
+    records: Iterable[Record], stream: BinaryIO, format: Format | str, json_array: bool
+) -> WriteResult:
+    """Convert records to `format` and write them to a binary stream as JSON lines or a JSON array."""
+    target = writable_format(format)
+    result = WriteResult()
+    write_json_values(_convert_all(records, target, result), stream, json_array)
+    return result
+
+
+def _convert_all(records: Iterable[Record], target: Format, result: WriteResult) -> Iterator[dict[str, Any]]:
+    """The converted objects, counting losses and noting unconverted records in `result`."""
+    for record in records:
+        try:
+            obj, losses = to_format(record, target)
+        except ConversionError as error:
+            result.unconverted.append((record_location(record), str(error)))
+            continue
+        result.losses.update(set(losses))
+        result.written += 1
+        yield obj
+
+
+def write_records(records: Iterable[Record], path: str | Path, format: Format | str) -> WriteResult:
+    """Write records to a file in `format`: `.json` (also `.json.gz`) as a JSON array, else JSON lines."""
+    target = writable_format(format)
+    with fsspec.open(str(path), "wb", compression="infer") as stream:
+        return write_stream(records, stream, target, is_json_array_path(str(path)))

@@ -1,0 +1,425 @@
+"""The recipe: one frozen, typed description of a whole fine-tuning project.
+
+It is loaded from YAML with `key=value` overrides, validated once (every error listed with its
+field path), passed to the `finetune` flow as its parameter (so the Prefect UI renders it as a
+form), and saved beside every run. Defaults live here and nowhere else: in this module and the
+two that hold its largest sections, recipe_train.py and recipe_augment.py (re-exported here).
+
+Relative paths in a recipe are relative to the project folder (the working directory).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+
+from tuneline.errors import UserError
+from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tuneline.recipe import ...`
+    DOCUMENT_PROMPT,
+    PROMPT_PLACEHOLDERS,
+    SEED_PROMPT,
+    AugmentChecks,
+    AugmentSpec,
+    AutoPolicy,
+    AutoRejectRule,
+    ReviewSpec,
+    SeedsSpec,
+    TeacherSpec,
+)
+from tuneline.recipe.section import Format, Section  # noqa: F401 - re-exported
+from tuneline.recipe.train import (  # noqa: F401 - re-exported
+    METHOD_SECTIONS,
+    DeepSpeedSpec,
+    DistributedSpec,
+    FreezeSpec,
+    FsdpSpec,
+    LoraSpec,
+    PromptLearningSpec,
+    QuantizationSpec,
+    TrainSpec,
+)
+
+
+class FileSource(Section):
+    """Records in a file: a local path or any fsspec URL (file://, https://, s3://...)."""
+
+    kind: Literal["file"] = "file"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    path: str = Field(description="Local path (relative to the project) or fsspec URL.")
+    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+
+
+class UrlSource(Section):
+    """A dataset file downloaded once (http, https, s3, file), checked and kept in the store.
+
+    Interrupted HTTP downloads resume from where they stopped; .gz and .zip are unpacked.
+    """
+
+    kind: Literal["url"] = "url"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    url: str = Field(pattern=r"^(https?|s3|file)://", description="http(s)://, s3:// or file:// URL.")
+    sha256: str | None = Field(
+        None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 of the downloaded file."
+    )
+    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+    retries: int = Field(4, ge=0, le=20, description="Retries on 5xx, timeouts and dropped connections.")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds without data before a try fails.")
+
+
+class HfSource(Section):
+    """A dataset read through `datasets.load_dataset`: a hub name or a local folder or file."""
+
+    kind: Literal["hf"] = "hf"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    dataset: str = Field(description="Hub name (OWNER/NAME), local folder, or local data file.")
+    config: str | None = Field(None, description="Dataset configuration (load_dataset's `name`).")
+    split: str = Field("train", description="Split to read.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Dataset column -> record key (instruction, input, output, system, prompt, "
+        "completion, messages, conversations), renamed before the format is detected.",
+    )
+    format: Format | None = Field(None, description="Record format of the renamed rows; detected when empty.")
+
+
+class CrawlSource(Section):
+    """A website crawled by the Tuneline Scrapy spider, in a subprocess of its own.
+
+    `documents` keeps each page's title and main text (raw HTML stays in the fetch stage);
+    `pairs` turns question/answer selectors on FAQ pages into conversations.
+    """
+
+    kind: Literal["crawl"] = "crawl"
+    name: str = Field(description="Source name, kept in every record's meta.source.")
+    mode: Literal["documents", "pairs"] = "documents"
+    start_urls: list[str] = Field(default_factory=list, description="Pages the crawl starts from.")
+    sitemaps: list[str] = Field(default_factory=list, description="Sitemap URLs whose pages are crawled.")
+    allowed_domains: list[str] = Field(
+        default_factory=list,
+        description="Hosts (and their subdomains) the crawl may visit; default: hosts of the start URLs.",
+    )
+    allow: list[str] = Field(default_factory=list, description="Follow only URLs matching one of these.")
+    deny: list[str] = Field(default_factory=list, description="Never follow URLs matching these regexes.")
+    max_depth: int = Field(
+        3, ge=0, description="Links followed from a start URL or a page a sitemap lists, at most."
+    )
+    max_pages: int = Field(1000, ge=1, description="Pages crawled, at most.")
+    selectors: Literal["css", "xpath"] = Field("css", description="Language of the pair selectors.")
+    pair: str | None = Field(None, description="pairs mode: selector of each question/answer block.")
+    question: str | None = Field(None, description="pairs mode: question text, inside `pair` if given.")
+    answer: str | None = Field(None, description="pairs mode: answer text, inside `pair` if given.")
+    concurrency: int = Field(
+        4, ge=1, le=64, description="Parallel requests per domain, all processes together."
+    )
+    processes: int = Field(
+        1, ge=1, le=16,
+        description="Scrapy processes sharing the crawl, one core each; each page is still fetched once.",
+    )  # fmt: skip
+    allow_private: bool = Field(
+        False, description="Allow private, loopback and link-local addresses (local test sites only)."
+    )
+
+    @model_validator(mode="after")
+    def _has_pages_and_selectors(self) -> CrawlSource:
+        if not self.start_urls and not self.sitemaps:
+            raise ValueError("give start_urls or sitemaps: the crawl has nowhere to start")
+        if self.mode == "pairs" and not (self.question and self.answer):
+            raise ValueError("mode pairs needs `question` and `answer` selectors")
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    """A source's `kind`; "file" when left out, so recipes written before kinds existed still load."""
+    if isinstance(value, dict):
+        return value.get("kind", "file")
+    return getattr(value, "kind", "file")
+
+
+Source = Annotated[
+    Annotated[FileSource, Tag("file")]
+    | Annotated[UrlSource, Tag("url")]
+    | Annotated[HfSource, Tag("hf")]
+    | Annotated[CrawlSource, Tag("crawl")],
+    Discriminator(_source_kind),
+]
+
+
+PiiKind = Literal["email", "phone", "ip", "card", "secret"]
+
+
+class CleanSpec(Section):
+    """Repairs, filters and dedup applied before the quality gate; every drop has a named reason."""
+
+    normalize_text: bool = Field(True, description="Unicode NFC, unified newlines, trimmed turns.")
+    fix_mojibake: bool = Field(True, description="Repair mojibake and bad escapes with ftfy.")
+    strip_control: bool = Field(
+        True, description="Remove control and zero-width characters; collapse runs of spaces."
+    )
+    html: Literal["strip", "drop", "keep"] = Field(
+        "strip", description="HTML tags and entities: strip them, drop the record, or keep them."
+    )
+    check_structure: bool = Field(
+        True, description="Roles alternate, the last turn is the assistant's, tool turns are well formed."
+    )
+    min_chars: int = Field(2, ge=0, description="Shortest conversation kept, in characters.")
+    max_chars: int = Field(20_000, ge=1, description="Longest conversation kept, in characters.")
+    min_tokens: int = Field(0, ge=0, description="Fewest base-model tokens kept (needs the model section).")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most base-model tokens kept; None skips tokenizing (cheaper)."
+    )
+    over_length: Literal["drop", "truncate"] = Field(
+        "drop", description="Over max_chars/max_tokens: drop the record, or truncate its last turn."
+    )
+    languages: list[str] = Field(
+        default_factory=list, description="Allowed ISO 639-1 languages (e.g. [en, de]); empty keeps all."
+    )
+    min_language_confidence: float = Field(
+        0.5, ge=0, le=1, description="Lowest language-identification confidence kept."
+    )
+    redact_pii: list[PiiKind] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "card", "secret"],
+        description="PII kinds replaced by a placeholder such as <EMAIL>; empty turns redaction off.",
+    )
+    dedup: bool = Field(True, description="Drop exact duplicates of normalized conversations.")
+    near_dedup: bool = Field(True, description="Drop near duplicates found by MinHash LSH.")
+    near_dedup_threshold: float = Field(
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of word n-grams that counts as near."
+    )
+    near_dedup_ngram: int = Field(5, ge=1, description="Words per shingle for near-dedup.")
+    near_dedup_permutations: int = Field(64, ge=8, le=512, description="MinHash permutations.")
+    batch_size: int = Field(10_000, ge=1, description="Records processed per batch (memory stays flat).")
+    workers: int = Field(
+        2, ge=1, le=64, description="Processes repairing and hashing batches in parallel (1: none)."
+    )
+
+
+class QualitySpec(Section):
+    """The quality gate: a Great Expectations suite from expectations/ and its thresholds."""
+
+    suite: str = Field("conversations", description="Suite file name in expectations/ (without .json).")
+    min_records: int = Field(10, ge=1, description="Fewer records than this fail the gate.")
+    min_chars: int = Field(2, ge=0, description="Shortest allowed user and assistant turn.")
+    max_chars: int = Field(20_000, ge=1, description="Longest allowed user and assistant turn.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Most base-model tokens per record (counted by clean when it tokenizes)."
+    )
+    max_duplicate_rate: float = Field(0.0, ge=0, le=1, description="Highest share of repeated record ids.")
+    languages: list[str] = Field(
+        default_factory=list, description="Languages the data should be in; empty skips the check."
+    )
+    min_language_share: float = Field(0.95, ge=0, le=1, description="Least share of records in `languages`.")
+    max_label_share: float = Field(
+        1.0, gt=0, le=1, description="Highest share of the most common final assistant answer (labels)."
+    )
+    mostly: float = Field(1.0, gt=0, le=1, description="Share of rows each row-level check must pass.")
+    examples: int = Field(3, ge=0, le=50, description="Failing rows shown per failed expectation.")
+
+
+class SplitSpec(Section):
+    """Deterministic train/validation/test split, by hashing each record id with the seed."""
+
+    validation: float = Field(0.1, ge=0, lt=1, description="Share of records for validation.")
+    test: float = Field(0.1, ge=0, lt=1, description="Share of records held out for the test split.")
+    seed: int = Field(0, description="Changing the seed re-deals the records.")
+    decontaminate: bool = Field(
+        True, description="Drop training records sharing a long n-gram with validation, test or benchmarks."
+    )
+    decontaminate_ngram: int = Field(13, ge=3, description="Words per n-gram for decontamination.")
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="Benchmark prompt files (dataset files, or .txt: one prompt a line) kept out.",
+    )
+
+    @model_validator(mode="after")
+    def _leave_training_data(self) -> SplitSpec:
+        if self.validation + self.test >= 1:
+            raise ValueError(
+                f"validation + test = {self.validation + self.test:g} leaves nothing to train on; "
+                "keep their sum below 1"
+            )
+        return self
+
+
+class ModelSpec(Section):
+    """The base model: a Hugging Face hub name or a local folder, loaded with from_pretrained."""
+
+    name: str = Field(description="Hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    trust_remote_code: bool = False
+
+
+class EvaluateSpec(Section):
+    """Base vs tuned model on the test split: loss and a task metric on greedy generations."""
+
+    metric: Literal["exact_match"] = "exact_match"
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test records.")
+
+
+class RegisterSpec(Section):
+    """MLflow registration and the promotion rule for the `champion` alias."""
+
+    model_name: str = Field(description="Registered model name in MLflow.")
+    tracking_uri: str = Field("sqlite:///.tuneline/mlflow.db", description="MLflow tracking URI.")
+    experiment: str = "tuneline"
+    promote_metric: Literal["exact_match", "loss"] = "exact_match"
+    margin: float = Field(0.0, ge=0, description="How much the candidate must beat the champion by.")
+
+
+# `register` is the stage's name everywhere. As a field it shadows ABCMeta.register, which
+# pydantic would take as its default: the explicit `Field(...)` below keeps it required.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Recipe(Section):
+    """A whole fine-tuning project, from sources to a registered model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Project name.")
+    artifacts_dir: str = Field(".tuneline", description="Where stage artifacts are stored.")
+    sources: list[Source] = Field(min_length=1)
+    augment: AugmentSpec | None = Field(
+        None, description="Teacher-generated examples in reviewed rounds, added before cleaning."
+    )
+    clean: CleanSpec = CleanSpec()
+    quality: QualitySpec = QualitySpec()
+    split: SplitSpec = SplitSpec()
+    model: ModelSpec
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    register: RegisterSpec = Field(...)
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> Recipe:
+        names = [source.name for source in self.sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"sources: names must be unique, repeated: {', '.join(repeated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _augment_has_documents(self) -> Recipe:
+        grounded = self.augment is not None and self.augment.mode == "documents"
+        if grounded and not any(s.kind == "crawl" and s.mode == "documents" for s in self.sources):
+            raise ValueError(
+                "augment.mode documents needs collected documents: add a crawl source with mode: documents"
+            )
+        return self
+
+
+class RecipeError(UserError, ValueError):
+    """A recipe that cannot be used; `problems` holds one 'field.path: message' line per error."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `a.b.c=value` overrides, and validate it once."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RecipeError(str(path), [f"cannot read the recipe: {error.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(where, [f"not valid YAML: {getattr(error, 'problem', error)}"]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [f"expected a mapping of sections, got {type(data).__name__}"])
+    problems: list[str] = []
+    for override in overrides:
+        problem = apply_override(data, override)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise RecipeError(str(path), problems)
+    return validate_recipe(data, str(path))
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping, listing every error with its field path and the bad value."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(source, [describe_error(e) for e in error.errors()]) from None
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as 'field.path: message (got value)'."""
+    where = ".".join(str(part) for part in error["loc"]) or "(recipe)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key; check its spelling against `tuneline recipe schema`"
+    if error["type"] == "missing":
+        return f"{where}: required, but missing"
+    value = error.get("input")
+    shown = json.dumps(value, default=str)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{where}: {message} (got {shown})"
+
+
+def apply_override(data: dict[str, Any], override: str) -> str | None:
+    """Set `a.b.0.c=value` in the mapping (value parsed as YAML); returns a problem or None."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        return f"override {override!r}: expected key=value, e.g. train.learning_rate=1e-4"
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"override {key}: {'.'.join(parts[: depth + 1])} is not an item of the list"
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            return f"override {key}: {'.'.join(parts[: depth + 1])} holds a value, not a section"
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            return f"override {key}: {last} is not an item of the list"
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default written out: what a run actually used."""
+    resolved = recipe.model_dump(mode="json", context={"resolved": True})
+    return yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
+
+
+def flatten_recipe(recipe: Recipe) -> dict[str, str]:
+    """Recipe as flat `section.key` -> value strings, the shape MLflow params want."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for index, item in enumerate(value):
+                walk(f"{prefix}.{index}", item)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+    walk("", recipe.model_dump(mode="json", context={"resolved": True}))
+    return flat

@@ -1,0 +1,190 @@
+"""The collect stage: every source's fetched data merged into canonical records and documents.
+
+Each source was fetched into a stage of its own (tuneline.sources.fetch); collect reads them in recipe
+order. Files, downloads and Hugging Face rows go through the format readers; crawled FAQ pairs
+become two-turn conversations; crawled pages become documents (`documents.jsonl`: title, text,
+URL) that later stages can ground generation on. Every record carries its source, URL and fetch
+time in meta. Nothing disappears: an unreadable record goes to rejects with `file:line: reason`,
+a crawl's drops are carried over with their reasons. The manifest's ledger counts conversation
+records; documents keep a ledger of their own in stats.json, so the next stage's intake still
+equals this stage's output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tuneline.formats import FormatError, iter_file
+from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
+from tuneline.records import RecordError, make_record
+from tuneline.sources.crawl import ITEMS
+from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.sources.fetch import ROWS, path_fingerprint, run_fetch
+from tuneline.store import (
+    REJECTS,
+    StageRef,
+    StageWriter,
+    check_ledger_counts,
+    code_digest,
+    find_stage,
+    iter_records,
+    read_stats,
+    stage_digest,
+    write_stage,
+)
+
+__all__ = ["DOCUMENTS", "SourceError", "SourceUnreachable", "run_collect", "source_fingerprint"]
+
+DOCUMENTS = "documents.jsonl"
+DOCUMENT_REJECTS = "documents_rejects.jsonl"
+
+
+def source_fingerprint(source: FileSource) -> dict[str, Any]:
+    """What identifies a file source's content: a sha256 for local files, size and ETag for URLs."""
+    return path_fingerprint(source.name, source.path)
+
+
+class SourceCounts:
+    """One source's tally: records and documents kept, and drops by reason."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.records = 0
+        self.documents = 0
+        self.dropped: Counter[str] = Counter()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "records": self.records, "documents": self.documents,
+                "dropped": dict(sorted(self.dropped.items()))}  # fmt: skip
+
+
+class DocumentSink:
+    """documents.jsonl and its own ledger (in = out + dropped), beside the records'."""
+
+    def __init__(self, writer: StageWriter) -> None:
+        self.writer = writer
+        self.count_in = 0
+        self.out = 0
+        self.dropped: Counter[str] = Counter()
+        self._files: dict[str, Any] = {}
+
+    def _line(self, name: str, row: dict[str, Any]) -> None:
+        if name not in self._files:
+            self._files[name] = open(self.writer.path(name), "w", encoding="utf-8")  # noqa: SIM115
+        self._files[name].write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def keep(self, document: dict[str, Any]) -> None:
+        self.count_in += 1
+        self.out += 1
+        self._line(DOCUMENTS, document)
+
+    def drop(self, row: dict[str, Any], reason: str, detail: str) -> None:
+        self.count_in += 1
+        self.dropped[reason] += 1
+        self._line(DOCUMENT_REJECTS, {"reason": reason, "detail": detail, "record": row})
+
+    def close(self) -> dict[str, Any]:
+        for handle in self._files.values():
+            handle.close()
+        check_ledger_counts("collect (documents)", self.count_in, self.out, self.dropped)
+        return {"in": self.count_in, "out": self.out, "dropped": dict(sorted(self.dropped.items()))}
+
+
+def run_collect(
+    artifacts_dir: str | Path, sources: list[Source], fetched: list[StageRef] | None = None
+) -> StageRef:
+    """Merge the fetched sources (fetching any not given) into records.jsonl and documents.jsonl."""
+    if fetched is None:
+        fetched = [run_fetch(artifacts_dir, source) for source in sources]
+    digest = stage_digest("collect", sources, [ref.digest for ref in fetched], code_digest(__file__))
+    if cached := find_stage(artifacts_dir, "collect", digest):
+        return cached
+    per_source: dict[str, dict[str, Any]] = {}
+    # The fetch stages are named in stats.json, not as manifest inputs: lineage follows a chain of
+    # first inputs (split <- ... <- collect), and collect fans in from one fetch per source.
+    with write_stage(artifacts_dir, "collect", digest) as writer:
+        documents = DocumentSink(writer)
+        for source, ref in zip(sources, fetched, strict=True):
+            counts = SourceCounts(source.kind)
+            match source:
+                case FileSource():
+                    read_files(writer, source, [source.path], source.path, now(), counts)
+                case UrlSource():
+                    stats = read_stats(ref)
+                    paths = [str(ref.file(name)) for name in stats["files"]]
+                    read_files(writer, source, paths, source.url, stats["fetched_at"], counts)
+                case HfSource():
+                    stats = read_stats(ref)
+                    read_files(
+                        writer, source, [str(ref.file(ROWS))], source.dataset, stats["fetched_at"], counts
+                    )
+                case CrawlSource():
+                    read_crawl(writer, documents, source, ref, counts)
+            per_source[source.name] = {**counts.as_dict(), "fetch": ref.digest}
+        writer.stats = {"sources": per_source, "documents": documents.close()}
+    return find_stage(artifacts_dir, "collect", digest)
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_files(
+    writer: StageWriter, source: Source, paths: list[str], url: str, fetched_at: str, counts: SourceCounts
+) -> None:
+    """Records of dataset files; unreadable ones to rejects with `file:line: reason`."""
+    for path in paths:
+        try:
+            for item in iter_file(path, source.format, source.name):
+                writer.count_in()
+                if item.record is None:
+                    writer.drop(
+                        {"source": source.name, "line": item.line},
+                        "unreadable",
+                        f"{path}:{item.line}: {item.reason}",
+                    )
+                    counts.dropped["unreadable"] += 1
+                else:
+                    item.record["meta"].update(url=url, fetched_at=fetched_at)
+                    writer.keep(item.record)
+                    counts.records += 1
+        except FormatError as error:
+            raise SourceError(f"source {source.name!r}: {error}") from None
+        except (OSError, TimeoutError) as error:
+            raise SourceUnreachable(f"source {source.name!r}: reading {path} failed: {error}") from error
+
+
+def read_crawl(
+    writer: StageWriter, documents: DocumentSink, source: CrawlSource, ref: StageRef, counts: SourceCounts
+) -> None:
+    """A crawl's items as documents or pair conversations; its drops carried over with their reasons."""
+    for reject in iter_records(ref, REJECTS):
+        row = {"source": source.name, **reject["record"]}
+        if source.mode == "documents":
+            documents.drop(row, reject["reason"], reject["detail"])
+        else:
+            writer.count_in()
+            writer.drop(row, reject["reason"], reject["detail"])
+        counts.dropped[reject["reason"]] += 1
+    for item in iter_records(ref, ITEMS):
+        meta = {"source": source.name, "origin": "collected", "url": item["url"],
+                "fetched_at": item["fetched_at"], "title": item.get("title")}  # fmt: skip
+        if source.mode == "documents":
+            documents.keep({"text": item["text"], **meta, "fetch": ref.digest})
+            counts.documents += 1
+            continue
+        writer.count_in()
+        messages = [
+            {"role": "user", "content": item["question"]},
+            {"role": "assistant", "content": item["answer"]},
+        ]
+        try:
+            writer.keep(make_record(messages, None, meta))
+            counts.records += 1
+        except RecordError as error:
+            writer.drop({"source": source.name, "url": item["url"]}, "unreadable", f"{item['url']}: {error}")
+            counts.dropped["unreadable"] += 1

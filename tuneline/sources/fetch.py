@@ -1,0 +1,204 @@
+"""The fetch stage: each source's raw data in a cached stage folder of its own.
+
+One fetch per source, keyed on the source's recipe section and a fingerprint of its content, so
+an unchanged source is never fetched twice and a failing one is retried alone:
+
+- file: nothing is copied; the stage records the file's fingerprint (collect reads the file);
+- url: the downloaded, checked and unpacked dataset files (`data/`);
+- hf: the split loaded through `datasets.load_dataset`, columns renamed, as `rows.jsonl`;
+- crawl: the spider's kept items (`items.jsonl`, raw HTML included) and its drops in
+  `rejects.jsonl` with their reasons; the crawl's stats in `stats.json`.
+
+A fetch that fails leaves no stage folder. Partial downloads wait under `downloads/` so a
+retry resumes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import fsspec
+
+from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
+from tuneline.sources.crawl import DROPS, ITEMS, crawl_summary, run_crawl
+from tuneline.sources.download import download, unpack
+from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.store import StageRef, code_digest, find_stage, iter_jsonl, stage_digest, write_stage
+
+ROWS = "rows.jsonl"
+DATA_DIR = "data"
+HF_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def run_fetch(artifacts_dir: str | Path, source: Source) -> StageRef:
+    """Fetch one source into its own stage folder, or return the finished one."""
+    match source:
+        case FileSource():
+            return fetch_file(artifacts_dir, source)
+        case UrlSource():
+            return fetch_url(artifacts_dir, source)
+        case HfSource():
+            return fetch_hf(artifacts_dir, source)
+        case CrawlSource():
+            return fetch_crawl(artifacts_dir, source)
+    raise TypeError(f"unknown source {source!r}")
+
+
+def path_fingerprint(name: str, path: str) -> dict[str, Any]:
+    """What identifies a file's content: a sha256 for local files, size and ETag/mtime for URLs."""
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        info = fs.info(fs_path)
+    except FileNotFoundError as error:
+        # fsspec's HTTP filesystem reports every failure as FileNotFoundError; its cause tells
+        # a missing file (404, or none) from a server that is down or failing (worth a retry).
+        cause = error.__cause__
+        status = getattr(cause, "status", None)
+        if status is not None and 400 <= status < 500 and status not in (404, 408, 410, 429):
+            raise SourceError(
+                f"source {name!r}: {path} answered HTTP {status}; check the URL and the credentials it needs"
+            ) from None
+        if cause is not None and not isinstance(cause, FileNotFoundError) and status not in (404, 410):
+            raise SourceUnreachable(
+                f"source {name!r}: cannot reach {path}: {type(cause).__name__}: {cause}"
+            ) from error
+        raise SourceError(
+            f"source {name!r}: {path} does not exist; fix the source's path or url "
+            "(relative paths are relative to the project folder)"
+        ) from None
+    except (OSError, TimeoutError) as error:
+        raise SourceUnreachable(f"source {name!r}: cannot reach {path}: {error}") from error
+    if info.get("type") == "directory":
+        raise SourceError(f"source {name!r}: {path} is a folder; name a file")
+    if "file" in fs.protocol or "local" in fs.protocol:
+        digest = hashlib.sha256()
+        with fs.open(fs_path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return {"sha256": digest.hexdigest()}
+    keys = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified")
+    return {key: str(info[key]) for key in keys if key in info} or {"path": path}
+
+
+def fetch_file(artifacts_dir: str | Path, source: FileSource) -> StageRef:
+    """A file source: only its fingerprint, so that collect re-runs when the file changes."""
+    fingerprint = path_fingerprint(source.name, source.path)
+    digest = stage_digest("fetch", source, fingerprint, code_digest(__file__))
+    if cached := find_stage(artifacts_dir, "fetch", digest):
+        return cached
+    with write_stage(artifacts_dir, "fetch", digest) as writer:
+        writer.stats = {"source": source.name, "kind": source.kind, "fingerprint": fingerprint}
+    return find_stage(artifacts_dir, "fetch", digest)
+
+
+def fetch_url(artifacts_dir: str | Path, source: UrlSource) -> StageRef:
+    """Download a dataset file (resuming a partial one), check it, unpack it."""
+    fingerprint = {"sha256": source.sha256} if source.sha256 else path_fingerprint(source.name, source.url)
+    digest = stage_digest(
+        "fetch", source, fingerprint, code_digest(__file__, _module_file("tuneline.sources.download"))
+    )
+    if cached := find_stage(artifacts_dir, "fetch", digest):
+        return cached
+    file_name = PurePosixPath(urlsplit(source.url).path).name or "download"
+    part_path = Path(artifacts_dir) / "downloads" / digest / f"{file_name}.part"
+    got = download(
+        source.url, part_path, name=source.name, sha256=source.sha256,
+        retries=source.retries, timeout_s=source.timeout_s,
+    )  # fmt: skip
+    with write_stage(artifacts_dir, "fetch", digest) as writer:
+        files, skipped = unpack(got.path, file_name, writer.path(DATA_DIR))
+        writer.stats = {
+            "source": source.name, "kind": source.kind, "url": source.url, "fetched_at": now(),
+            "sha256": got.sha256, "bytes": got.size, "tries": got.tries, "errors": got.errors,
+            "files": [f.relative_to(writer.dir).as_posix() for f in files], "skipped_members": skipped,
+        }  # fmt: skip
+    shutil.rmtree(part_path.parent, ignore_errors=True)
+    return find_stage(artifacts_dir, "fetch", digest)
+
+
+def fetch_hf(artifacts_dir: str | Path, source: HfSource) -> StageRef:
+    """Load a split through `datasets.load_dataset` and keep its rows, columns renamed."""
+    dataset = load_hf_split(source)
+    digest = stage_digest("fetch", source, dataset._fingerprint, code_digest(__file__))
+    if cached := find_stage(artifacts_dir, "fetch", digest):
+        return cached
+    missing = sorted(set(source.columns) - set(dataset.column_names))
+    if missing:
+        raise SourceError(
+            f"source {source.name!r}: columns {missing} are not in {source.dataset} "
+            f"(it has {dataset.column_names}); fix sources[].columns"
+        )
+    with write_stage(artifacts_dir, "fetch", digest) as writer, open(writer.path(ROWS), "w") as out:
+        for row in dataset:
+            renamed = {source.columns.get(key, key): value for key, value in row.items()}
+            out.write(json.dumps(renamed, ensure_ascii=False, default=str) + "\n")
+        writer.stats = {
+            "source": source.name, "kind": source.kind, "dataset": source.dataset, "split": source.split,
+            "rows": dataset.num_rows, "fingerprint": dataset._fingerprint, "fetched_at": now(),
+        }  # fmt: skip
+    return find_stage(artifacts_dir, "fetch", digest)
+
+
+def load_hf_split(source: HfSource) -> Any:
+    """The split through `datasets.load_dataset`: a hub name, a local folder, or a local data file
+    (read with the builder its suffix names)."""
+    import datasets  # costs seconds: only when a recipe has an hf source
+
+    local = Path(source.dataset)
+    builder = HF_FILE_BUILDERS.get(local.suffix.lower()) if local.is_file() else None
+    try:
+        if builder:
+            return datasets.load_dataset(builder, data_files=str(local), split=source.split)
+        return datasets.load_dataset(
+            source.dataset, source.config, split=source.split, revision=source.revision
+        )
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise SourceError(f"source {source.name!r}: cannot load {source.dataset}: {error}") from None
+    except (ConnectionError, TimeoutError, OSError) as error:
+        raise SourceUnreachable(f"source {source.name!r}: cannot load {source.dataset}: {error}") from error
+
+
+def fetch_crawl(artifacts_dir: str | Path, source: CrawlSource) -> StageRef:
+    """Crawl a site in a subprocess; kept items and every drop with its reason go to the stage."""
+    crawler_files = sorted(Path(_module_file("tuneline.crawlers")).parent.rglob("*.py"))
+    digest = stage_digest(
+        "fetch", source, code_digest(__file__, _module_file("tuneline.sources.crawl"), *crawler_files)
+    )
+    if cached := find_stage(artifacts_dir, "fetch", digest):
+        return cached
+    cache_dir = Path(artifacts_dir).resolve() / "cache" / "crawl" / source.name
+    with write_stage(artifacts_dir, "fetch", digest) as writer:
+        result = run_crawl(source, writer.dir, cache_dir)
+        kept = sum(1 for _ in iter_jsonl(writer.dir / ITEMS))
+        writer.count_in(kept)
+        writer.records_out = kept
+        drops_path = writer.dir / DROPS
+        if drops_path.exists():
+            for drop in iter_jsonl(drops_path):
+                writer.count_in()
+                writer.drop({"url": drop["url"], "kind": drop["kind"]}, drop["reason"], drop["detail"])
+            drops_path.unlink()
+        writer.stats = {
+            "source": source.name, "kind": source.kind, "mode": source.mode, "fetched_at": now(),
+            **crawl_summary(result.stats),
+        }  # fmt: skip
+    return find_stage(artifacts_dir, "fetch", digest)
+
+
+def _module_file(module: str) -> str:
+    """The source file of a module, found without importing it (crawlers imports Scrapy)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise SourceError(f"cannot find the {module} package; reinstall Tuneline (pip install -e .)")
+    return spec.origin

@@ -1,0 +1,78 @@
+"""Export of a trained model, and loading it back: what leaves the train stage.
+
+`adapter/` holds the peft adapter of every peft method (soft prompts included) and `model/` the
+merged full model where a merge exists, both in safetensors with the tokenizer beside them, so
+plain transformers/peft load them without Tuneline. `load_trained` reads either back for
+evaluation and serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tuneline import models
+from tuneline.recipe import ModelSpec, TrainSpec
+from tuneline.train.methods import PEFT_METHODS
+
+
+def export_model(
+    trained: Any, tokenizer: Any, stage_dir: Path, model_spec: ModelSpec, train: TrainSpec
+) -> dict[str, str]:
+    """Write `adapter/` (every peft method) and `model/` (merged full model) where a merge exists.
+
+    Both load without Tuneline: `model/` with AutoModelForCausalLM and AutoTokenizer, `adapter/`
+    with `PeftModel.from_pretrained(base, adapter_dir)` (the tokenizer is saved beside it too).
+    lora merges in place, so `trained` is consumed; qlora merges into a full-precision reload of
+    the base (a 4-bit base cannot hold the merged weights); soft prompts have no merged form.
+    Returns the folders written, by name.
+    """
+    written: dict[str, str] = {}
+    if train.method in PEFT_METHODS:
+        adapter_dir = stage_dir / "adapter"
+        trained.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+        written["adapter"] = str(adapter_dir)
+    model_dir = stage_dir / "model"
+    if train.method in ("full", "freeze"):
+        merged = trained
+    elif train.method == "lora":
+        merged = trained.merge_and_unload()
+    elif train.method == "qlora":
+        from peft import PeftModel
+
+        base = models.load_model(
+            model_spec.name, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code
+        )
+        merged = PeftModel.from_pretrained(base, stage_dir / "adapter").merge_and_unload()
+    else:
+        return written
+    merged.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    written["model"] = str(model_dir)
+    return written
+
+
+def trained_folder(stage_dir: str | Path) -> Path:
+    """The folder that holds a train stage's result: `model/` when merged, else `adapter/`."""
+    stage_dir = Path(stage_dir)
+    return stage_dir / "model" if (stage_dir / "model" / "config.json").is_file() else stage_dir / "adapter"
+
+
+def load_trained(
+    name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """A model for inference from a model name, a model folder or a peft adapter folder.
+
+    An adapter folder (adapter_config.json, no config.json) loads its base, named in the adapter's
+    config, with the adapter on top: that is how a soft-prompt result, which has no merged model,
+    is evaluated and served.
+    """
+    folder = Path(name_or_path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        device, dtype = models.choose_device()
+        model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return model.to(device).eval()
+    return models.load_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

@@ -1,0 +1,176 @@
+"""Distributed training: the train stage run by `accelerate launch` workers, one per GPU (or CPU slot).
+
+The flow's process stays the parent: it writes the recipe's `train.distributed` choice as an
+accelerate config file (DDP, FSDP or DeepSpeed) and a request file into the stage's checkpoint
+folder, runs `accelerate launch --config_file ... -m tuneline.train.launch REQUEST` in a subprocess,
+streams its output into `launch.log`, and waits. Every worker runs the same core training on the
+same inputs (`tuneline.train.train_here`); the main process writes the stage. A failed launch
+raises `LaunchError` with the end of the log.
+
+On a machine without CUDA the workers train on CPU and talk over gloo (tests use two processes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tuneline.errors import UserError
+from tuneline.recipe import DistributedSpec
+
+REQUEST_FILE = "launch_request.json"
+CONFIG_FILE = "accelerate_config.yaml"
+LOG_FILE = "launch.log"
+TAIL_LINES = 40
+
+
+class LaunchError(UserError, RuntimeError):
+    """Distributed training that could not start or whose workers failed; carries the log's tail."""
+
+
+def needs_launch(spec: DistributedSpec) -> bool:
+    """Whether training runs in launched workers rather than in the calling process."""
+    return spec.strategy != "none"
+
+
+def build_accelerate_config(spec: DistributedSpec, *, use_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """The accelerate config file's content for the recipe's strategy.
+
+    Without CUDA the workers are launched like GPU workers (torchrun) and train on CPU over gloo:
+    accelerate's own `--cpu` mode starts only one process unless MPI is installed.
+    """
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU",
+        "num_processes": spec.world_size,
+        "num_machines": spec.nodes,
+        "machine_rank": spec.node_rank,
+        "main_process_ip": spec.main_address,
+        "main_process_port": spec.main_port,
+        "mixed_precision": "bf16" if bf16 else "no",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+        "dynamo_config": {},
+        "debug": False,
+    }
+    if spec.strategy in ("fsdp", "deepspeed") and not use_gpu:
+        raise LaunchError(
+            f"train.distributed.strategy: {spec.strategy} needs CUDA GPUs and none is visible; "
+            "use ddp on CPU, or run on a GPU machine"
+        )
+    if spec.strategy == "fsdp":
+        fsdp = spec.fsdp
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": fsdp.version,
+            "fsdp_auto_wrap_policy": fsdp.wrap_policy,
+            "fsdp_offload_params": fsdp.offload_params,
+            "fsdp_activation_checkpointing": fsdp.activation_checkpointing,
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_state_dict_type": "FULL_STATE_DICT",  # the stage saves one loadable model
+            **(
+                {"fsdp_reshard_after_forward": fsdp.sharding != "SHARD_GRAD_OP"}
+                if fsdp.version == 2
+                else {"fsdp_sharding_strategy": fsdp.sharding, "fsdp_use_orig_params": True}
+            ),
+        }
+    elif spec.strategy == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise LaunchError(
+                "train.distributed.strategy: deepspeed is not installed; "
+                "`pip install deepspeed` on the training machines, or use fsdp or ddp"
+            )
+        ds = spec.deepspeed
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {
+            "zero_stage": ds.zero_stage,
+            "offload_optimizer_device": ds.offload_optimizer,
+            "offload_param_device": ds.offload_params,
+            "zero3_init_flag": ds.zero_stage == 3,
+            "zero3_save_16bit_model": ds.zero_stage == 3,
+        }
+    return config
+
+
+def launch_command(config_path: Path, request_path: Path) -> list[str]:
+    """`accelerate launch` with the config file, running this module as the worker."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_path),
+        "-m",
+        "tuneline.train.launch",
+        str(request_path),
+    ]
+
+
+def launch_training(
+    request: dict[str, Any], spec: DistributedSpec, work_dir: Path, echo: Callable[[str], None] | None = None
+) -> None:
+    """Run the training workers and wait; raises LaunchError with the log's tail if they fail.
+
+    `request` holds what `train_here` needs (JSON-ready); each output line goes to `launch.log` in
+    `work_dir` and to `echo` (the task's logger) when given.
+    """
+    from tuneline import models
+
+    device, dtype = models.choose_device()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    config = build_accelerate_config(spec, use_gpu=device == "cuda", bf16=dtype == torch.bfloat16)
+    config_path = work_dir / CONFIG_FILE
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    request_path = work_dir / REQUEST_FILE
+    request_path.write_text(json.dumps(request), encoding="utf-8")
+    command = launch_command(config_path, request_path)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    with open(work_dir / LOG_FILE, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        with subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as process:
+            for line in process.stdout:
+                log.write(line)
+                tail.append(line.rstrip("\n"))
+                if echo:
+                    echo(line.rstrip("\n"))
+            returncode = process.wait()
+    if returncode != 0:
+        raise LaunchError(
+            f"train.distributed: {spec.world_size} {spec.strategy} workers failed (exit {returncode}); "
+            f"full log: {work_dir / LOG_FILE}\n" + "\n".join(tail)
+        )
+
+
+def main(argv: list[str]) -> None:
+    """Worker entry point: train on the request's inputs (every rank), the main rank writes the stage."""
+    from tuneline.recipe import ModelSpec, TrainSpec
+    from tuneline.store import StageRef
+    from tuneline.train import stage as train
+    from tuneline.train.tracking import TrackingTarget
+
+    request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    tracking = request.get("tracking")
+    train.train_here(
+        request["artifacts_dir"],
+        StageRef.model_validate(request["splits"]),
+        ModelSpec.model_validate(request["model"]),
+        TrainSpec.model_validate(request["train"]),
+        digest=request["digest"],
+        tracking=TrackingTarget(**tracking) if tracking else None,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

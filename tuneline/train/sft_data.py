@@ -1,0 +1,136 @@
+"""SFT data for the train stage: records as trainer rows, and the validation split scored in training.
+
+Two ways to keep the loss on what the assistant says, picked from the chat template:
+- `assistant_only`: the template marks assistant output with `{% generation %}` (the tiny model's
+  ChatML does, end-of-turn token included); records train as whole conversations.
+- `completion_only`: most hub templates have no markers; each record becomes a conversational
+  prompt (every turn before the last assistant turn) and completion (that turn, rendered by the
+  template with its end-of-turn token).
+
+Validation records score the loss and, through `ExactMatchCallback`, the task metric (greedy
+answers compared with the reference), which can pick the best checkpoint and stop training early.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from transformers import TrainerCallback
+
+from tuneline import models
+from tuneline.errors import UserError
+from tuneline.recipe import TrainSpec
+from tuneline.store import StageRef, StageWriter, iter_records
+
+LossMode = Literal["assistant_only", "completion_only"]
+
+
+class TrainDataError(UserError, ValueError):
+    """Training data the trainer cannot learn from, or a validation split evaluation needs but lacks."""
+
+
+def choose_loss_mode(tokenizer: Any) -> LossMode:
+    """`assistant_only` when the chat template has `{% generation %}` markers, else `completion_only`."""
+    return "assistant_only" if models.has_generation_markers(tokenizer.chat_template) else "completion_only"
+
+
+def prompt_length(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
+    """Tokens of the turns before an assistant reply, generation prompt included."""
+    return len(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
+
+
+def training_row(
+    record: dict[str, Any], tokenizer: Any, loss_mode: LossMode, max_length: int
+) -> tuple[dict[str, Any] | None, str, str]:
+    """A record as an SFT row, or (None, reason, detail) when it cannot be learned from.
+
+    A record without an assistant turn has nothing to learn; one whose prompt alone fills
+    `max_length` would be truncated to no trainable token (TRL would silently skip it).
+    """
+    messages = [models.clean_message(m) for m in record["messages"]]
+    last = models.last_assistant_index(messages)
+    if last is None:
+        return None, "no_assistant_turn", "messages: no assistant turn to learn from"
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt_end = first if loss_mode == "assistant_only" else last
+    length = prompt_length(tokenizer, messages[:prompt_end]) if prompt_end else 0
+    if length >= max_length:
+        detail = f"prompt is {length} tokens, train.max_length is {max_length}; raise train.max_length"
+        return None, "prompt_exceeds_max_length", detail
+    if loss_mode == "assistant_only":
+        return {"messages": messages}, "", ""
+    return {"prompt": messages[:last], "completion": [messages[last]]}, "", ""
+
+
+def make_training_rows(
+    records: list[dict[str, Any]], tokenizer: Any, loss_mode: LossMode, max_length: int, writer: StageWriter
+) -> list[dict[str, Any]]:
+    """Training rows for the SFT trainer; records it cannot learn from are dropped with a reason."""
+    rows = []
+    for record in records:
+        row, reason, detail = training_row(record, tokenizer, loss_mode, max_length)
+        if row is None:
+            writer.drop(record, reason, detail)
+            continue
+        rows.append(row)
+        writer.keep({"id": record["id"]}, "trained.jsonl")
+    return rows
+
+
+def validation_conversations(
+    splits: StageRef, tokenizer: Any, loss_mode: LossMode, train: TrainSpec
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(SFT row, conversation) for each usable validation record: the row scores validation loss,
+    the conversation exact match. Raises TrainDataError when evaluation has nothing to score."""
+    pairs = []
+    for record in iter_records(splits, "validation.jsonl"):
+        row, _, _ = training_row(record, tokenizer, loss_mode, train.max_length)
+        if row is not None:
+            pairs.append((row, [models.clean_message(m) for m in record["messages"]]))
+    if not pairs:
+        raise TrainDataError(
+            f"train.eval_steps: {train.eval_steps}, but {splits.path}/validation.jsonl has no usable "
+            "record; raise split.validation or set train.eval_steps to null"
+        )
+    return pairs
+
+
+class ExactMatchCallback(TrainerCallback):
+    """After each evaluation, greedy answers to up to `eval_max_examples` validation records and
+    their exact match as `eval_exact_match`: the task metric, next to the validation loss."""
+
+    def __init__(
+        self, tokenizer: Any, validation: list[tuple[dict[str, Any], list[dict[str, Any]]]], train: TrainSpec
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.conversations = [conversation for _, conversation in validation[: train.eval_max_examples]]
+        self.max_new_tokens = train.eval_max_new_tokens
+        self.batch_size = train.batch_size
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Add exact match to the metrics the trainer keeps the best checkpoint and stops early by."""
+        from tuneline.evaluate.stage import exact_match, generate_replies, split_conversation
+
+        model = kwargs["model"]
+        was_training = model.training
+        model.eval()
+        replies = generate_replies(
+            model,
+            self.tokenizer,
+            self.conversations,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+        model.train(was_training)
+        references = [split_conversation(c)[1]["content"] for c in self.conversations]
+        score = exact_match(replies, references)
+        if metrics is not None:
+            metrics["eval_exact_match"] = score
+        if state.log_history and "eval_loss" in state.log_history[-1]:
+            state.log_history[-1]["eval_exact_match"] = score  # the trainer logged before this ran

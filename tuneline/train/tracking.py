@@ -1,0 +1,292 @@
+"""Training telemetry: the training log, the loss curve, and metrics to an MLflow run.
+
+The train stage opens the MLflow run (the register stage later reuses it, see tuneline/register/stage.py)
+and a `TrackingCallback` writes, at every logging step, loss, learning rate, tokens per second and
+memory (RSS on CPU, peak allocated on GPU) to it and one line to `train.log`. The log lives in the
+checkpoint folder, so a killed and resumed run keeps one log and one MLflow run. Only the main
+process of a distributed run tracks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# Read when mlflow is imported (as in tuneline/register/stage.py): no telemetry thread, no progress bars.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+RUN_FILE = "mlflow_run.json"
+LOG_FILE = "train.log"
+CURVE_FILE = "loss_curve.png"
+MAX_PARAM_CHARS = 6000
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where the train stage's MLflow run goes: the recipe's `register` section and a run name."""
+
+    tracking_uri: str
+    experiment: str
+    run_name: str
+
+
+def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str:
+    """The MLflow run id for this training: the one a killed run left in `work_dir` when it still
+    exists in the store, else a new run (its id kept in `work_dir` for the next resume)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tuneline.register.stage import ensure_experiment, prepare_tracking_uri
+
+    prepare_tracking_uri(target.tracking_uri)
+    mlflow.set_tracking_uri(target.tracking_uri)
+    client = mlflow.MlflowClient()
+    experiment_id = ensure_experiment(target.experiment, Path(artifacts_dir) / "mlartifacts")
+    saved = Path(work_dir) / RUN_FILE
+    if saved.is_file():
+        run_id = json.loads(saved.read_text(encoding="utf-8"))["run_id"]
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id:
+                if run.info.status != "RUNNING":  # a failed attempt's run, going on
+                    client.update_run(run_id, status="RUNNING")
+                return run_id
+        except MlflowException:
+            pass  # the store was wiped since: start a new run
+    run_id = client.create_run(
+        experiment_id, run_name=target.run_name, tags={"tuneline.stage": "train"}
+    ).info.run_id
+    saved.write_text(json.dumps({"run_id": run_id, "target": asdict(target)}), encoding="utf-8")
+    return run_id
+
+
+def fail_run(target: TrackingTarget, run_id: str) -> None:
+    """Mark the run FAILED (a re-run that resumes the training reopens it)."""
+    import mlflow
+
+    mlflow.MlflowClient(target.tracking_uri).set_terminated(run_id, status="FAILED")
+
+
+def log_params(target: TrackingTarget, run_id: str, params: dict[str, Any]) -> None:
+    """The resolved training configuration as run params (values cut to MLflow's length limit).
+
+    A param already logged with the same value (a resumed run) is fine; MLflow refuses a change.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    client = mlflow.MlflowClient(target.tracking_uri)
+    logged = client.get_run(run_id).data.params
+    fresh = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items() if key not in logged]
+    for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=fresh[start : start + 100])
+
+
+def finish_run(target: TrackingTarget, run_id: str, files: list[Path], stats: dict[str, Any]) -> None:
+    """Attach the loss curve and training log, log the summary numbers and end the run.
+
+    The register stage reopens the run to add evaluation metrics and the model.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient(target.tracking_uri)
+    for path in files:
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+    now = int(time.time() * 1000)
+    step = int(stats.get("steps") or 0)
+    numbers = {f"train_{key}": float(value) for key, value in stats.items() if _is_number(value)}
+    client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in numbers.items()])
+    client.set_terminated(run_id)
+
+
+def memory_bytes() -> int:
+    """Peak GPU memory allocated by torch on CUDA, else this process's resident memory."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class TrackingCallback(TrainerCallback):
+    """At every logging step: one line to the training log and the numbers to the MLflow run.
+
+    It also counts the optimizer steps this process ran (`steps_run`), which is how a resumed run
+    shows it did not repeat the steps its checkpoint already held, and the tokens per second.
+    """
+
+    def __init__(
+        self, log_path: Path, target: TrackingTarget | None = None, run_id: str | None = None
+    ) -> None:
+        self.log_path = Path(log_path)
+        self.target = target
+        self.run_id = run_id
+        self.steps_run = 0
+        self.start_step = 0
+        self.tokens_run = 0.0
+        self.seconds = 0.0
+        self._started = 0.0
+        self._last_time = 0.0
+        self._last_tokens: float | None = None
+
+    def write(self, line: str) -> None:
+        """Append one timestamped line to the training log."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write(f"{stamp} {line}\n")
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Note where this process starts (a resumed run starts at its checkpoint's step)."""
+        self.start_step = state.global_step
+        self._started = self._last_time = time.perf_counter()
+        if state.is_world_process_zero:
+            where = f"resumed from step {state.global_step}" if state.global_step else "started"
+            self.write(f"training {where}; {state.max_steps} steps in all")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Count the steps run by this process."""
+        self.steps_run += 1
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Training logs: rate and memory added, written to the log and the MLflow run."""
+        if not logs or not state.is_world_process_zero:
+            return
+        now = time.perf_counter()
+        numbers = {key: float(value) for key, value in logs.items() if _is_number(value)}
+        if "loss" in numbers and "num_tokens" in numbers:
+            tokens = numbers["num_tokens"]
+            previous = (
+                self._last_tokens if self._last_tokens is not None and tokens >= self._last_tokens else 0.0
+            )
+            elapsed = now - self._last_time
+            if elapsed > 0:
+                numbers["tokens_per_second"] = (tokens - previous) / elapsed
+            self.tokens_run += tokens - previous
+            self._last_tokens, self._last_time = tokens, now
+            self.seconds = now - self._started  # the span the counted tokens took
+        if "loss" in numbers or "eval_loss" in numbers:  # not on the end-of-training summary
+            numbers["memory_mb"] = memory_bytes() / 2**20
+        shown = " ".join(f"{key}={value:.6g}" for key, value in sorted(numbers.items()))
+        self.write(f"step {state.global_step}: {shown}")
+        if self.target and self.run_id:
+            import mlflow
+            from mlflow.entities import Metric
+
+            stamp = int(time.time() * 1000)
+            metrics = [Metric(key, value, stamp, state.global_step) for key, value in numbers.items()]
+            mlflow.MlflowClient(self.target.tracking_uri).log_batch(self.run_id, metrics=metrics)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Close the log with the step reached and the measured rate."""
+        if state.is_world_process_zero:
+            self.write(
+                f"training ended at step {state.global_step}: {self.steps_run} steps run by this process, "
+                f"{self.tokens_per_second() or 0:.1f} tokens/s"
+            )
+
+    def tokens_per_second(self) -> float | None:
+        """Real (non-padding) tokens per second over this process's training."""
+        return self.tokens_run / self.seconds if self.tokens_run and self.seconds else None
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training (and validation) loss by step as a PNG; None when nothing was logged."""
+    train = [(row["step"], row["loss"]) for row in history if _is_number(row.get("loss"))]
+    evals = [(row["step"], row["eval_loss"]) for row in history if _is_number(row.get("eval_loss"))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and workers
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals, strict=True), marker="o", label="validation loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def image_data_url(path: Path) -> str:
+    """A PNG as a data URL: Prefect's image artifact shows it without a file server."""
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def training_markdown(stats: dict[str, Any], log_text: str, tail_lines: int = 40) -> str:
+    """The train stage's summary and the end of its training log, as markdown for the Prefect UI."""
+    rows = [
+        ("steps", stats.get("steps")),
+        ("resumed from step", stats.get("resumed_from_step")),
+        ("train loss", stats.get("train_loss")),
+        ("tokens/s", stats.get("tokens_per_second")),
+        ("best checkpoint step", stats.get("best_checkpoint_step")),
+        ("MLflow run", stats.get("mlflow_run_id")),
+    ]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows if value is not None)
+    tail = "\n".join(log_text.splitlines()[-tail_lines:])
+    return f"## Training\n\n| | |\n|---|---|\n{table}\n\n### Training log (end)\n\n```\n{tail}\n```\n"
+
+
+def resolved_config(trainer: Any, method: dict[str, Any], loss_mode: str) -> dict[str, Any]:
+    """What training actually used, as flat params: the resolved method (`method.*`), the peft
+    config the trainer holds (`peft.<adapter>.*`) and the SFT settings (`sft.*`)."""
+    params: dict[str, Any] = {"loss_mode": loss_mode}
+    params |= {f"method.{key}": _param(value) for key, value in method.items()}
+    for name, config in (getattr(trainer.model, "peft_config", None) or {}).items():
+        params |= {f"peft.{name}.{key}": _param(value) for key, value in config.to_dict().items()}
+    params |= {f"sft.{key}": _param(getattr(trainer.args, key, None)) for key in SFT_PARAMS}
+    return params
+
+
+def _param(value: Any) -> str:
+    """A param value as text: scalars as they print, containers as JSON (sets sorted)."""
+    if isinstance(value, set):
+        value = sorted(value, key=str)
+    return json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+
+
+# The SFT settings logged as params beside the method's configuration.
+SFT_PARAMS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_steps",
+    "num_train_epochs",
+    "max_length",
+    "packing",
+    "seed",
+    "bf16",
+    "save_steps",
+    "eval_steps",
+    "metric_for_best_model",
+    "world_size",
+)
