@@ -7,7 +7,7 @@ so its peak memory (ru_maxrss) is its own:
 
   baseline   read the stage's records.jsonl and json-parse every line (the floor for any stage)
   clean      run_clean with the default CleanSpec (repairs, structure, PII, exact + near-dedup)
-  gate       run_quality_gate with the conversations suite over the cleaned records
+  gate       run_gate with the conversations suite over the cleaned records
 
 Prints records/s, peak memory and the ratio to the baseline, plus the near-duplicate pairs
 found in the original 55k file. Usage:
@@ -68,8 +68,8 @@ def build(work: Path, count: int) -> None:
 
 def child(step: str, work: Path, count: int) -> None:
     from tuneline.curate.clean import run_clean
-    from tuneline.curate.gate import run_quality_gate
-    from tuneline.recipe import CleanSpec, QualitySpec
+    from tuneline.curate.gate import run_gate
+    from tuneline.recipe import CleanSpec, GateSpec
     from tuneline.store import find_stage, iter_records, read_manifest, read_stats
 
     collected = find_stage(work, "collect", f"bench{count}")
@@ -82,8 +82,8 @@ def child(step: str, work: Path, count: int) -> None:
         result = {"ledger": read_manifest(ref)["ledger"], **read_stats(ref)}
     else:
         cleaned = run_clean(work, collected, CleanSpec())  # cached: finished by the clean step
-        quality = QualitySpec(min_records=10, max_chars=200_000, mostly=0.99, max_duplicate_rate=0.01)
-        ref = run_quality_gate(work, cleaned, quality)
+        quality = GateSpec(min_records=10, max_chars=200_000, mostly=0.99, max_duplicate_rate=0.01)
+        ref = run_gate(work, cleaned, quality)
         stats = read_stats(ref)
         result = {"records": stats["records"], "gate_seconds": stats["seconds"]}
     result["seconds"] = time.perf_counter() - started

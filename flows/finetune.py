@@ -1,6 +1,6 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
-    fetch (each source) -> collect -> [augment <-> review] -> clean -> quality_gate -> split
+    fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
     -> train -> evaluate -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
@@ -20,7 +20,7 @@ from tuneline.tasks.stages import (
     collect,
     evaluate,
     fetch,
-    quality_gate,
+    gate,
     register,
     report,
     save_recipe,
@@ -35,8 +35,8 @@ from tuneline.recipe import Recipe
 def finetune(recipe: Recipe) -> dict:
     """Fine-tune a base model on the recipe's sources and register it; returns the run report."""
     artifacts_dir = Path(recipe.artifacts_dir).resolve()
-    started = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    run_dir = artifacts_dir / "runs" / f"{started}-{flow_run.get_name() or 'local'}"
+    started = datetime.now(UTC)
+    run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails
@@ -46,21 +46,13 @@ def finetune(recipe: Recipe) -> dict:
     else:
         data = collected
     cleaned = clean(artifacts_dir, data, recipe.clean, recipe.model)
-    gated = quality_gate(artifacts_dir, cleaned, recipe.quality)
+    gated = gate(artifacts_dir, cleaned, recipe.gate)
     splits = split(artifacts_dir, gated, recipe.split)
     trained = train(artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name)
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
-    stages = {
-        "collect": collected,
-        **({"augment": data} if recipe.augment is not None else {}),  # collected + teacher's records
-        "clean": cleaned,
-        "quality_gate": gated,
-        "split": splits,
-        "train": trained,
-        "evaluate": evaluated,
-        "register": registered,
-    }
-    summary = report(run_dir, stages)
+    augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
+    produced = [collected, *augmented, cleaned, gated, splits, trained, evaluated, registered]
+    summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

@@ -1,8 +1,9 @@
-"""Prefect tasks of the augmentation loop: generate a round, merge the accepted records, report.
+"""Prefect tasks of the augmentation loop: an augment round, merge the accepted records, report.
 
 Thin wrappers over tuneline.augment.rounds: they resolve the teacher's API key (a Prefect Secret block
 when the recipe names one), retry a round whose teacher was unreachable (and nothing else),
-show each round's prompt and counts in the UI and log token counts to MLflow.
+show each round's prompt, what waits for review and the counts in the UI, and log token counts to
+MLflow.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from tuneline.tasks.stages import retry_network_errors
 
+from tuneline.augment.checkpoint import review_instructions
 from tuneline.augment.review import PendingBatch
 from tuneline.augment.rounds import (
     PROMPT,
@@ -25,7 +27,10 @@ from tuneline.augment.rounds import (
     run_augment_merge,
     run_generate_round,
 )
+from tuneline.experiment import log_augment_rounds
+from tuneline.pipeline import AUGMENT_ROUND
 from tuneline.recipe import AugmentSpec, RegisterSpec, TeacherSpec
+from tuneline.report import format_dropped
 from tuneline.store import StageRef
 
 
@@ -40,14 +45,14 @@ def teacher_api_key(teacher: TeacherSpec) -> str | None:
 
 
 @task(
-    name="generate_round",
-    task_run_name="generate-round-{round_no}",
+    name=AUGMENT_ROUND.name,
+    task_run_name="augment-round-{round_no}",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=retry_network_errors,
     cache_policy=NO_CACHE,
 )
-def generate_round(
+def augment_round(
     artifacts_dir: Path, spec: AugmentSpec, source: StageRef, round_no: int, history: list[ReviewedRound]
 ) -> StageRef:
     """Ask the teacher for one round of candidates and check them; show the prompt it was sent."""
@@ -86,14 +91,9 @@ def augment_merge(artifacts_dir: Path, collected: StageRef, history: list[Review
 
 
 def show_review_request(pending: PendingBatch) -> None:
-    """Tell reviewers in the UI what waits and the ways to decide it."""
+    """Tell reviewers in the UI what waits and every way to decide it."""
     create_markdown_artifact(
-        f"## Round {pending.round}: {pending.count} candidates wait for review\n\n"
-        f"- batch `{pending.batch}`, candidates in `{pending.candidates_path}`\n"
-        "- Prefect UI: open this run and press **Resume**: the form has one row per candidate\n"
-        f"- terminal: `tuneline review {pending.run_name}`\n"
-        f"- file: `tuneline review export {pending.run_name} --to review.csv`, then "
-        "`tuneline review import review.csv`\n",
+        review_instructions(pending),
         key=f"review-round-{pending.round}",
         description="What waits for review",
     )
@@ -106,34 +106,10 @@ def report_rounds(
     """Counts per round as a table in the UI; with `register`, every round's counts and tokens to
     one MLflow run (called once, after the last round)."""
     rows = [round_summary(reviewed) for reviewed in history]
-    table = [
-        {**row, "auto_rejected": ", ".join(f"{k}: {v}" for k, v in row["auto_rejected"].items()) or "-"}
-        for row in rows
-    ]
+    table = [{**row, "auto_rejected": format_dropped(row["auto_rejected"])} for row in rows]
     create_table_artifact(
         table, key="augment-rounds", description="Candidates, decisions and tokens per round"
     )
     if register is not None:
-        log_token_counts(register, Path(artifacts_dir) / "mlartifacts", run_name, rows)
+        log_augment_rounds(register.tracking_uri, register.experiment, artifacts_dir, run_name, rows)
     return rows
-
-
-def log_token_counts(
-    register: RegisterSpec, mlartifacts_dir: Path, run_name: str, rows: list[dict[str, Any]]
-) -> None:
-    """One MLflow run per augmentation; each round's counts and tokens are a step of its metrics."""
-    import mlflow
-
-    from tuneline.register.stage import ensure_experiment, prepare_tracking_uri
-
-    prepare_tracking_uri(register.tracking_uri)
-    mlflow.set_tracking_uri(register.tracking_uri)
-    experiment_id = ensure_experiment(register.experiment, mlartifacts_dir)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"augment-{run_name}"):
-        for row in rows:
-            metrics = {
-                key: float(row[key])
-                for key in ("prompt_tokens", "completion_tokens", "generated", "accepted", "edited",
-                            "rejected_in_review", "acceptance_rate")
-            }  # fmt: skip
-            mlflow.log_metrics(metrics, step=row["round"])

@@ -5,9 +5,10 @@ inputs, code) already has a finished folder returns it at once. That survives a 
 Prefect's database and never returns a reference to a deleted folder, so Prefect's own
 result cache is left off (`NO_CACHE`) rather than kept as a second, weaker copy.
 
-The train, evaluate and register tasks import their core modules when they run: those pull in
-peft, the trainer and MLflow (~5-10 s), which a flow that stops before training (the `augment`
-flow, a failed gate) or a worker that only imports the flow should not pay for.
+The train, evaluate and register tasks look their finished stage up by its digest first, and
+import their core modules only when there is work: those pull in torch, peft, the trainer and
+MLflow (~5-10 s), which a cached re-run, a flow that stops before training (the `augment` flow,
+a failed gate) or a worker that only imports the flow should not pay for.
 """
 
 from __future__ import annotations
@@ -26,23 +27,38 @@ from prefect.tasks import exponential_backoff
 
 from tuneline.augment.teacher import TeacherUnreachable
 from tuneline.curate.clean import run_clean
-from tuneline.curate.gate import run_quality_gate
+from tuneline.curate.gate import run_gate
 from tuneline.curate.split import run_split
+from tuneline.experiment import TrackingTarget
+from tuneline.pipeline import (
+    CLEAN,
+    COLLECT,
+    EVALUATE,
+    FETCH,
+    GATE,
+    REGISTER,
+    SPLIT,
+    TRAIN,
+    evaluate_key,
+    register_key,
+    train_key,
+)  # fmt: skip
 from tuneline.recipe import (
     CleanSpec,
     EvaluateSpec,
+    GateSpec,
     ModelSpec,
-    QualitySpec,
     Recipe,
     RegisterSpec,
     Source,
     SplitSpec,
     TrainSpec,
 )
-from tuneline.report import build_report, render_markdown, save_run_recipe, write_report
+from tuneline.report import build_report, format_dropped, render_markdown, save_run_recipe, write_report
 from tuneline.sources.collect import SourceUnreachable, run_collect
 from tuneline.sources.fetch import run_fetch
-from tuneline.store import StageRef, read_stats
+from tuneline.store import StageRef, find_stage, read_stats
+from tuneline.train.layout import CURVE_FILE, LOG_FILE, image_data_url, training_markdown
 
 
 def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
@@ -57,7 +73,7 @@ def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefec
 
 
 @task(
-    name="fetch",
+    name=FETCH.name,
     task_run_name="fetch-{source.name}",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
@@ -70,7 +86,7 @@ def fetch(artifacts_dir: Path, source: Source) -> StageRef:
 
 
 @task(
-    name="collect",
+    name=COLLECT.name,
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=retry_network_errors,
@@ -85,7 +101,7 @@ def collect(artifacts_dir: Path, sources: list[Source], fetched: list[StageRef] 
             "kind": counts["kind"],
             "records": counts["records"],
             "documents": counts["documents"],
-            "dropped": ", ".join(f"{reason}: {n}" for reason, n in counts["dropped"].items()) or "-",
+            "dropped": format_dropped(counts["dropped"]),
         }
         for name, counts in read_stats(collected)["sources"].items()
     ]
@@ -93,7 +109,7 @@ def collect(artifacts_dir: Path, sources: list[Source], fetched: list[StageRef] 
     return collected
 
 
-@task(name="clean", cache_policy=NO_CACHE)
+@task(name=CLEAN.name, cache_policy=NO_CACHE)
 def clean(
     artifacts_dir: Path, collected: StageRef, spec: CleanSpec, model: ModelSpec | None = None
 ) -> StageRef:
@@ -101,10 +117,10 @@ def clean(
     return run_clean(artifacts_dir, collected, spec, model)
 
 
-@task(name="quality_gate", cache_policy=NO_CACHE)
-def quality_gate(artifacts_dir: Path, cleaned: StageRef, spec: QualitySpec) -> StageRef:
+@task(name=GATE.name, cache_policy=NO_CACHE)
+def gate(artifacts_dir: Path, cleaned: StageRef, spec: GateSpec) -> StageRef:
     """Stop bad data before any training time is spent; link the Data Docs from the UI."""
-    gated = run_quality_gate(artifacts_dir, cleaned, spec)
+    gated = run_gate(artifacts_dir, cleaned, spec)
     docs = gated.file("data_docs/index.html")
     if docs.is_file():
         create_link_artifact(
@@ -113,13 +129,13 @@ def quality_gate(artifacts_dir: Path, cleaned: StageRef, spec: QualitySpec) -> S
     return gated
 
 
-@task(name="split", cache_policy=NO_CACHE)
+@task(name=SPLIT.name, cache_policy=NO_CACHE)
 def split(artifacts_dir: Path, gated: StageRef, spec: SplitSpec) -> StageRef:
     """Deal records into train, validation and test."""
     return run_split(artifacts_dir, gated, spec)
 
 
-@task(name="train", cache_policy=NO_CACHE)
+@task(name=TRAIN.name, cache_policy=NO_CACHE)
 def train(
     artifacts_dir: Path,
     splits: StageRef,
@@ -130,17 +146,12 @@ def train(
 ) -> StageRef:
     """Fine-tune the base model on the train split, tracked in the `register` section's MLflow
     experiment; show the loss curve and the end of the training log in the UI."""
-    from tuneline.train.stage import run_train
-    from tuneline.train.tracking import (
-        CURVE_FILE,
-        LOG_FILE,
-        TrackingTarget,
-        image_data_url,
-        training_markdown,
-    )
+    trained = find_stage(artifacts_dir, TRAIN.name, train_key(model, spec, splits))
+    if trained is None:
+        from tuneline.train.stage import run_train  # torch, transformers, TRL: only to train
 
-    tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
-    trained = run_train(artifacts_dir, splits, model, spec, tracking=tracking, echo=get_run_logger().info)
+        tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
+        trained = run_train(artifacts_dir, splits, model, spec, tracking=tracking, echo=get_run_logger().info)
     if trained.file(CURVE_FILE).is_file():
         create_image_artifact(
             image_data_url(trained.file(CURVE_FILE)), key="loss-curve", description="Loss by step"
@@ -152,22 +163,28 @@ def train(
     return trained
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name=EVALUATE.name, cache_policy=NO_CACHE)
 def evaluate(
     artifacts_dir: Path, splits: StageRef, trained: StageRef, model: ModelSpec, spec: EvaluateSpec
 ) -> StageRef:
     """Compare base and tuned model on the test split."""
-    from tuneline.evaluate.stage import run_evaluate
+    if evaluated := find_stage(artifacts_dir, EVALUATE.name, evaluate_key(model, spec, splits, trained)):
+        return evaluated
+    from tuneline.evaluate.stage import run_evaluate  # torch, transformers: only to evaluate
 
     return run_evaluate(artifacts_dir, splits, trained, model, spec)
 
 
-@task(name="register", cache_policy=NO_CACHE)
+@task(name=REGISTER.name, cache_policy=NO_CACHE)
 def register(
     artifacts_dir: Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
 ) -> StageRef:
     """Register the tuned model in MLflow and promote it if it beats the champion."""
-    from tuneline.register.stage import run_register
+    if registered := find_stage(
+        artifacts_dir, REGISTER.name, register_key(recipe, splits, trained, evaluated)
+    ):
+        return registered
+    from tuneline.register.stage import run_register  # MLflow: only to register
 
     return run_register(artifacts_dir, recipe, splits, trained, evaluated)
 
@@ -179,16 +196,16 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> Path:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(run_dir: Path, stages: dict[str, StageRef]) -> dict:
+def report(run_dir: Path, stages: dict[str, StageRef], started_at: str | None = None) -> dict:
     """Check the ledger across stages, write the run report and show the funnel in the UI."""
-    summary = build_report(stages)
+    summary = build_report(stages, started_at)
     write_report(run_dir, summary)
     rows = [
         {
             "stage": row["stage"],
             "in": row["in"],
             "out": row["out"],
-            "dropped": ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-",
+            "dropped": format_dropped(row["dropped"]),
         }
         for row in summary["funnel"]
     ]

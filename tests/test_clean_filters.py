@@ -135,12 +135,12 @@ def test_split_drops_training_records_overlapping_held_out_and_benchmarks(tmp_pa
     records += [conv("a benchmark item: what is the capital city of france asked in a quiz show today", "x")]
     bench = tmp_path / "bench.txt"
     bench.write_text("A benchmark item: what is the capital city of France, asked in a quiz show today?\n")
-    with write_stage(tmp_path, "quality_gate", "in") as writer:
+    with write_stage(tmp_path, "gate", "in") as writer:
         for record in records:
             writer.count_in()
             writer.keep(record)
     spec = SplitSpec(validation=0.2, test=0.2, benchmarks=[str(bench)])
-    ref = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), spec)
+    ref = run_split(tmp_path, find_stage(tmp_path, "gate", "in"), spec)
     ledger = read_manifest(ref)["ledger"]
     stats = read_stats(ref)
     held_out = stats["counts"]["validation"] + stats["counts"]["test"]
@@ -148,7 +148,7 @@ def test_split_drops_training_records_overlapping_held_out_and_benchmarks(tmp_pa
     # every training record shares the long tail with a held-out one, and the benchmark one is out too
     assert stats["counts"]["train"] == 0 and ledger["dropped"] == {"contaminated": 61 - held_out}
     assert ledger["in"] == 61 == ledger["out"] + ledger["dropped"]["contaminated"]
-    clean = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), SplitSpec(decontaminate=False))
+    clean = run_split(tmp_path, find_stage(tmp_path, "gate", "in"), SplitSpec(decontaminate=False))
     assert read_manifest(clean)["ledger"]["dropped"] == {}
 
 
@@ -164,12 +164,12 @@ def test_benchmark_prompts_alone_contaminate(tmp_path):
     bench.write_text(
         '{"prompt": "what is the capital city of France asked in a quiz show today", "completion": "?"}\n'
     )
-    with write_stage(tmp_path, "quality_gate", "in") as writer:
+    with write_stage(tmp_path, "gate", "in") as writer:
         for record in records:
             writer.count_in()
             writer.keep(record)
     spec = SplitSpec(validation=0, test=0, benchmarks=[str(bench)], decontaminate_ngram=8)
-    ref = run_split(tmp_path, find_stage(tmp_path, "quality_gate", "in"), spec)
+    ref = run_split(tmp_path, find_stage(tmp_path, "gate", "in"), spec)
     assert read_manifest(ref)["ledger"] == {"in": 21, "out": 20, "dropped": {"contaminated": 1}}
     assert "Paris" in ref.file("rejects.jsonl").read_text()
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from tuneline.cli.data import data_app
 from tuneline.curate.clean import run_clean
-from tuneline.curate.gate import QualityGateFailed, run_quality_gate
-from tuneline.recipe import CleanSpec, FileSource, QualitySpec
+from tuneline.curate.gate import GateFailed, run_gate
+from tuneline.recipe import CleanSpec, FileSource, GateSpec
 from tuneline.sources.collect import run_collect
 from tuneline.store import iter_records, read_manifest, read_stats
 
@@ -129,8 +129,8 @@ def test_hostile_input_ends_in_a_reason_never_a_crash_or_a_loss(tmp_path, name, 
         assert SECRET not in json.dumps(record) and "<SECRET>" in record["messages"][0]["content"]
     else:
         assert collect_ledger == clean_ledger == {"in": 0, "out": 0, "dropped": {}}
-        with pytest.raises(QualityGateFailed, match="row_count.*observed 0"):
-            run_quality_gate(tmp_path / "store", cleaned, QualitySpec())
+        with pytest.raises(GateFailed, match="row_count.*observed 0"):
+            run_gate(tmp_path / "store", cleaned, GateSpec())
 
 
 def test_data_check_names_file_and_line_and_reports_the_funnel(tmp_path):

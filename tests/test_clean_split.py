@@ -62,7 +62,7 @@ def test_clean_is_cached_by_content(tmp_path):
 def test_split_is_deterministic_and_complete(tmp_path):
     records = [conversation(f"question {n}", f"answer {n}") for n in range(400)]
     spec = SplitSpec(validation=0.1, test=0.2, seed=3)
-    ref = run_split(tmp_path, stage_of(tmp_path, records, "quality_gate"), spec)
+    ref = run_split(tmp_path, stage_of(tmp_path, records, "gate"), spec)
     names = {
         name: [r["id"] for r in iter_records(ref, f"{name}.jsonl")]
         for name in ("train", "validation", "test")

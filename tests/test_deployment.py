@@ -21,6 +21,6 @@ def test_prefect_yaml_entrypoints_load_flows_whose_parameter_is_the_recipe(monke
     schema = parameter_schema(flow.fn).model_dump()
     assert schema["required"] == ["recipe"]
     recipe = schema["definitions"]["Recipe"]
-    sections = {"sources", "augment", "clean", "quality", "split", "model", "train", "evaluate", "register"}
+    sections = {"sources", "augment", "clean", "gate", "split", "model", "train", "evaluate", "register"}
     assert sections <= set(recipe["properties"])
     assert recipe["additionalProperties"] is False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneline.curate.gate import QualityGateFailed
+from tuneline.curate.gate import GateFailed
 from tuneline.models import make_tiny_model
 from tuneline.recipe import validate_recipe
 from tuneline.store import iter_jsonl
@@ -47,7 +47,7 @@ def recipe_for(project, **sections):
         "name": "flow-test",
         "artifacts_dir": str(project / "store"),
         "sources": [{"name": "tickets", "path": str(project / "tickets.jsonl")}],
-        "quality": {"min_records": 50, "min_chars": 1, "max_chars": 400},
+        "gate": {"min_records": 50, "min_chars": 1, "max_chars": 400},
         "model": {"name": str(project / "base")},
         "train": {
             "max_steps": 12,
@@ -78,7 +78,7 @@ def test_funnel_adds_up_and_bad_lines_are_rejected_with_file_and_line(first_run,
     assert funnel["clean"]["in"] == funnel["collect"]["out"]
     assert funnel["clean"]["dropped"]["empty_turn"] == 1
     assert funnel["clean"]["dropped"]["duplicate"] >= 1
-    assert funnel["split"]["in"] == funnel["quality_gate"]["out"]
+    assert funnel["split"]["in"] == funnel["gate"]["out"]
     assert sum(first_run["splits"].values()) == funnel["split"]["out"]
     assert funnel["split"]["out"] + funnel["split"]["dropped"].get("contaminated", 0) == funnel["split"]["in"]
     collect_dir = Path(first_run["stage_dirs"]["collect"])
@@ -129,7 +129,7 @@ def test_training_change_reruns_only_training_and_after(first_run, project):
 
     changed = finetune(recipe_for(project, train={"learning_rate": 0.002}))
     before, after = first_run["stage_dirs"], changed["stage_dirs"]
-    for stage in ("collect", "clean", "quality_gate", "split"):
+    for stage in ("collect", "clean", "gate", "split"):
         assert after[stage] == before[stage], stage
     for stage in ("train", "evaluate", "register"):
         assert after[stage] != before[stage], stage
@@ -138,8 +138,8 @@ def test_training_change_reruns_only_training_and_after(first_run, project):
 def test_failing_gate_stops_before_training(first_run, project):
     from tuneline.flows.finetune import finetune
 
-    with pytest.raises(QualityGateFailed, match="10000"):
-        finetune(recipe_for(project, quality={"min_records": 10000}))
+    with pytest.raises(GateFailed, match="10000"):
+        finetune(recipe_for(project, gate={"min_records": 10000}))
     train_dirs = list((project / "store" / "stages" / "train").iterdir())
     assert len(train_dirs) == 2  # the two successful runs above, nothing from the failed one
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tuneline.curate import gate
-from tuneline.curate.gate import QualityGateFailed, SuiteError, run_quality_gate
-from tuneline.recipe import QualitySpec
+from tuneline.curate.gate import GateFailed, SuiteError, run_gate
+from tuneline.recipe import GateSpec
 from tuneline.records import make_record
 from tuneline.store import find_stage, iter_records, read_manifest, read_stats, write_stage
 
@@ -39,14 +39,14 @@ def cleaned_stage(artifacts_dir: Path, records: list[dict], name: str = "c1"):
 
 
 def gate_dirs(artifacts_dir: Path) -> list[Path]:
-    folder = artifacts_dir / "stages" / "quality_gate"
+    folder = artifacts_dir / "stages" / "gate"
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
 def test_passing_data_goes_through_with_validation_result_and_docs(tmp_path):
     records = good_records()
     cleaned = cleaned_stage(tmp_path, records)
-    gated = run_quality_gate(tmp_path, cleaned, QualitySpec(min_records=10))
+    gated = run_gate(tmp_path, cleaned, GateSpec(min_records=10))
     assert list(iter_records(gated)) == records
     assert read_manifest(gated)["ledger"] == {"in": 30, "out": 30, "dropped": {}}
     stats = read_stats(gated)
@@ -75,8 +75,8 @@ def test_failing_data_lists_each_failed_expectation_with_sample_ids_and_leaves_n
     )
     records = [*good_records(), blank_answer, blank_question, ends_on_user, good_records(1)[0]]
     cleaned = cleaned_stage(tmp_path, records)
-    with pytest.raises(QualityGateFailed) as caught:
-        run_quality_gate(tmp_path, cleaned, QualitySpec(min_records=10, examples=2))
+    with pytest.raises(GateFailed) as caught:
+        run_gate(tmp_path, cleaned, GateSpec(min_records=10, examples=2))
     message = str(caught.value)
     failed = {line.split(":")[0] for line in caught.value.failures}
     assert failed == {
@@ -97,42 +97,42 @@ def test_failing_data_lists_each_failed_expectation_with_sample_ids_and_leaves_n
 @pytest.mark.parametrize(
     ("quality", "passes"),
     [
-        (QualitySpec(min_records=10), True),
-        (QualitySpec(min_records=10, min_chars=5), False),  # the two "Yes." answers are too short
-        (QualitySpec(min_records=10, min_chars=5, mostly=0.9), True),  # ... unless 10% may fail
-        (QualitySpec(min_records=10, max_chars=20), False),  # every question is longer than 20
-        (QualitySpec(min_records=31), False),
+        (GateSpec(min_records=10), True),
+        (GateSpec(min_records=10, min_chars=5), False),  # the two "Yes." answers are too short
+        (GateSpec(min_records=10, min_chars=5, mostly=0.9), True),  # ... unless 10% may fail
+        (GateSpec(min_records=10, max_chars=20), False),  # every question is longer than 20
+        (GateSpec(min_records=31), False),
     ],
 )
 def test_recipe_thresholds_decide_the_outcome(tmp_path, quality, passes):
     short_answers = [conversation(f"Is it open on day {i}?", "Yes.") for i in range(2)]
     cleaned = cleaned_stage(tmp_path, [*good_records(28), *short_answers])
     if passes:
-        run_quality_gate(tmp_path, cleaned, quality)
+        run_gate(tmp_path, cleaned, quality)
     else:
-        with pytest.raises(QualityGateFailed, match="expect_"):
-            run_quality_gate(tmp_path, cleaned, quality)
+        with pytest.raises(GateFailed, match="expect_"):
+            run_gate(tmp_path, cleaned, quality)
 
 
 def test_row_count_failure_names_the_observed_count_and_threshold(tmp_path):
     cleaned = cleaned_stage(tmp_path, good_records(5))
-    with pytest.raises(QualityGateFailed) as caught:
-        run_quality_gate(tmp_path, cleaned, QualitySpec(min_records=10000))
+    with pytest.raises(GateFailed) as caught:
+        run_gate(tmp_path, cleaned, GateSpec(min_records=10000))
     (failure,) = caught.value.failures
     assert failure == "expect_table_row_count_to_be_between: observed 5; expected min_value=10000"
 
 
 def test_finished_gate_is_reused_without_running_great_expectations(tmp_path, monkeypatch):
     cleaned = cleaned_stage(tmp_path, good_records())
-    first = run_quality_gate(tmp_path, cleaned, QualitySpec())
+    first = run_gate(tmp_path, cleaned, GateSpec())
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("the cached gate ran the suite again")
 
     monkeypatch.setattr(gate, "validate_frame", must_not_run)
-    assert run_quality_gate(tmp_path, cleaned, QualitySpec()) == first
+    assert run_gate(tmp_path, cleaned, GateSpec()) == first
     with pytest.raises(AssertionError, match="ran the suite again"):  # a new threshold is a new stage
-        run_quality_gate(tmp_path, cleaned, QualitySpec(min_chars=3))
+        run_gate(tmp_path, cleaned, GateSpec(min_chars=3))
 
 
 def test_suite_file_loads_every_expectation():
@@ -160,8 +160,8 @@ def test_expectation_on_a_missing_column_fails_with_its_error(tmp_path, monkeypa
     (tmp_path / "typo.json").write_text(json.dumps(suite))
     monkeypatch.setattr(gate, "EXPECTATIONS_DIR", tmp_path)
     cleaned = cleaned_stage(tmp_path, good_records())
-    with pytest.raises(QualityGateFailed) as caught:
-        run_quality_gate(tmp_path, cleaned, QualitySpec(suite="typo"))
+    with pytest.raises(GateFailed) as caught:
+        run_gate(tmp_path, cleaned, GateSpec(suite="typo"))
     (failure,) = caught.value.failures
     assert failure.startswith("expect_column_values_to_not_be_null on nope: could not run: ")
     assert "nope" in failure.split("could not run: ")[1]
@@ -169,8 +169,8 @@ def test_expectation_on_a_missing_column_fails_with_its_error(tmp_path, monkeypa
 
 def test_unknown_suite_name_names_the_recipe_field(tmp_path):
     cleaned = cleaned_stage(tmp_path, good_records())
-    with pytest.raises(SuiteError, match="quality.suite: 'nope'"):
-        run_quality_gate(tmp_path, cleaned, QualitySpec(suite="nope"))
+    with pytest.raises(SuiteError, match="gate.suite: 'nope'"):
+        run_gate(tmp_path, cleaned, GateSpec(suite="nope"))
 
 
 def test_row_takes_the_weakest_turn_of_each_role():
@@ -191,28 +191,26 @@ def test_row_takes_the_weakest_turn_of_each_role():
 @pytest.mark.parametrize(
     ("quality", "failed"),
     [
-        (QualitySpec(max_label_share=0.5), "expect_column_max_to_be_between on answer_share"),
-        (QualitySpec(languages=["de"]), "expect_column_values_to_be_in_set on language"),
-        (QualitySpec(max_tokens=5), "expect_column_values_to_be_between on tokens"),
+        (GateSpec(max_label_share=0.5), "expect_column_max_to_be_between on answer_share"),
+        (GateSpec(languages=["de"]), "expect_column_values_to_be_in_set on language"),
+        (GateSpec(max_tokens=5), "expect_column_values_to_be_between on tokens"),
     ],
 )
 def test_label_balance_language_share_and_token_bounds(tmp_path, quality, failed):
     records = [conversation(f"Classify ticket {i}", "billing" if i % 4 else "refund") for i in range(20)]
     records = [{**r, "meta": {**r["meta"], "language": "en", "tokens": 9}} for r in records]
-    with pytest.raises(QualityGateFailed) as caught:
-        run_quality_gate(tmp_path, cleaned_stage(tmp_path, records), quality)
+    with pytest.raises(GateFailed) as caught:
+        run_gate(tmp_path, cleaned_stage(tmp_path, records), quality)
     assert [line.split(":")[0] for line in caught.value.failures] == [failed]
-    run_quality_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), QualitySpec(max_label_share=0.8))
+    run_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), GateSpec(max_label_share=0.8))
 
 
 def test_duplicate_rate_bound_and_documents_suite(tmp_path):
     records = good_records(20)
     records = [*records, records[0]]
-    lenient = QualitySpec(max_duplicate_rate=0.1, mostly=0.9)
-    run_quality_gate(tmp_path, cleaned_stage(tmp_path, records), lenient)
-    with pytest.raises(QualityGateFailed, match="proportion_of_unique"):
-        run_quality_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), QualitySpec(mostly=0.9))
-    docs = run_quality_gate(
-        tmp_path, cleaned_stage(tmp_path, good_records(12), "c3"), QualitySpec(suite="documents")
-    )
+    lenient = GateSpec(max_duplicate_rate=0.1, mostly=0.9)
+    run_gate(tmp_path, cleaned_stage(tmp_path, records), lenient)
+    with pytest.raises(GateFailed, match="proportion_of_unique"):
+        run_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), GateSpec(mostly=0.9))
+    docs = run_gate(tmp_path, cleaned_stage(tmp_path, good_records(12), "c3"), GateSpec(suite="documents"))
     assert read_stats(docs)["suite"] == "documents" and read_manifest(docs)["ledger"]["out"] == 12

@@ -114,3 +114,12 @@ def test_quickstart_recipe_is_valid():
 
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
     assert recipe.name == "support-intents"
+
+
+def test_a_renamed_section_loads_under_its_old_name_with_a_message(tmp_path):
+    with pytest.warns(FutureWarning, match="`quality` section is now called `gate`"):
+        recipe = load_recipe(write(tmp_path, {**GOOD, "quality": {"min_records": 3}}))
+    assert recipe.gate.min_records == 3
+    assert "quality" not in dump_recipe(recipe)
+    with pytest.raises(RecipeError, match="quality: renamed gate, and both are set"):
+        load_recipe(write(tmp_path, {**GOOD, "quality": {}, "gate": {}}))

@@ -16,16 +16,11 @@ import mlflow
 import pytest
 
 from tuneline.evaluate.stage import generate_replies
+from tuneline.experiment import MAX_PARAM_CHARS, truncate_params
 from tuneline.models import load_model, load_tokenizer, make_tiny_model
 from tuneline.recipe import ModelSpec, dump_recipe, validate_recipe
 from tuneline.records import make_record
-from tuneline.register.stage import (
-    MAX_PARAM_CHARS,
-    decide_promotion,
-    model_requirements,
-    run_register,
-    truncate_params,
-)
+from tuneline.register.stage import decide_promotion, model_requirements, run_register
 from tuneline.store import find_stage, read_stats, write_stage
 
 MODEL_NAME = "tiny-chat"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneline.report import build_report
+from tuneline.report import build_report, render_markdown, reuse_line
 from tuneline.store import LedgerError, find_stage, write_stage
 
 
@@ -45,3 +45,18 @@ def test_clean_must_take_what_augment_gave(tmp_path):
     cleaned = make_stage(tmp_path, "clean", 9, 9)  # read collect's output instead of augment's
     with pytest.raises(LedgerError, match="clean took in 9 records but augment gave it 24"):
         build_report({"collect": collected, "augment": augmented, "clean": cleaned})
+
+
+def test_the_report_says_which_stages_were_reused(tmp_path):
+    collected = make_stage(tmp_path, "collect", 10, 9)
+    cleaned = make_stage(tmp_path, "clean", 9, 9)
+    stages = {"collect": collected, "clean": cleaned}
+
+    before = build_report(stages, started_at="2000-01-01T00:00:00+00:00")  # a run older than both
+    assert before["reused"] == [] and reuse_line(before) == "Every stage ran (2)."
+    after = build_report(stages, started_at="2999-01-01T00:00:00+00:00")  # both came from earlier runs
+    assert after["reused"] == ["collect", "clean"]
+    assert reuse_line(after) == "Every stage was reused (2): nothing changed since an earlier run."
+    assert "Every stage was reused" in render_markdown(after)
+    partly = {**after, "reused": ["collect"]}
+    assert reuse_line(partly) == "Reused from earlier runs: collect; ran: clean."

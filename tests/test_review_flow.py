@@ -302,5 +302,6 @@ def test_a_review_nobody_does_fails_the_run_naming_the_batch_and_keeps_the_candi
     text = str(failure.value)
     (pending,) = list_pending(artifacts)
     assert f"nobody reviewed batch {pending.batch} within review.timeout_s=2" in text
+    assert f"tuneline review decide {pending.run_name}" in text
     assert f"tuneline review export {pending.run_name}" in text
     assert len(Path(pending.candidates_path).read_text().splitlines()) == 4

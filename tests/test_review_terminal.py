@@ -1,9 +1,10 @@
-"""`tuneline review` driven through a pseudo-terminal, as a person at a keyboard would use it."""
+"""`tuneline review list|decide` driven through a pseudo-terminal, as a person at a keyboard would use it."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -54,7 +55,7 @@ def spawn(artifacts, *args: str) -> pexpect.spawn:
 
 def test_terminal_review_keeps_progress_after_quit_and_finishes_later(pending):
     artifacts, batch = pending
-    child = spawn(artifacts, "quiet-heron")
+    child = spawn(artifacts, "decide", "quiet-heron")
     child.expect("round 1 of quiet-heron: 3 of 3 to go")
     child.expect(r"How do I reset password number 1\?")
     child.expect(r"\[q\]uit")
@@ -71,11 +72,11 @@ def test_terminal_review_keeps_progress_after_quit_and_finishes_later(pending):
     child.expect("rejected")
     child.expect(r"\[q\]uit")
     child.send("q")
-    child.expect("2 decisions kept")
+    child.expect(r"2 decisions kept\. `tuneline review decide quiet-heron` goes on")
     child.expect(pexpect.EOF)
     assert [b.batch for b in list_pending(artifacts)] == [batch.batch]
 
-    child = spawn(artifacts)  # no run given: the oldest pending batch
+    child = spawn(artifacts, "decide")  # no run given: the oldest pending batch
     child.expect("1 of 3 to go")
     child.expect(r"password number 3\?")
     child.expect(r"\[q\]uit")
@@ -104,7 +105,32 @@ def test_terminal_review_keeps_progress_after_quit_and_finishes_later(pending):
     assert list_pending(artifacts) == []
 
 
-def test_terminal_review_with_nothing_pending(tmp_path):
-    child = spawn(tmp_path)
+def test_list_shows_what_waits_and_how_to_decide_it(pending):
+    artifacts, batch = pending
+    child = spawn(artifacts, "list")
+    child.expect(
+        rf"run quiet-heron \(local\) round 1: 3 candidates, batch {batch.batch}, review\.how terminal"
+    )
+    child.expect(r"`tuneline review decide RUN`")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert [b.batch for b in list_pending(artifacts)] == [batch.batch]  # listing decides nothing
+
+
+@pytest.mark.parametrize("verb", ["list", "decide"])
+def test_nothing_pending_is_said_and_is_no_error(tmp_path, verb):
+    child = spawn(tmp_path, verb)
     child.expect("nothing waits for review")
     child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_review_without_a_sub_command_shows_the_sub_commands():
+    env = {**os.environ, "COLUMNS": "200"}
+    child = pexpect.spawn(f"{TUNELINE} review", env=env, encoding="utf-8", timeout=30, dimensions=(40, 200))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", child.read())  # without the colours
+    assert "Usage: tuneline review" in text
+    for verb in ("list", "decide", "export", "import"):  # each with its one-line help beside it
+        assert re.search(rf"\b{verb} {{2,}}[A-Z]", text), text

@@ -12,6 +12,7 @@ from train_fixtures import conversation
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuneline import models
+from tuneline.pipeline import train_key
 from tuneline.recipe import LoraSpec, ModelSpec, TrainSpec
 from tuneline.records import make_record
 from tuneline.store import (
@@ -224,9 +225,9 @@ def test_resume_and_launch_coordinates_do_not_change_the_digest(setup):
     moved = spec.model_copy(
         update={"resume": "fresh", "distributed": spec.distributed.model_copy(update={"main_port": 1234})}
     )
-    assert train.train_digest(setup["model"], moved, setup["splits"]) == setup["ref"].digest
+    assert train_key(setup["model"], moved, setup["splits"]) == setup["ref"].digest
     longer = spec.model_copy(update={"max_steps": 4})
-    assert train.train_digest(setup["model"], longer, setup["splits"]) != setup["ref"].digest
+    assert train_key(setup["model"], longer, setup["splits"]) != setup["ref"].digest
 
 
 def test_activation_checkpointing_trains_a_lora_adapter_to_the_same_loss(setup):

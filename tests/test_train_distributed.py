@@ -6,8 +6,8 @@ import pytest
 import yaml
 from train_fixtures import make_split_and_model, small_spec
 
-from tuneline.recipe import DistributedSpec, RecipeError, validate_recipe
-from tuneline.store import read_stats
+from tuneline.recipe import DistributedSpec, ModelSpec, RecipeError, TrainSpec, validate_recipe
+from tuneline.store import StageRef, read_stats
 from tuneline.train import launch
 from tuneline.train import stage as train
 
@@ -38,8 +38,12 @@ def test_failed_workers_raise_with_the_log_tail(tmp_path, monkeypatch):
         lambda config, request: ["python", "-c", "import sys; print('boom'); sys.exit(3)"],
     )
     spec = DistributedSpec(strategy="ddp", processes_per_node=2)
+    request = launch.LaunchRequest(
+        artifacts_dir=str(tmp_path), splits=StageRef(stage="split", digest="s0", path=str(tmp_path)),
+        model=ModelSpec(name="tiny"), train=TrainSpec(), digest="d0",
+    )  # fmt: skip
     with pytest.raises(launch.LaunchError, match=r"(?s)2 ddp workers failed \(exit 3\).*boom"):
-        launch.launch_training({}, spec, tmp_path)
+        launch.launch_training(request, spec, tmp_path)
     assert "boom" in (tmp_path / launch.LOG_FILE).read_text()
 
 

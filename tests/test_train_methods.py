@@ -181,9 +181,9 @@ def test_soft_prompt_result_evaluates_and_serves_from_its_adapter(tiny):
     trained_loss = assistant_loss(prepared.model.eval(), tokenizer, tiny["conversations"], batch_size=4)
     stage_dir = tiny["root"] / "stage-eval-prompt"
     export.export_model(prepared.model, tokenizer, stage_dir, ModelSpec(name=str(tiny["base_dir"])), train)
-    folder = export.trained_folder(stage_dir)
+    folder = models.trained_folder(stage_dir)
     assert folder.name == "adapter"
-    model = export.load_trained(folder)
+    model = models.load_trained(folder)
     loaded_tokenizer = models.load_tokenizer(ModelSpec(name=str(folder)))
     loss = assistant_loss(model, loaded_tokenizer, tiny["conversations"], batch_size=4)
     assert math.isfinite(loss) and loss == pytest.approx(trained_loss, rel=1e-5)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from train_fixtures import make_split_and_model, small_spec
 
+from tuneline.pipeline import train_key
 from tuneline.store import find_stage, read_stats
 from tuneline.train import stage as train
 
@@ -53,7 +54,7 @@ def test_killed_training_resumes_without_repeating_steps(tmp_path):
     splits, model = make_split_and_model(tmp_path)
     spec = small_spec(max_steps=MAX_STEPS, save_steps=SAVE_STEPS, save_total_limit=2)
     artifacts_dir = tmp_path / "art"
-    digest = train.train_digest(model, spec, splits)
+    digest = train_key(model, spec, splits)
     work_dir = train.checkpoint_dir(artifacts_dir, digest)  # keyed by the stage digest
     job = tmp_path / "job.json"
     job.write_text(
@@ -115,7 +116,7 @@ def test_last_complete_checkpoint_skips_and_removes_half_written_ones(tmp_path):
 def test_fresh_discards_checkpoints(tmp_path):
     splits, model = make_split_and_model(tmp_path)
     spec = small_spec(max_steps=2, save_steps=1, resume="fresh")
-    work_dir = train.checkpoint_dir(tmp_path / "art", train.train_digest(model, spec, splits))
+    work_dir = train.checkpoint_dir(tmp_path / "art", train_key(model, spec, splits))
     stale = work_dir / "checkpoint-1"
     stale.mkdir(parents=True)
     (stale / "trainer_state.json").write_text(json.dumps({"global_step": 1}))  # would break a resume

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from train_fixtures import make_split_and_model, small_spec
 
+from tuneline.experiment import TrackingTarget
 from tuneline.register.stage import reusable_run_id
 from tuneline.store import read_stats
+from tuneline.train import layout, tracking
 from tuneline.train import stage as train
-from tuneline.train import tracking
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def tracked(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tracked")
     splits, model = make_split_and_model(root)
-    target = tracking.TrackingTarget(f"sqlite:///{root}/mlflow.db", "tuneline-test", "tracked-run")
+    target = TrackingTarget(f"sqlite:///{root}/mlflow.db", "tuneline-test", "tracked-run")
     ref = train.run_train(root / "art", splits, model, small_spec(), tracking=target)
     client = mlflow.MlflowClient(target.tracking_uri)
     stats = read_stats(ref)
@@ -62,16 +63,16 @@ def test_a_resumed_training_keeps_its_run(tracked, tmp_path):
     target = tracked["target"]
     first = tracking.open_run(target, tmp_path, tmp_path)
     assert tracking.open_run(target, tmp_path, tmp_path) == first
-    elsewhere = tracking.TrackingTarget(f"sqlite:///{tmp_path}/other.db", "tuneline-test", "r")
+    elsewhere = TrackingTarget(f"sqlite:///{tmp_path}/other.db", "tuneline-test", "r")
     assert tracking.open_run(elsewhere, tmp_path, tmp_path) != first  # the old store is gone
 
 
 def test_prefect_summary_shows_the_numbers_and_the_log_end(tracked):
     text = tracked["ref"].file("train.log").read_text()
-    markdown = tracking.training_markdown(tracked["stats"], text, tail_lines=2)
+    markdown = layout.training_markdown(tracked["stats"], text, tail_lines=2)
     assert f"| MLflow run | {tracked['stats']['mlflow_run_id']} |" in markdown
     assert "training ended at step 3" in markdown and "training started" not in markdown
-    assert tracking.image_data_url(tracked["ref"].file("loss_curve.png")).startswith(
+    assert layout.image_data_url(tracked["ref"].file("loss_curve.png")).startswith(
         "data:image/png;base64,iVBOR"
     )
 
@@ -81,7 +82,7 @@ def test_a_failed_training_marks_its_run_failed_and_the_rerun_finishes_it(tmp_pa
     from trl import SFTTrainer
 
     splits, model = make_split_and_model(tmp_path)
-    target = tracking.TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "tuneline-test", "failing")
+    target = TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "tuneline-test", "failing")
 
     def out_of_memory(self, *args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")

@@ -217,3 +217,28 @@ def clean_message(message: dict[str, Any]) -> dict[str, Any]:
     if message.get("tool_calls"):
         turn["tool_calls"] = message["tool_calls"]
     return turn
+
+
+def trained_folder(stage_dir: str | Path) -> Path:
+    """The folder that holds a train stage's result: `model/` when merged, else `adapter/`."""
+    stage_dir = Path(stage_dir)
+    return stage_dir / "model" if (stage_dir / "model" / "config.json").is_file() else stage_dir / "adapter"
+
+
+def load_trained(
+    name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """A model for inference from a model name, a model folder or a peft adapter folder.
+
+    An adapter folder (adapter_config.json, no config.json) loads its base, named in the adapter's
+    config, with the adapter on top: that is how a soft-prompt result, which has no merged model,
+    is evaluated and served.
+    """
+    folder = Path(name_or_path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        device, dtype = choose_device()
+        model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return model.to(device).eval()
+    return load_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

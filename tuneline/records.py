@@ -62,3 +62,9 @@ def check_messages(messages: Any) -> None:
 def record_text(record: Record) -> str:
     """All the text of a record, one turn per line: what length bounds and dedup look at."""
     return "\n".join(m["content"] for m in record["messages"])
+
+
+def comparable_text(record: Record) -> str:
+    """The text two records are compared on: every turn but the system prompt, which many
+    records share on purpose and which would make them all look alike."""
+    return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")

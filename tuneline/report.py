@@ -11,19 +11,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuneline.cli.console import number
+from tuneline.pipeline import AUGMENT, CLEAN, COLLECT, EVALUATE, GATE, REGISTER, SPLIT, TRAIN
 from tuneline.recipe import Recipe, dump_recipe
-from tuneline.store import LedgerError, StageRef, check_ledger, read_stats, stage_dir
+from tuneline.store import LedgerError, StageRef, check_ledger, read_manifest, read_stats, stage_dir
 
 # (stage, the stage that feeds it, which of the feeder's outputs it takes in)
 LINKS = (
-    ("clean", "collect", None),  # without augmentation
-    ("clean", "augment", None),
-    ("quality_gate", "clean", None),
-    ("split", "quality_gate", None),
-    ("train", "split", "train"),
-    ("evaluate", "split", "test"),
+    (CLEAN.name, COLLECT.name, None),  # without augmentation
+    (CLEAN.name, AUGMENT.name, None),
+    (GATE.name, CLEAN.name, None),
+    (SPLIT.name, GATE.name, None),
+    (TRAIN.name, SPLIT.name, "train"),
+    (EVALUATE.name, SPLIT.name, "test"),
 )
+
+
+def format_dropped(dropped: dict[str, int]) -> str:
+    """Drop counts for a table cell: `reason: n, ...`, or a dash when nothing was dropped."""
+    return ", ".join(f"{reason}: {n}" for reason, n in dropped.items()) or "-"
+
+
+def number(value: float | None) -> str:
+    """A metric for a table; None (nothing to score) shows as a dash."""
+    return "-" if value is None else f"{value:.3f}"
 
 
 def save_run_recipe(run_dir: Path, recipe: Recipe) -> Path:
@@ -38,7 +48,7 @@ def save_run_recipe(run_dir: Path, recipe: Recipe) -> Path:
 
 def lineage_funnel(artifacts_dir: str | Path, ref: StageRef) -> list[dict[str, Any]]:
     """The funnel that led to a stage, first stage first, found by following each manifest's
-    first input back (split <- quality_gate <- clean <- collect): records in, out, drops by reason."""
+    first input back (split <- gate <- clean <- collect): records in, out, drops by reason."""
     rows: list[dict[str, Any]] = []
     folder: Path | None = ref.dir
     while folder is not None and (folder / "manifest.json").is_file():
@@ -57,17 +67,25 @@ def lineage_funnel(artifacts_dir: str | Path, ref: StageRef) -> list[dict[str, A
     return rows[::-1]
 
 
-def build_report(stages: dict[str, StageRef]) -> dict[str, Any]:
-    """Funnel rows, base vs tuned metrics and the registered model, after checking the ledger."""
+def build_report(stages: dict[str, StageRef], started_at: str | None = None) -> dict[str, Any]:
+    """Funnel rows, base vs tuned metrics and the registered model, after checking the ledger.
+
+    With `started_at` (the run's start, ISO 8601 UTC) `reused` lists the stages that finished
+    before it: earlier runs' results this run found unchanged and did not compute again.
+    """
     ledgers = {name: check_ledger(ref) for name, ref in stages.items()}
-    split_counts = read_stats(stages["split"])["counts"] if "split" in stages else {}
-    if "augment" in ledgers and "collect" in ledgers:
+    split_counts = read_stats(stages[SPLIT.name])["counts"] if SPLIT.name in stages else {}
+    if AUGMENT.name in ledgers and COLLECT.name in ledgers:
         # augment takes in the collected records plus the teacher's; its stats say how many of each.
-        taken, gave = read_stats(stages["augment"])["collected"], ledgers["collect"]["out"]
+        taken, gave = read_stats(stages[AUGMENT.name])["collected"], ledgers[COLLECT.name]["out"]
         if taken != gave:
             raise LedgerError(f"stage augment took in {taken} collected records but collect gave it {gave}")
     for stage, feeder, part in LINKS:
-        if stage not in ledgers or feeder not in ledgers or (feeder == "collect" and "augment" in ledgers):
+        if (
+            stage not in ledgers
+            or feeder not in ledgers
+            or (feeder == COLLECT.name and AUGMENT.name in ledgers)
+        ):
             continue
         fed = split_counts[part] if part else ledgers[feeder]["out"]
         if ledgers[stage]["in"] != fed:
@@ -78,27 +96,32 @@ def build_report(stages: dict[str, StageRef]) -> dict[str, Any]:
         "funnel": [
             {"stage": name, "in": ledger["in"], "out": ledger["out"], "dropped": ledger["dropped"]}
             for name, ledger in ledgers.items()
-            if name != "register"
+            if name != REGISTER.name
         ],
         "splits": split_counts,
         "stage_dirs": {name: ref.path for name, ref in stages.items()},
+        "reused": [
+            name
+            for name, ref in stages.items()
+            if started_at and read_manifest(ref)["finished_at"] < started_at
+        ],
     }
-    if "evaluate" in stages:
-        report["evaluation"] = read_stats(stages["evaluate"])
-    if "train" in stages:
-        trained = read_stats(stages["train"])
+    if EVALUATE.name in stages:
+        report["evaluation"] = read_stats(stages[EVALUATE.name])
+    if TRAIN.name in stages:
+        trained = read_stats(stages[TRAIN.name])
         report["training"] = {key: trained.get(key) for key in ("steps", "train_loss", "seconds", "device")}
-    if "register" in stages:
-        report["registry"] = read_stats(stages["register"])
+    if REGISTER.name in stages:
+        report["registry"] = read_stats(stages[REGISTER.name])
     return report
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown, for the Prefect UI and the run folder."""
-    lines = ["# Tuneline run", "", "## Funnel", "", "| stage | in | out | dropped |", "|---|---|---|---|"]
+    lines = ["# Tuneline run", "", reuse_line(report), "", "## Funnel", "", "| stage | in | out | dropped |"]
+    lines.append("|---|---|---|---|")
     for row in report["funnel"]:
-        dropped = ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-"
-        lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {dropped} |")
+        lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {format_dropped(row['dropped'])} |")
     if evaluation := report.get("evaluation"):
         metric = evaluation.get("metric", "exact_match")
         lines += ["", "## Base vs tuned (test split)", "", f"| model | loss | {metric} |", "|---|---|---|"]
@@ -115,6 +138,22 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- promoted to champion: {registry['promoted']} ({registry['reason']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def finished_before(ref: StageRef, moment: str) -> bool:
+    """Whether the stage finished before `moment` (ISO 8601 UTC, to the second, as manifests say)."""
+    return read_manifest(ref)["finished_at"] < moment
+
+
+def reuse_line(report: dict[str, Any]) -> str:
+    """Which stages this run computed and which it reused from earlier runs, in a sentence."""
+    reused, stages = report.get("reused", []), list(report["stage_dirs"])
+    if not reused:
+        return f"Every stage ran ({len(stages)})."
+    if len(reused) == len(stages):
+        return f"Every stage was reused ({len(stages)}): nothing changed since an earlier run."
+    ran = [name for name in stages if name not in reused]
+    return f"Reused from earlier runs: {', '.join(reused)}; ran: {', '.join(ran)}."
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:

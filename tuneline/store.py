@@ -12,14 +12,17 @@ Every manifest carries the ledger `records in = records out + sum(dropped by rea
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from tuneline import __version__
 
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
+DOCUMENTS = "documents.jsonl"  # raw documents (crawled pages) beside the records, for grounded rounds
 REJECTS = "rejects.jsonl"
 STATS = "stats.json"
 
@@ -73,12 +77,83 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"cannot digest {type(value).__name__}")
 
 
-def code_digest(*paths: str | Path) -> str:
-    """Digest of source files, so that changing a stage's code re-runs it."""
+def files_digest(*paths: str | Path) -> str:
+    """Digest of files' contents (a suite, benchmark files), so that changing one re-runs a stage."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(Path(path).read_bytes())
+        digest.update(read_code(Path(path)))
     return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the pipeline: its one name (folder, task, manifest, MLflow keys, report, CLI),
+    the module that runs it, and the modules and packages whose source decides its output.
+
+    `code` names are looked up without importing them (a stage found finished costs no import
+    of torch or Scrapy); a package stands for every `.py` file under it. tests/test_layout.py
+    checks that `code` covers every project module that `entry` imports, directly or not.
+    """
+
+    name: str
+    entry: str
+    code: tuple[str, ...]
+
+
+def read_code(path: Path) -> bytes:
+    """The bytes of a source file as digested (one place, so a test can change a file's code)."""
+    return path.read_bytes()
+
+
+@cache
+def stage_code_files(stage: Stage) -> tuple[Path, ...]:
+    """Every source file that `stage.code` names, sorted and without duplicates."""
+    files: set[Path] = set()
+    for name in stage.code:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None and not spec.submodule_search_locations:
+            raise StageCorrupt(f"stage {stage.name}: cannot find module {name}; reinstall Tuneline")
+        if spec.submodule_search_locations:
+            for location in spec.submodule_search_locations:
+                files.update(Path(location).resolve().rglob("*.py"))
+        else:
+            files.add(Path(spec.origin).resolve())
+        # Importing a module runs its packages' __init__ first.
+        for depth in range(1, name.count(".")):
+            package = importlib.util.find_spec(name.rsplit(".", depth)[0])
+            if package is not None and package.origin:
+                files.add(Path(package.origin).resolve())
+    return tuple(sorted(files))
+
+
+def code_digest(stage: Stage) -> str:
+    """Digest of the stage's source files, by file name and content: the same code installed in
+    another folder (a clone, a wheel) has the same digest."""
+    digest = hashlib.sha256()
+    for path in stage_code_files(stage):
+        digest.update(path.name.encode())
+        digest.update(read_code(path))
+    return digest.hexdigest()[:16]
+
+
+def stage_key(stage: Stage, *parts: Any) -> str:
+    """The digest of one output of `stage`: its name, `parts` (section, inputs' digests) and code."""
+    return stage_digest(stage.name, *parts, code_digest(stage))
+
+
+def reuse_or_write(
+    artifacts_dir: str | Path,
+    stage: Stage,
+    digest: str,
+    write: Callable[[StageWriter], None],
+    inputs: list[StageRef] = (),
+) -> StageRef:
+    """The finished stage with this digest, or else the one `write` fills, written atomically."""
+    if cached := find_stage(artifacts_dir, stage.name, digest):
+        return cached
+    with write_stage(artifacts_dir, stage.name, digest, inputs) as writer:
+        write(writer)
+    return find_stage(artifacts_dir, stage.name, digest)
 
 
 def stage_dir(artifacts_dir: str | Path, stage: str, digest: str) -> Path:

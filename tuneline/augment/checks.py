@@ -32,14 +32,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tuneline.curate.dedup import comparable_text
 from tuneline.errors import UserError
 from tuneline.formats import FormatError, read_records
 from tuneline.formats.codecs import Format, parse_object
 from tuneline.recipe import AugmentChecks, AugmentSpec
-from tuneline.records import Record, RecordError, make_record
-from tuneline.sources.collect import DOCUMENTS
-from tuneline.store import StageRef, iter_jsonl, iter_records
+from tuneline.records import Record, RecordError, comparable_text, make_record
+from tuneline.store import DOCUMENTS, StageRef, iter_jsonl, iter_records
 
 WORD = re.compile(r"\w+")
 MAX_WORDS = 256  # ROUGE-L cost grows with the product of lengths; questions are rarely longer

@@ -9,7 +9,8 @@ waits, `review/pending/<batch>.json` tells reviewers which run and round it belo
 its candidates lie (the round's stage, so a killed run loses none).
 
 The Prefect form, the terminal and the export file all end here, as the same `Decision` rows.
-No Prefect import: the flow and the CLI pass what they received.
+No Prefect import: the flow and the CLI pass what they received. The loop that asks a round's
+reviewers until its batch is decided is tuneline.augment.checkpoint.
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ class PendingBatch(BaseModel):
     how: str
     created_at: str
     api_url: str | None = None  # the Prefect API of the paused run (a local server's port is random)
+
+
+def review_command_line(verb: str, *args: str) -> str:
+    """A `tuneline review` command as users type it (`decide RUN`, `export RUN --to FILE`, ...):
+    the one place the CLI's words are spelled for messages."""
+    return " ".join(("tuneline review", verb, *args))
 
 
 def now() -> str:
@@ -211,7 +218,8 @@ def finish_batch(
     if missing:
         raise ReviewError(
             f"batch {batch}: {len(missing)} of {len(candidates)} candidates have no decision yet "
-            f"(first: {missing[0]['id']}); decide them with `tuneline review` or an imported file"
+            f"(first: {missing[0]['id']}); decide them with `{review_command_line('decide')}` or "
+            f"`{review_command_line('import', 'FILE')}`"
         )
     rows = [stored[c["id"]].model_dump(mode="json") for c in candidates]
     final = batch_dir(artifacts_dir, batch) / "decisions.json"
@@ -243,7 +251,7 @@ def find_pending(artifacts_dir: str | Path, run_or_batch: str) -> PendingBatch:
     if not matches:
         raise ReviewError(
             f"nothing waits for review for {run_or_batch!r} in {artifacts_dir}; "
-            "`tuneline review` lists what is pending"
+            f"`{review_command_line('list')}` shows what waits"
         )
     return matches[0]
 
@@ -370,7 +378,7 @@ def read_review_file(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
         raise ReviewError(f"{path}: cannot read: {error.strerror}") from None
     except json.JSONDecodeError as error:
         raise ReviewError(f"{path}:{error.lineno}: not a JSON line: {error.msg}") from None
-    raise ReviewError(f"{path}: import a .jsonl or .csv file written by `tuneline review export`")
+    raise ReviewError(f"{path}: import a .jsonl or .csv file written by `{review_command_line('export')}`")
 
 
 def import_decisions(

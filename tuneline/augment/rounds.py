@@ -40,18 +40,18 @@ from tuneline.augment.checks import (
     shared_system,
 )
 from tuneline.augment.teacher import ask_teacher, parse_json_reply
+from tuneline.pipeline import AUGMENT, AUGMENT_ROUND
 from tuneline.recipe import AugmentSpec
 from tuneline.records import Record, RecordError, make_record
 from tuneline.store import (
     REJECTS,
     StageRef,
-    code_digest,
-    find_stage,
+    StageWriter,
     iter_records,
     read_manifest,
     read_stats,
-    stage_digest,
-    write_stage,
+    reuse_or_write,
+    stage_key,
 )
 
 __all__ = [
@@ -59,11 +59,8 @@ __all__ = [
     "round_summary", "run_augment_merge", "run_generate_round", "summarize_mistakes",
 ]  # fmt: skip
 
-ROUND_STAGE = "augment_round"
-MERGE_STAGE = "augment"
 CANDIDATES = "candidates.jsonl"
 PROMPT = "prompt.json"
-CODE_FILES = [__file__, Path(__file__).with_name("checks.py")]
 REVIEW_REJECT = "rejected_in_review"
 NOT_REVIEWED = "not_reviewed"
 EDITS_SHOWN = 5
@@ -107,15 +104,14 @@ def run_generate_round(
     system = shared_system(spec, seeds if spec.mode == "seeds" else [])
     requests = plan_round(spec, seeds, chunks, mistakes, round_no)
     teacher = spec.teacher.model_dump(include={"model", "temperature", "max_tokens", "seed", "json_mode"})
-    digest = stage_digest(
-        ROUND_STAGE, teacher, spec.checks, system, round_no, [r.messages for r in requests],
-        _ids_digest(seeds), _ids_digest(pool), source_ref.digest, code_digest(*CODE_FILES),
+    digest = stage_key(
+        AUGMENT_ROUND, teacher, spec.checks, system, round_no, [r.messages for r in requests],
+        _ids_digest(seeds), _ids_digest(pool), source_ref.digest,
     )  # fmt: skip
-    if cached := find_stage(artifacts_dir, ROUND_STAGE, digest):
-        return cached
-    replies = ask_teacher(spec.teacher, [r.messages for r in requests], api_key=api_key)
-    checks = CandidateChecks(spec.checks, seeds, pool)
-    with write_stage(artifacts_dir, ROUND_STAGE, digest, [source_ref]) as writer:
+
+    def write(writer: StageWriter) -> None:
+        replies = ask_teacher(spec.teacher, [r.messages for r in requests], api_key=api_key)
+        checks = CandidateChecks(spec.checks, seeds, pool)
         for index, (request, reply) in enumerate(zip(requests, replies, strict=True)):
             where = {"round": round_no, "request": index, "request_digest": reply.request_digest}
             if reply.error is not None:
@@ -167,7 +163,8 @@ def run_generate_round(
             "passed": writer.records_out,
             "rejected": dict(sorted(writer.dropped.items())),
         }
-    return find_stage(artifacts_dir, ROUND_STAGE, digest)
+
+    return reuse_or_write(artifacts_dir, AUGMENT_ROUND, digest, write, [source_ref])
 
 
 def _ids_digest(records: list[Record]) -> str:
@@ -336,11 +333,9 @@ def run_augment_merge(
     came from collect (`collected`) and from the teacher (`generated`), and each round's summary.
     """
     decided = [(r.round_no, r.generated.digest, r.decisions) for r in rounds]
-    digest = stage_digest(MERGE_STAGE, collected_ref.digest, decided, code_digest(*CODE_FILES))
-    if cached := find_stage(artifacts_dir, MERGE_STAGE, digest):
-        return cached
-    inputs = [collected_ref, *(r.generated for r in rounds)]
-    with write_stage(artifacts_dir, MERGE_STAGE, digest, inputs) as writer:
+    digest = stage_key(AUGMENT, collected_ref.digest, decided)
+
+    def write(writer: StageWriter) -> None:
         for record in iter_records(collected_ref):
             writer.count_in()
             writer.keep(record)
@@ -362,4 +357,6 @@ def run_augment_merge(
             "accepted": writer.records_out - collected,
             "rounds": [round_summary(reviewed) for reviewed in rounds],
         }
-    return find_stage(artifacts_dir, MERGE_STAGE, digest)
+
+    inputs = [collected_ref, *(r.generated for r in rounds)]
+    return reuse_or_write(artifacts_dir, AUGMENT, digest, write, inputs)

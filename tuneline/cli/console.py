@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneline.recipe import Recipe
+from tuneline.report import format_dropped, number, reuse_line
 
 
 def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None = None) -> None:
@@ -17,9 +18,10 @@ def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None
     for column in ("stage", "in", "out", "dropped (reason: count)"):
         funnel.add_column(column, justify="right" if column in ("in", "out") else "left")
     for row in report["funnel"]:
-        dropped = ", ".join(f"{reason}: {n}" for reason, n in row["dropped"].items()) or "-"
+        dropped = format_dropped(row["dropped"])
         funnel.add_row(row["stage"], str(row["in"]), str(row["out"]), dropped)
     console.print(funnel)
+    console.print(reuse_line(report))
     if splits := report.get("splits"):
         console.print("splits: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
 
@@ -43,11 +45,6 @@ def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None
         "Open the UIs: [bold]tuneline ui[/bold]  (Prefect on http://127.0.0.1:4200, "
         f"MLflow on http://127.0.0.1:5000, tracking {recipe.register.tracking_uri})"
     )
-
-
-def number(value: float | None) -> str:
-    """A metric for a table; None (nothing to score) shows as a dash."""
-    return "-" if value is None else f"{value:.3f}"
 
 
 def print_failure(error: BaseException, console: Console | None = None) -> None:

@@ -129,7 +129,7 @@ def check_command(
     recipe: Annotated[
         Path | None,
         typer.Option(
-            "--recipe", help="Recipe whose clean, quality and model sections apply; defaults otherwise."
+            "--recipe", help="Recipe whose clean, gate and model sections apply; defaults otherwise."
         ),
     ] = None,
     format: FormatOption = None,
@@ -140,13 +140,13 @@ def check_command(
     """
     from tuneline.curate.check import check_file
     from tuneline.errors import UserError
-    from tuneline.recipe import CleanSpec, QualitySpec, load_recipe
+    from tuneline.recipe import CleanSpec, GateSpec, load_recipe
 
     try:
         loaded = load_recipe(recipe) if recipe else None
         clean = loaded.clean if loaded else CleanSpec()
-        quality = loaded.quality if loaded else QualitySpec()
-        report = check_file(file, clean, quality, loaded.model if loaded else None, format)
+        gate = loaded.gate if loaded else GateSpec()
+        report = check_file(file, clean, gate, loaded.model if loaded else None, format)
     except (FormatError, OSError, UserError) as error:
         _fail(_file_error(file, error))
     dropped = sum(report.dropped.values())
@@ -160,9 +160,9 @@ def check_command(
         typer.echo(f"{kind.replace('_', ' ')}: {shown}")
     typer.echo(f"records out: {report.kept}")
     if report.passed:
-        typer.echo(f"quality gate ({quality.suite}): passed, {report.gate_expectations} expectations")
+        typer.echo(f"quality gate ({gate.suite}): passed, {report.gate_expectations} expectations")
         raise typer.Exit(0)
-    typer.echo(f"quality gate ({quality.suite}): FAILED")
+    typer.echo(f"quality gate ({gate.suite}): FAILED")
     for failure in report.gate_failures:
         typer.echo(f"  - {failure}")
     raise typer.Exit(1)

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from tuneline.cli.data import data_app
-from tuneline.cli.review import review_command
+from tuneline.cli.review import review_app
 from tuneline.errors import UserError
 from tuneline.recipe import Recipe, RecipeError, load_recipe
 
@@ -31,7 +31,7 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data", help="Inspect and convert datasets.")
 train_app = typer.Typer(no_args_is_help=True, help="Plan training runs.")
 app.add_typer(train_app, name="train")
-app.command("review")(review_command)
+app.add_typer(review_app, name="review")
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
 QUICKSTART_DATA = Path("recipes/data/support_intents.jsonl")

@@ -1,13 +1,14 @@
-"""`tuneline review`: decide a paused augmentation round in a terminal or through a file.
+"""`tuneline review ...`: what waits for review, and deciding it in a terminal or through a file.
 
-    tuneline review                    list what waits, then review the oldest batch
-    tuneline review RUN                review the batch of that run (flow run id or name)
+    tuneline review list                       what waits for review (batch, run, round, count, how)
+    tuneline review decide [RUN]               review the batch of that run (flow run id or name),
+                                               or the oldest waiting batch
     tuneline review export RUN --to review.csv|review.jsonl
     tuneline review import review.csv
 
-Each decision is stored the moment it is made (tuneline.augment.review's journal), so `q`, Ctrl-C or a
-closed terminal keeps every decision so far; the next `tuneline review` goes on with the rest.
-When a batch is complete the paused flow run is resumed through the Prefect API with the same
+Each decision is stored the moment it is made (tuneline.augment.review's journal), so `q`, Ctrl-C or
+a closed terminal keeps every decision so far; the next `tuneline review decide` goes on with the
+rest. When a batch is complete the paused flow run is resumed through the Prefect API with the same
 form data the UI would send. Prefect is imported only for that resume.
 """
 
@@ -20,6 +21,7 @@ from typing import Annotated, Any
 import click
 import typer
 
+from tuneline.augment.checkpoint import FILL_IN
 from tuneline.augment.review import (
     Decision,
     PendingBatch,
@@ -34,53 +36,109 @@ from tuneline.augment.review import (
     read_candidates,
     read_decisions,
     record_decision,
+    review_command_line,
     to_form_input,
     undecided,
 )
 
 KEYS = "[a]ccept  [r]eject  [e]dit  [s]kip  [q]uit (decisions so far are kept)"
 
+review_app = typer.Typer(
+    help="Decide augmentation candidates waiting for review: in the terminal, or through a file.",
+    no_args_is_help=True,
+)
 
-def review_command(
-    target: Annotated[str | None, typer.Argument(help="RUN, or `export` / `import`.")] = None,
-    argument: Annotated[str | None, typer.Argument(help="export: RUN; import: FILE.")] = None,
-    to: Annotated[Path | None, typer.Option(help="export: the .csv or .jsonl file to write.")] = None,
-    artifacts_dir: Annotated[
-        Path, typer.Option("--artifacts-dir", help="The recipe's artifacts_dir.")
-    ] = Path(".tuneline"),
-    reviewer: Annotated[
-        str, typer.Option(help="Name recorded with your decisions.", envvar="TUNELINE_REVIEWER")
-    ] = os.environ.get("USER", "reviewer"),
-    resume: Annotated[bool, typer.Option(help="Resume the paused run once the batch is decided.")] = True,
+ArtifactsDir = Annotated[Path, typer.Option("--artifacts-dir", help="The recipe's artifacts_dir.")]
+Reviewer = Annotated[str, typer.Option(help="Name recorded with your decisions.", envvar="TUNELINE_REVIEWER")]
+Resume = Annotated[bool, typer.Option(help="Resume the paused run once the batch is decided.")]
+DEFAULT_ARTIFACTS_DIR = Path(".tuneline")
+DEFAULT_REVIEWER = os.environ.get("USER", "reviewer")
+
+
+def fail(error: ReviewError) -> typer.Exit:
+    """Print a review error (no traceback) and return the exit to raise: the input cannot be used."""
+    typer.secho(str(error), err=True, fg=typer.colors.RED)
+    return typer.Exit(2)
+
+
+def describe(pending: PendingBatch) -> str:
+    """One line per waiting batch: its run, round, size, digest and how the recipe reviews it."""
+    return (
+        f"- run {pending.run_name} ({pending.run_id[:8]}) round {pending.round}: {pending.count} "
+        f"candidates, batch {pending.batch}, review.how {pending.how}"
+    )
+
+
+@review_app.command("list")
+def list_command(artifacts_dir: ArtifactsDir = DEFAULT_ARTIFACTS_DIR) -> None:
+    """List the batches waiting for review, oldest first (exit 0 also when none waits)."""
+    waiting = list_pending(artifacts_dir)
+    if not waiting:
+        typer.echo(f"nothing waits for review in {artifacts_dir}")
+        return
+    for pending in waiting:
+        typer.echo(describe(pending))
+    typer.echo(
+        f"decide one with `{review_command_line('decide', 'RUN')}`, or through a file with "
+        f"`{review_command_line('export', 'RUN', '--to', 'review.csv')}`"
+    )
+
+
+@review_app.command("decide")
+def decide_command(
+    run: Annotated[
+        str | None,
+        typer.Argument(metavar="RUN", help="Flow run name or id; default: the oldest waiting batch."),
+    ] = None,
+    artifacts_dir: ArtifactsDir = DEFAULT_ARTIFACTS_DIR,
+    reviewer: Reviewer = DEFAULT_REVIEWER,
+    resume: Resume = True,
 ) -> None:
-    """Review augmentation candidates: in the terminal, or exported to a file and imported back."""
+    """Review a waiting batch in the terminal, key by key; the run resumes once it is decided."""
+    review_in_terminal(artifacts_dir, run, reviewer, resume)
+
+
+@review_app.command("export")
+def export_command(
+    run: Annotated[
+        str, typer.Argument(metavar="RUN", help="Flow run name or id (or batch digest) to export.")
+    ],
+    to: Annotated[Path, typer.Option(help="The .csv or .jsonl file to write.")],
+    artifacts_dir: ArtifactsDir = DEFAULT_ARTIFACTS_DIR,
+) -> None:
+    """Write a waiting batch to a file to fill in (decisions made so far are filled in)."""
     try:
-        if target == "export":
-            if not argument or to is None:
-                raise ReviewError("usage: tuneline review export RUN --to review.csv (or .jsonl)")
-            pending = find_pending(artifacts_dir, argument)
-            count = export_batch(artifacts_dir, pending, to)
-            typer.echo(
-                f"{count} candidates of round {pending.round} written to {to}; fill in decision "
-                "(accept/reject/edit), reason and edited_answer, then `tuneline review import " + f"{to}`"
-            )
-            return
-        if target == "import":
-            if not argument:
-                raise ReviewError("usage: tuneline review import FILE")
-            pending, final = import_decisions(artifacts_dir, argument, reviewer)
-            if final is None:
-                left = undecided(read_candidates(pending), read_decisions(artifacts_dir, pending.batch))
-                typer.echo(f"stored; {len(left)} candidates of batch {pending.batch} still have no decision")
-                return
-            typer.echo(f"batch {pending.batch}: all {len(final)} candidates decided")
-            if resume:
-                resume_run(artifacts_dir, pending, reviewer)
-            return
-        review_in_terminal(artifacts_dir, target, reviewer, resume)
+        pending = find_pending(artifacts_dir, run)
+        count = export_batch(artifacts_dir, pending, to)
     except ReviewError as error:
-        typer.secho(str(error), err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from None
+        raise fail(error) from None
+    typer.echo(
+        f"{count} candidates of round {pending.round} written to {to}; {FILL_IN}, then "
+        f"`{review_command_line('import', str(to))}`"
+    )
+
+
+@review_app.command("import")
+def import_command(
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A file written by `tuneline review export`, filled in.")
+    ],
+    artifacts_dir: ArtifactsDir = DEFAULT_ARTIFACTS_DIR,
+    reviewer: Reviewer = DEFAULT_REVIEWER,
+    resume: Resume = True,
+) -> None:
+    """Store the decisions of a filled-in file; the run resumes once its batch is decided."""
+    try:
+        pending, final = import_decisions(artifacts_dir, file, reviewer)
+    except ReviewError as error:
+        raise fail(error) from None
+    if final is None:
+        left = undecided(read_candidates(pending), read_decisions(artifacts_dir, pending.batch))
+        typer.echo(f"stored; {len(left)} candidates of batch {pending.batch} still have no decision")
+        return
+    typer.echo(f"batch {pending.batch}: all {len(final)} candidates decided")
+    if resume:
+        resume_run(artifacts_dir, pending, reviewer)
 
 
 def review_in_terminal(artifacts_dir: Path, run: str | None, reviewer: str, resume: bool) -> None:
@@ -90,10 +148,7 @@ def review_in_terminal(artifacts_dir: Path, run: str | None, reviewer: str, resu
         typer.echo(f"nothing waits for review{f' for {run}' if run else ''} in {artifacts_dir}")
         return
     for pending in waiting:
-        typer.echo(
-            f"- run {pending.run_name} ({pending.run_id[:8]}) round {pending.round}: {pending.count} "
-            f"candidates, batch {pending.batch}"
-        )
+        typer.echo(describe(pending))
     pending = waiting[0]
     candidates = read_candidates(pending)
     made = read_decisions(artifacts_dir, pending.batch)
@@ -104,14 +159,20 @@ def review_in_terminal(artifacts_dir: Path, run: str | None, reviewer: str, resu
     for number, candidate in enumerate(todo, start=1):
         decision = ask(candidate, number, len(todo), reviewer)
         if decision is None:
-            typer.echo(f"stopped; {len(made)} decisions kept. `tuneline review {pending.run_name}` goes on.")
+            typer.echo(
+                f"stopped; {len(made)} decisions kept. "
+                f"`{review_command_line('decide', pending.run_name)}` goes on."
+            )
             return
         if decision == "skip":
             continue
         record_decision(artifacts_dir, pending.batch, decision)
         made[decision.id] = decision
     if undecided(candidates, made):
-        typer.echo(f"{len(undecided(candidates, made))} skipped candidates still wait for a decision")
+        typer.echo(
+            f"{len(undecided(candidates, made))} skipped candidates still wait for a decision: "
+            f"`{review_command_line('decide', pending.run_name)}`"
+        )
         return
     finish_batch(artifacts_dir, pending.batch, candidates, [])
     typer.echo(f"batch {pending.batch}: all {len(candidates)} candidates decided")

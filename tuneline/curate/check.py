@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.curate.clean import Cleaner, batches
-from tuneline.curate.gate import QualityGateFailed, check_records
+from tuneline.curate.gate import GateFailed, check_records
 from tuneline.formats import Format, iter_file
-from tuneline.recipe import CleanSpec, ModelSpec, QualitySpec
+from tuneline.recipe import CleanSpec, GateSpec, ModelSpec
 from tuneline.records import Record
 
 
@@ -53,7 +53,7 @@ def _readable(path: str, format: Format | None, report: CheckReport) -> Iterator
 def check_file(
     path: str,
     clean: CleanSpec,
-    quality: QualitySpec,
+    gate: GateSpec,
     model: ModelSpec | None = None,
     format: Format | None = None,
 ) -> CheckReport:
@@ -78,8 +78,8 @@ def check_file(
                     yield json.loads(line)
 
         try:
-            _, summary, _ = check_records(kept_records, quality, None)
+            _, summary, _ = check_records(kept_records, gate, None)
             report.gate_expectations = len(summary)
-        except QualityGateFailed as failed:
+        except GateFailed as failed:
             report.gate_failures = failed.failures
     return report

@@ -27,12 +27,13 @@ from typing import Any
 
 import ftfy
 
-from tuneline.curate.dedup import NearDedup, choose_bands, comparable_text, lsh_keys
+from tuneline.curate.dedup import NearDedup, choose_bands, lsh_keys
 from tuneline.curate.pii import redact_text
 from tuneline.errors import UserError
+from tuneline.pipeline import CLEAN
 from tuneline.recipe import CleanSpec, ModelSpec
-from tuneline.records import Record, content_digest, record_text
-from tuneline.store import RECORDS, StageRef, code_digest, find_stage, stage_digest, write_stage
+from tuneline.records import Record, comparable_text, content_digest, record_text
+from tuneline.store import RECORDS, StageRef, StageWriter, reuse_or_write, stage_key
 
 Filter = Callable[[Record], str | None]
 
@@ -410,11 +411,10 @@ def run_clean(
 ) -> StageRef:
     """Repair, filter, exact- and near-dedup the collected records into a new stage, in batches."""
     tokenizer_part = model if (spec.max_tokens or spec.min_tokens) else None
-    digest = stage_digest("clean", spec, tokenizer_part, collected.digest, code_digest(*CODE_FILES))
-    if cached := find_stage(artifacts_dir, "clean", digest):
-        return cached
-    cleaner = Cleaner(spec, model)
-    with write_stage(artifacts_dir, "clean", digest, [collected]) as writer:
+    digest = stage_key(CLEAN, spec, tokenizer_part, collected.digest)
+
+    def write(writer: StageWriter) -> None:
+        cleaner = Cleaner(spec, model)
         for size, prepared in prepared_batches(spec, collected.file(RECORDS)):
             writer.count_in(size)
             for record, reason in cleaner.finish_batch(prepared):
@@ -423,10 +423,5 @@ def run_clean(
                 else:
                     writer.keep(record)
         writer.stats = {"kept": writer.records_out, "dropped": dict(writer.dropped), **cleaner.stats()}
-    return find_stage(artifacts_dir, "clean", digest)
 
-
-CODE_FILES = [
-    __file__,
-    *(Path(__file__).with_name(name) for name in ("pii.py", "dedup.py", "shingles.py")),
-]
+    return reuse_or_write(artifacts_dir, CLEAN, digest, write, [collected])

@@ -13,15 +13,8 @@ import numpy as np
 import rensa
 
 from tuneline.curate.shingles import ngram_hashes
-from tuneline.records import Record
 
 SEED = 1
-
-
-def comparable_text(record: Record) -> str:
-    """The text two records are compared on: every turn but the system prompt, which many
-    records share on purpose and which would make them all look alike."""
-    return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")
 
 
 def choose_bands(num_perm: int, threshold: float) -> int:

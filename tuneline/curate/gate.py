@@ -1,14 +1,14 @@
 """The quality gate: the cleaned records must pass a Great Expectations suite before training.
 
-The suite is a reviewable file in `expectations/` (`quality.suite`); its thresholds are GE suite
-parameters (`{"$PARAMETER": "min_chars"}`) filled from the recipe's `quality` section when the
+The suite is a reviewable file in `expectations/` (`gate.suite`); its thresholds are GE suite
+parameters (`{"$PARAMETER": "min_chars"}`) filled from the recipe's `gate` section when the
 suite runs, so the file never repeats numbers the recipe owns. Each record becomes one compact
 row (`conversation_row` or `document_row`, as the suite's `meta.rows` says): lengths, counts,
 role, language, a short excerpt of the weakest turn, never the whole text, so 1M records fit in a
 few hundred MB; rows are built while the records stream by and the records themselves are copied
 through as a file, never held in memory. On success the records pass through unchanged, with GE's
 validation result (`validation.json`) and Data Docs (`data_docs/index.html`) beside them; on
-failure `QualityGateFailed` lists every failed expectation with sample ids, and no stage is left.
+failure `GateFailed` lists every failed expectation with sample ids, and no stage is left.
 
 Great Expectations costs seconds and ~200 MB to import, so it is imported inside `validate_frame`.
 """
@@ -24,11 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.errors import UserError
-from tuneline.recipe import QualitySpec
+from tuneline.pipeline import GATE
+from tuneline.recipe import GateSpec
 from tuneline.records import Record, record_text
-from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
+from tuneline.store import (
+    RECORDS,
+    StageRef,
+    StageWriter,
+    files_digest,
+    iter_records,
+    reuse_or_write,
+    stage_key,
+)
 
-STAGE = "quality_gate"
 EXPECTATIONS_DIR = Path(__file__).resolve().parents[2] / "expectations"
 EXCERPT_CHARS = 60
 ROW_TEXT_CHARS = 80  # the weakest turn kept in a row: enough to see it is blank or what it says
@@ -36,7 +44,7 @@ ROW_TEXT_CHARS = 80  # the weakest turn kept in a row: enough to see it is blank
 SUMMARY_KEYS = ("observed_value", "element_count", "unexpected_count", "unexpected_percent")
 
 
-class QualityGateFailed(UserError, RuntimeError):
+class GateFailed(UserError, RuntimeError):
     """The records failed the quality suite; the message lists each failed expectation."""
 
     def __init__(self, suite: str, failures: list[str]) -> None:
@@ -44,36 +52,35 @@ class QualityGateFailed(UserError, RuntimeError):
         self.failures = failures
         super().__init__(
             f"quality gate: {len(failures)} expectation(s) of suite {suite!r} failed; fix the data "
-            f"or the thresholds in the recipe's `quality` section:\n"
-            + "\n".join(f"  - {f}" for f in failures)
+            f"or the thresholds in the recipe's `gate` section:\n" + "\n".join(f"  - {f}" for f in failures)
         )
 
 
 class SuiteError(UserError, ValueError):
-    """The suite named by `quality.suite` is missing from expectations/ or cannot be loaded."""
+    """The suite named by `gate.suite` is missing from expectations/ or cannot be loaded."""
 
 
 def suite_path(suite: str) -> Path:
-    """The suite file named by `quality.suite`; raises SuiteError naming the field."""
+    """The suite file named by `gate.suite`; raises SuiteError naming the field."""
     path = EXPECTATIONS_DIR / f"{suite}.json"
     if not path.is_file():
         known = sorted(p.stem for p in EXPECTATIONS_DIR.glob("*.json"))
-        raise SuiteError(f"quality.suite: {suite!r} has no file {path}; choose one of {known}")
+        raise SuiteError(f"gate.suite: {suite!r} has no file {path}; choose one of {known}")
     return path
 
 
-def suite_parameters(quality: QualitySpec) -> dict[str, Any]:
+def suite_parameters(spec: GateSpec) -> dict[str, Any]:
     """The recipe's thresholds under the names the suite's `$PARAMETER` references use."""
     return {
-        "min_records": quality.min_records,
-        "min_chars": quality.min_chars,
-        "max_chars": quality.max_chars,
-        "max_tokens": quality.max_tokens,
-        "min_unique_share": 1 - quality.max_duplicate_rate,
-        "languages": quality.languages,
-        "min_language_share": quality.min_language_share,
-        "max_label_share": quality.max_label_share,
-        "mostly": quality.mostly,
+        "min_records": spec.min_records,
+        "min_chars": spec.min_chars,
+        "max_chars": spec.max_chars,
+        "max_tokens": spec.max_tokens,
+        "min_unique_share": 1 - spec.max_duplicate_rate,
+        "languages": spec.languages,
+        "min_language_share": spec.min_language_share,
+        "max_label_share": spec.max_label_share,
+        "mostly": spec.mostly,
     }
 
 
@@ -159,9 +166,7 @@ def suite_rows(suite_file: Path) -> Callable[[Record], dict[str, Any]]:
     return ROW_BUILDERS[kind]
 
 
-def validate_frame(
-    frame: Any, suite_file: Path, quality: QualitySpec, docs_dir: Path | None
-) -> dict[str, Any]:
+def validate_frame(frame: Any, suite_file: Path, spec: GateSpec, docs_dir: Path | None) -> dict[str, Any]:
     """Run the suite over the frame in an ephemeral GE context; returns GE's validation result
     as JSON. With `docs_dir`, Data Docs for the result are built there (~0.5 s)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # read when GE is imported
@@ -188,7 +193,7 @@ def validate_frame(
     result_format = {
         "result_format": "SUMMARY",
         "unexpected_index_column_names": ["id"],  # failing rows reported by record id
-        "partial_unexpected_count": max(quality.examples, 1),
+        "partial_unexpected_count": max(spec.examples, 1),
     }
     actions = []
     if docs_dir is not None:
@@ -199,7 +204,7 @@ def validate_frame(
             name=suite.name, validation_definitions=[definition], actions=actions, result_format=result_format
         )
     )
-    parameters = suite_parameters(quality)
+    parameters = suite_parameters(spec)
     if not parameters["languages"]:  # no languages named: the language check accepts what is there
         parameters["languages"] = sorted(set(frame["language"])) if "language" in frame else []
     run = checkpoint.run(batch_parameters={"dataframe": frame}, expectation_parameters=parameters)
@@ -301,36 +306,33 @@ def sample_texts(records: Iterable[Record], ids: set[str]) -> dict[str, str]:
 
 
 def check_records(
-    records: Callable[[], Iterable[Record]], quality: QualitySpec, docs_dir: Path | None
+    records: Callable[[], Iterable[Record]], spec: GateSpec, docs_dir: Path | None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
     """Validate records (a callable giving a fresh stream: failing samples need a second pass)
     with the recipe's suite. Returns GE's result, the summary rows and the record count, or raises
-    QualityGateFailed with each failed expectation and sample records."""
-    suite_file = suite_path(quality.suite)
+    GateFailed with each failed expectation and sample records."""
+    suite_file = suite_path(spec.suite)
     frame = rows_frame(records(), suite_rows(suite_file))
-    validation = validate_frame(frame, suite_file, quality, docs_dir)
+    validation = validate_frame(frame, suite_file, spec, docs_dir)
     summary = summarize_results(validation)
     if not validation["success"]:
         failing = [row for row in summary if not row["success"]]
-        wanted = {i for row in failing for i in row["failing_ids"][: quality.examples]}
+        wanted = {i for row in failing for i in row["failing_ids"][: spec.examples]}
         texts = sample_texts(records(), wanted) if wanted else {}
-        raise QualityGateFailed(
-            quality.suite, [describe_failure(row, texts, quality.examples) for row in failing]
-        )
+        raise GateFailed(spec.suite, [describe_failure(row, texts, spec.examples) for row in failing])
     return validation, summary, len(frame)
 
 
-def run_quality_gate(artifacts_dir: str | Path, cleaned: StageRef, quality: QualitySpec) -> StageRef:
+def run_gate(artifacts_dir: str | Path, cleaned: StageRef, spec: GateSpec) -> StageRef:
     """Validate the cleaned records with the recipe's suite and pass them through, or raise
-    QualityGateFailed (before any training) listing each failed expectation with sample ids."""
-    suite_file = suite_path(quality.suite)
-    digest = stage_digest(STAGE, quality, cleaned.digest, code_digest(__file__, suite_file))
-    if cached := find_stage(artifacts_dir, STAGE, digest):
-        return cached
-    with write_stage(artifacts_dir, STAGE, digest, [cleaned]) as writer:
+    GateFailed (before any training) listing each failed expectation with sample ids."""
+    suite_file = suite_path(spec.suite)
+    digest = stage_key(GATE, spec, cleaned.digest, files_digest(suite_file))
+
+    def write(writer: StageWriter) -> None:
         started = time.perf_counter()
         validation, summary, count = check_records(
-            lambda: iter_records(cleaned, RECORDS), quality, writer.path("data_docs")
+            lambda: iter_records(cleaned, RECORDS), spec, writer.path("data_docs")
         )
         seconds = time.perf_counter() - started
         for gif in writer.path("data_docs").rglob("*.gif"):
@@ -342,11 +344,12 @@ def run_quality_gate(artifacts_dir: str | Path, cleaned: StageRef, quality: Qual
         writer.count_in(count)
         writer.records_out += count
         writer.stats = {
-            "suite": quality.suite,
+            "suite": spec.suite,
             "records": count,
-            "parameters": suite_parameters(quality),
+            "parameters": suite_parameters(spec),
             "expectations": summary,
             "seconds": round(seconds, 2),
             "data_docs": "data_docs/index.html",
         }
-    return find_stage(artifacts_dir, STAGE, digest)
+
+    return reuse_or_write(artifacts_dir, GATE, digest, write, [cleaned])

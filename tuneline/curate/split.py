@@ -20,12 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from tuneline.curate.dedup import comparable_text
 from tuneline.curate.shingles import ngram_hashes
 from tuneline.errors import UserError
 from tuneline.formats import FormatError, iter_file
+from tuneline.pipeline import SPLIT
 from tuneline.recipe import SplitSpec
-from tuneline.store import RECORDS, StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
+from tuneline.records import comparable_text
+from tuneline.store import (
+    RECORDS,
+    StageRef,
+    StageWriter,
+    files_digest,
+    iter_records,
+    reuse_or_write,
+    stage_key,
+)
 
 SPLITS = ("train", "validation", "test")
 BATCH = 5_000
@@ -98,14 +107,10 @@ def run_split(artifacts_dir: str | Path, gated: StageRef, spec: SplitSpec) -> St
     missing = [str(p) for p in benchmark_files if not p.is_file()]
     if missing:
         raise BenchmarkFileError(f"split.benchmarks: {missing} do not exist; fix the paths")
-    code = code_digest(
-        __file__, *(Path(__file__).with_name(n) for n in ("shingles.py", "dedup.py")), *benchmark_files
-    )
-    digest = stage_digest("split", spec, gated.digest, code)
-    if cached := find_stage(artifacts_dir, "split", digest):
-        return cached
-    held_out = HeldOutNgrams(spec.decontaminate_ngram)
-    with write_stage(artifacts_dir, "split", digest, [gated]) as writer:
+    digest = stage_key(SPLIT, spec, gated.digest, files_digest(*benchmark_files))
+
+    def write(writer: StageWriter) -> None:
+        held_out = HeldOutNgrams(spec.decontaminate_ngram)
         counts = dict.fromkeys(SPLITS, 0)
         pending: list[str] = []
         for record in iter_records(gated, RECORDS):
@@ -144,4 +149,5 @@ def run_split(artifacts_dir: str | Path, gated: StageRef, spec: SplitSpec) -> St
             "held_out_ngrams": int(held_out.index.size),
             "benchmarks": list(spec.benchmarks),
         }
-    return find_stage(artifacts_dir, "split", digest)
+
+    return reuse_or_write(artifacts_dir, SPLIT, digest, write, [gated])

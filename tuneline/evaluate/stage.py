@@ -19,11 +19,9 @@ from typing import Any
 import torch
 
 from tuneline import models
+from tuneline.pipeline import EVALUATE, evaluate_key
 from tuneline.recipe import EvaluateSpec, ModelSpec
-from tuneline.store import StageRef, code_digest, find_stage, iter_records, stage_digest, write_stage
-from tuneline.train import export
-
-STAGE = "evaluate"
+from tuneline.store import StageRef, StageWriter, iter_records, reuse_or_write
 
 
 def split_conversation(
@@ -181,15 +179,11 @@ def run_evaluate(
     artifacts_dir: str | Path, splits: StageRef, trained: StageRef, model: ModelSpec, evaluate: EvaluateSpec
 ) -> StageRef:
     """Score the base and the tuned model on the test split; cached on recipe, inputs and code."""
-    digest = stage_digest(
-        STAGE, model, evaluate, splits.digest, trained.digest, code_digest(__file__, models.__file__)
-    )
-    cached = find_stage(artifacts_dir, STAGE, digest)
-    if cached:
-        return cached
-    records = list(iter_records(splits, "test.jsonl"))
-    limit = evaluate.max_examples or len(records)
-    with write_stage(artifacts_dir, STAGE, digest, [splits, trained]) as writer:
+    digest = evaluate_key(model, evaluate, splits, trained)
+
+    def write(writer: StageWriter) -> None:
+        records = list(iter_records(splits, "test.jsonl"))
+        limit = evaluate.max_examples or len(records)
         writer.count_in(len(records))
         chosen = []
         for record in records:
@@ -204,7 +198,7 @@ def run_evaluate(
         conversations = [c for _, c in chosen]
         base_scores, base_replies = _score_folder(model, conversations, evaluate)
         tuned_spec = ModelSpec(
-            name=str(export.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
+            name=str(models.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
         )
         tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
         for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):
@@ -218,7 +212,8 @@ def run_evaluate(
             "base": base_scores,
             "tuned": tuned_scores,
         }
-    return find_stage(artifacts_dir, STAGE, digest)
+
+    return reuse_or_write(artifacts_dir, EVALUATE, digest, write, [splits, trained])
 
 
 def _score_folder(
@@ -228,7 +223,7 @@ def _score_folder(
     if not conversations:
         return {"loss": None, "perplexity": None, "exact_match": None}, []
     tokenizer = models.load_tokenizer(spec)
-    model = export.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = models.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     try:
         return score_model(model, tokenizer, conversations, evaluate)
     finally:

@@ -199,7 +199,7 @@ class CleanSpec(Section):
     )
 
 
-class QualitySpec(Section):
+class GateSpec(Section):
     """The quality gate: a Great Expectations suite from expectations/ and its thresholds."""
 
     suite: str = Field("conversations", description="Suite file name in expectations/ (without .json).")
@@ -279,6 +279,10 @@ class RegisterSpec(Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+# Old section name -> new name: old recipes and saved deployment parameters keep loading.
+RENAMED_SECTIONS = {"quality": "gate"}
+
+
 class Recipe(Section):
     """A whole fine-tuning project, from sources to a registered model."""
 
@@ -289,12 +293,30 @@ class Recipe(Section):
         None, description="Teacher-generated examples in reviewed rounds, added before cleaning."
     )
     clean: CleanSpec = CleanSpec()
-    quality: QualitySpec = QualitySpec()
+    gate: GateSpec = GateSpec()
     split: SplitSpec = SplitSpec()
     model: ModelSpec
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     register: RegisterSpec = Field(...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, data: Any) -> Any:
+        """Sections under their old names still load, with a message saying the new one."""
+        if not isinstance(data, dict):
+            return data
+        for old, new in RENAMED_SECTIONS.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"{old}: renamed {new}, and both are set; keep only `{new}`")
+                warnings.warn(
+                    f"recipe: the `{old}` section is now called `{new}`; rename it (it still loads)",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                data = {(new if key == old else key): value for key, value in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Recipe:

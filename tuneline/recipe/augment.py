@@ -81,7 +81,7 @@ class ReviewSpec(Section):
 
     how: Literal["prefect", "terminal", "file", "auto"] = Field(
         "prefect",
-        description="prefect: form in the paused run; terminal: `tuneline review`; "
+        description="prefect: form in the paused run; terminal: `tuneline review decide`; "
         "file: `tuneline review export/import`; auto: the `auto` policy, no person.",
     )
     timeout_s: int = Field(

@@ -11,40 +11,28 @@ version tags.
 
 from __future__ import annotations
 
-import math
-import os
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+# tuneline.experiment turns MLflow's telemetry and progress bars off: imported before mlflow.
+from tuneline.experiment import is_number, open_experiment, prefixed_metrics, truncate_params
+
+# isort: split
+import mlflow
+import mlflow.pyfunc
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+from tuneline.pipeline import REGISTER, TRAIN, register_key
 from tuneline.recipe import ModelSpec, Recipe, dump_recipe, flatten_recipe
 from tuneline.report import lineage_funnel
-from tuneline.store import (
-    StageRef,
-    code_digest,
-    find_stage,
-    iter_records,
-    read_stats,
-    stage_digest,
-    write_stage,
-)
+from tuneline.store import StageRef, StageWriter, iter_records, read_stats, reuse_or_write
 
-# Read when mlflow is imported: MLflow 3 starts usage telemetry (a network thread, an id file in
-# ~/.config/mlflow) from `import mlflow`, and draws progress bars over every artifact download.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-import mlflow  # noqa: E402
-import mlflow.pyfunc  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-
-STAGE = "register"
 CANDIDATE = "candidate"
 CHAMPION = "champion"
-MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values (e.g. a pasted chat template)
 SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
 LOWER_IS_BETTER = {"loss"}
 # What the pyfunc needs at load time; tuneline itself travels with the model as code_paths.
@@ -71,11 +59,10 @@ class TunelineChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         """Load the tokenizer and model once, when MLflow loads the registered model."""
         from tuneline import models
-        from tuneline.train import export
 
         folder = context.artifacts["model"]
         self.tokenizer = models.load_tokenizer(ModelSpec(name=folder))
-        self.model = export.load_trained(folder)  # a merged model, or a soft-prompt adapter on its base
+        self.model = models.load_trained(folder)  # a merged model, or a soft-prompt adapter on its base
         self.max_new_tokens = int(context.model_config["max_new_tokens"])
         self.batch_size = int(context.model_config["batch_size"])
 
@@ -109,18 +96,13 @@ def run_register(
 ) -> StageRef:
     """Log the run, register the merged model as a new version and apply the promotion rule."""
     spec = recipe.register
-    digest = stage_digest(
-        STAGE, spec, recipe.digest(), splits.digest, trained.digest, evaluated.digest, code_digest(__file__)
-    )
-    if cached := find_stage(artifacts_dir, STAGE, digest):
-        return cached
-    prepare_tracking_uri(spec.tracking_uri)
-    mlflow.set_tracking_uri(spec.tracking_uri)
-    client = mlflow.MlflowClient()
-    experiment_id = ensure_experiment(spec.experiment, Path(artifacts_dir) / "mlartifacts")
-    champion = champion_version(client, spec.model_name)
-    metric = f"tuned_{spec.promote_metric}"
-    with write_stage(artifacts_dir, STAGE, digest, [splits, trained, evaluated]) as writer:
+    digest = register_key(recipe, splits, trained, evaluated)
+
+    def write(writer: StageWriter) -> None:
+        experiment_id = open_experiment(spec.tracking_uri, spec.experiment, artifacts_dir)
+        client = mlflow.MlflowClient()
+        champion = champion_version(client, spec.model_name)
+        metric = f"tuned_{spec.promote_metric}"
         started = time.perf_counter()
         trained_stats = read_stats(trained)
         reused = reusable_run_id(client, trained_stats, experiment_id)
@@ -135,7 +117,7 @@ def run_register(
             mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
             mlflow.log_dict({"funnel": lineage_funnel(artifacts_dir, splits)}, "funnel.json")
             # A reused train run logged the training numbers and curves itself.
-            metrics = evaluation_metrics(read_stats(evaluated)) | training_metrics(trained_stats)
+            metrics = evaluation_metrics(read_stats(evaluated)) | prefixed_metrics(trained_stats, TRAIN.name)
             curves = {} if reused else trained_stats
             client.log_batch(run.info.run_id, metrics=to_metric_entities(metrics, curves))
             log_split_inputs(splits)
@@ -165,7 +147,8 @@ def run_register(
             "reason": reason,
             "seconds": round(time.perf_counter() - started, 2),
         }
-    return find_stage(artifacts_dir, STAGE, digest)
+
+    return reuse_or_write(artifacts_dir, REGISTER, digest, write, [splits, trained, evaluated])
 
 
 def reusable_run_id(
@@ -184,26 +167,6 @@ def reusable_run_id(
     if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
         return None
     return None if "tuneline.stage_digest" in run.data.tags else run_id
-
-
-def prepare_tracking_uri(tracking_uri: str) -> None:
-    """Create the folder of a SQLite tracking database (`sqlite:///rel/path.db` is relative to the
-    working directory, `sqlite:////abs/path.db` absolute); SQLite does not create it."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-
-
-def ensure_experiment(name: str, artifact_dir: Path) -> str:
-    """The experiment's id, creating it with its artifacts under the project's artifacts folder."""
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        return mlflow.create_experiment(name, artifact_location=str(artifact_dir.resolve()))
-    if experiment.lifecycle_stage == "deleted":
-        raise ValueError(
-            f"register.experiment: {name!r} is deleted in the tracking store; restore it (`mlflow "
-            f"experiments restore --experiment-id {experiment.experiment_id}`) or choose another name"
-        )
-    return experiment.experiment_id
 
 
 def champion_version(client: mlflow.MlflowClient, model_name: str) -> str | None:
@@ -248,30 +211,12 @@ def decide_promotion(
     )
 
 
-def truncate_params(params: dict[str, str]) -> dict[str, str]:
-    """Param values cut to MLflow's limit, marked as cut; the full recipe is in `recipe.yaml`."""
-    marker = "...[truncated]"
-    return {
-        key: value if len(value) <= MAX_PARAM_CHARS else value[: MAX_PARAM_CHARS - len(marker)] + marker
-        for key, value in params.items()
-    }
-
-
 def evaluation_metrics(stats: dict[str, Any]) -> dict[str, float]:
     """`base_loss`, `tuned_exact_match`, ... from the evaluate stage; missing values are skipped."""
     metrics = {"eval_examples": stats.get("examples")}
     for side in ("base", "tuned"):
         metrics |= {f"{side}_{name}": value for name, value in (stats.get(side) or {}).items()}
-    return {key: float(value) for key, value in metrics.items() if _is_number(value)}
-
-
-def training_metrics(stats: dict[str, Any]) -> dict[str, float]:
-    """The train stage's numbers (`train_loss`, `train_seconds`, `train_steps`, ...)."""
-    return {
-        name if name.startswith("train_") else f"train_{name}": float(value)
-        for name, value in stats.items()
-        if _is_number(value)
-    }
+    return {key: float(value) for key, value in metrics.items() if is_number(value)}
 
 
 def to_metric_entities(metrics: dict[str, float], train_stats: dict[str, Any]) -> list[Metric]:
@@ -280,13 +225,9 @@ def to_metric_entities(metrics: dict[str, float], train_stats: dict[str, Any]) -
     entities = [Metric(key, value, now, 0) for key, value in metrics.items()]
     for row in train_stats.get("log_history") or []:
         for key in ("loss", "learning_rate"):
-            if _is_number(row.get(key)):
+            if is_number(row.get(key)):
                 entities.append(Metric(key, float(row[key]), now, int(row["step"])))
     return entities
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def log_split_inputs(splits: StageRef) -> None:
@@ -305,9 +246,9 @@ def log_split_inputs(splits: StageRef) -> None:
 
 def log_chat_model(recipe: Recipe, trained: StageRef) -> Any:
     """Log the merged model folder as a TunelineChatModel pyfunc and register it as a new version."""
-    from tuneline.train import export
+    from tuneline import models
 
-    folder = export.trained_folder(trained.dir)
+    folder = models.trained_folder(trained.dir)
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         raise FileNotFoundError(
             f"{folder}: the train stage has no merged model or adapter (config.json missing); "

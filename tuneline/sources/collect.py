@@ -19,27 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.formats import FormatError, iter_file
+from tuneline.pipeline import COLLECT
 from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
 from tuneline.records import RecordError, make_record
 from tuneline.sources.crawl import ITEMS
 from tuneline.sources.errors import SourceError, SourceUnreachable
 from tuneline.sources.fetch import ROWS, path_fingerprint, run_fetch
 from tuneline.store import (
+    DOCUMENTS,
     REJECTS,
     StageRef,
     StageWriter,
     check_ledger_counts,
-    code_digest,
-    find_stage,
     iter_records,
     read_stats,
-    stage_digest,
-    write_stage,
+    reuse_or_write,
+    stage_key,
 )
 
 __all__ = ["DOCUMENTS", "SourceError", "SourceUnreachable", "run_collect", "source_fingerprint"]
 
-DOCUMENTS = "documents.jsonl"
 DOCUMENT_REJECTS = "documents_rejects.jsonl"
 
 
@@ -100,13 +99,12 @@ def run_collect(
     """Merge the fetched sources (fetching any not given) into records.jsonl and documents.jsonl."""
     if fetched is None:
         fetched = [run_fetch(artifacts_dir, source) for source in sources]
-    digest = stage_digest("collect", sources, [ref.digest for ref in fetched], code_digest(__file__))
-    if cached := find_stage(artifacts_dir, "collect", digest):
-        return cached
-    per_source: dict[str, dict[str, Any]] = {}
+    digest = stage_key(COLLECT, sources, [ref.digest for ref in fetched])
+
     # The fetch stages are named in stats.json, not as manifest inputs: lineage follows a chain of
     # first inputs (split <- ... <- collect), and collect fans in from one fetch per source.
-    with write_stage(artifacts_dir, "collect", digest) as writer:
+    def write(writer: StageWriter) -> None:
+        per_source: dict[str, dict[str, Any]] = {}
         documents = DocumentSink(writer)
         for source, ref in zip(sources, fetched, strict=True):
             counts = SourceCounts(source.kind)
@@ -126,7 +124,8 @@ def run_collect(
                     read_crawl(writer, documents, source, ref, counts)
             per_source[source.name] = {**counts.as_dict(), "fetch": ref.digest}
         writer.stats = {"sources": per_source, "documents": documents.close()}
-    return find_stage(artifacts_dir, "collect", digest)
+
+    return reuse_or_write(artifacts_dir, COLLECT, digest, write)
 
 
 def now() -> str:

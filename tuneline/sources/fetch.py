@@ -16,7 +16,6 @@ retry resumes them.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 from datetime import UTC, datetime
@@ -26,11 +25,12 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from tuneline.pipeline import FETCH
 from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
 from tuneline.sources.crawl import DROPS, ITEMS, crawl_summary, run_crawl
 from tuneline.sources.download import download, unpack
 from tuneline.sources.errors import SourceError, SourceUnreachable
-from tuneline.store import StageRef, code_digest, find_stage, iter_jsonl, stage_digest, write_stage
+from tuneline.store import StageRef, StageWriter, find_stage, iter_jsonl, reuse_or_write, stage_key
 
 ROWS = "rows.jsonl"
 DATA_DIR = "data"
@@ -94,60 +94,60 @@ def path_fingerprint(name: str, path: str) -> dict[str, Any]:
 def fetch_file(artifacts_dir: str | Path, source: FileSource) -> StageRef:
     """A file source: only its fingerprint, so that collect re-runs when the file changes."""
     fingerprint = path_fingerprint(source.name, source.path)
-    digest = stage_digest("fetch", source, fingerprint, code_digest(__file__))
-    if cached := find_stage(artifacts_dir, "fetch", digest):
-        return cached
-    with write_stage(artifacts_dir, "fetch", digest) as writer:
+
+    def write(writer: StageWriter) -> None:
         writer.stats = {"source": source.name, "kind": source.kind, "fingerprint": fingerprint}
-    return find_stage(artifacts_dir, "fetch", digest)
+
+    return reuse_or_write(artifacts_dir, FETCH, stage_key(FETCH, source, fingerprint), write)
 
 
 def fetch_url(artifacts_dir: str | Path, source: UrlSource) -> StageRef:
     """Download a dataset file (resuming a partial one), check it, unpack it."""
     fingerprint = {"sha256": source.sha256} if source.sha256 else path_fingerprint(source.name, source.url)
-    digest = stage_digest(
-        "fetch", source, fingerprint, code_digest(__file__, _module_file("tuneline.sources.download"))
-    )
-    if cached := find_stage(artifacts_dir, "fetch", digest):
-        return cached
+    digest = stage_key(FETCH, source, fingerprint)
+    if cached := find_stage(artifacts_dir, FETCH.name, digest):
+        return cached  # checked before downloading: a finished stage never downloads again
     file_name = PurePosixPath(urlsplit(source.url).path).name or "download"
     part_path = Path(artifacts_dir) / "downloads" / digest / f"{file_name}.part"
     got = download(
         source.url, part_path, name=source.name, sha256=source.sha256,
         retries=source.retries, timeout_s=source.timeout_s,
     )  # fmt: skip
-    with write_stage(artifacts_dir, "fetch", digest) as writer:
+
+    def write(writer: StageWriter) -> None:
         files, skipped = unpack(got.path, file_name, writer.path(DATA_DIR))
         writer.stats = {
             "source": source.name, "kind": source.kind, "url": source.url, "fetched_at": now(),
             "sha256": got.sha256, "bytes": got.size, "tries": got.tries, "errors": got.errors,
             "files": [f.relative_to(writer.dir).as_posix() for f in files], "skipped_members": skipped,
         }  # fmt: skip
+
+    fetched = reuse_or_write(artifacts_dir, FETCH, digest, write)
     shutil.rmtree(part_path.parent, ignore_errors=True)
-    return find_stage(artifacts_dir, "fetch", digest)
+    return fetched
 
 
 def fetch_hf(artifacts_dir: str | Path, source: HfSource) -> StageRef:
     """Load a split through `datasets.load_dataset` and keep its rows, columns renamed."""
     dataset = load_hf_split(source)
-    digest = stage_digest("fetch", source, dataset._fingerprint, code_digest(__file__))
-    if cached := find_stage(artifacts_dir, "fetch", digest):
-        return cached
-    missing = sorted(set(source.columns) - set(dataset.column_names))
-    if missing:
-        raise SourceError(
-            f"source {source.name!r}: columns {missing} are not in {source.dataset} "
-            f"(it has {dataset.column_names}); fix sources[].columns"
-        )
-    with write_stage(artifacts_dir, "fetch", digest) as writer, open(writer.path(ROWS), "w") as out:
-        for row in dataset:
-            renamed = {source.columns.get(key, key): value for key, value in row.items()}
-            out.write(json.dumps(renamed, ensure_ascii=False, default=str) + "\n")
+
+    def write(writer: StageWriter) -> None:
+        missing = sorted(set(source.columns) - set(dataset.column_names))
+        if missing:
+            raise SourceError(
+                f"source {source.name!r}: columns {missing} are not in {source.dataset} "
+                f"(it has {dataset.column_names}); fix sources[].columns"
+            )
+        with open(writer.path(ROWS), "w") as out:
+            for row in dataset:
+                renamed = {source.columns.get(key, key): value for key, value in row.items()}
+                out.write(json.dumps(renamed, ensure_ascii=False, default=str) + "\n")
         writer.stats = {
             "source": source.name, "kind": source.kind, "dataset": source.dataset, "split": source.split,
             "rows": dataset.num_rows, "fingerprint": dataset._fingerprint, "fetched_at": now(),
         }  # fmt: skip
-    return find_stage(artifacts_dir, "fetch", digest)
+
+    return reuse_or_write(artifacts_dir, FETCH, stage_key(FETCH, source, dataset._fingerprint), write)
 
 
 def load_hf_split(source: HfSource) -> Any:
@@ -171,14 +171,9 @@ def load_hf_split(source: HfSource) -> Any:
 
 def fetch_crawl(artifacts_dir: str | Path, source: CrawlSource) -> StageRef:
     """Crawl a site in a subprocess; kept items and every drop with its reason go to the stage."""
-    crawler_files = sorted(Path(_module_file("tuneline.crawlers")).parent.rglob("*.py"))
-    digest = stage_digest(
-        "fetch", source, code_digest(__file__, _module_file("tuneline.sources.crawl"), *crawler_files)
-    )
-    if cached := find_stage(artifacts_dir, "fetch", digest):
-        return cached
     cache_dir = Path(artifacts_dir).resolve() / "cache" / "crawl" / source.name
-    with write_stage(artifacts_dir, "fetch", digest) as writer:
+
+    def write(writer: StageWriter) -> None:
         result = run_crawl(source, writer.dir, cache_dir)
         kept = sum(1 for _ in iter_jsonl(writer.dir / ITEMS))
         writer.count_in(kept)
@@ -193,12 +188,5 @@ def fetch_crawl(artifacts_dir: str | Path, source: CrawlSource) -> StageRef:
             "source": source.name, "kind": source.kind, "mode": source.mode, "fetched_at": now(),
             **crawl_summary(result.stats),
         }  # fmt: skip
-    return find_stage(artifacts_dir, "fetch", digest)
 
-
-def _module_file(module: str) -> str:
-    """The source file of a module, found without importing it (crawlers imports Scrapy)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise SourceError(f"cannot find the {module} package; reinstall Tuneline (pip install -e .)")
-    return spec.origin
+    return reuse_or_write(artifacts_dir, FETCH, stage_key(FETCH, source), write)

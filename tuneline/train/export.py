@@ -2,8 +2,8 @@
 
 `adapter/` holds the peft adapter of every peft method (soft prompts included) and `model/` the
 merged full model where a merge exists, both in safetensors with the tokenizer beside them, so
-plain transformers/peft load them without Tuneline. `load_trained` reads either back for
-evaluation and serving.
+plain transformers/peft load them without Tuneline. `tuneline.models.load_trained` reads either back
+for evaluation and serving.
 """
 
 from __future__ import annotations
@@ -51,28 +51,3 @@ def export_model(
     tokenizer.save_pretrained(model_dir)
     written["model"] = str(model_dir)
     return written
-
-
-def trained_folder(stage_dir: str | Path) -> Path:
-    """The folder that holds a train stage's result: `model/` when merged, else `adapter/`."""
-    stage_dir = Path(stage_dir)
-    return stage_dir / "model" if (stage_dir / "model" / "config.json").is_file() else stage_dir / "adapter"
-
-
-def load_trained(
-    name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
-) -> Any:
-    """A model for inference from a model name, a model folder or a peft adapter folder.
-
-    An adapter folder (adapter_config.json, no config.json) loads its base, named in the adapter's
-    config, with the adapter on top: that is how a soft-prompt result, which has no merged model,
-    is evaluated and served.
-    """
-    folder = Path(name_or_path)
-    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        device, dtype = models.choose_device()
-        model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-        return model.to(device).eval()
-    return models.load_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

@@ -2,10 +2,10 @@
 
 The flow's process stays the parent: it writes the recipe's `train.distributed` choice as an
 accelerate config file (DDP, FSDP or DeepSpeed) and a request file into the stage's checkpoint
-folder, runs `accelerate launch --config_file ... -m tuneline.train.launch REQUEST` in a subprocess,
-streams its output into `launch.log`, and waits. Every worker runs the same core training on the
-same inputs (`tuneline.train.train_here`); the main process writes the stage. A failed launch
-raises `LaunchError` with the end of the log.
+folder, runs `accelerate launch --config_file ... -m tuneline.train.worker REQUEST` in a subprocess,
+streams its output into `launch.log`, and waits. Every worker (tuneline/train/worker.py) runs the
+same core training on the same inputs (`tuneline.train.stage.train_here`); the main process writes
+the stage. A failed launch raises `LaunchError` with the end of the log.
 
 On a machine without CUDA the workers train on CPU and talk over gloo (tests use two processes).
 """
@@ -13,7 +13,6 @@ On a machine without CUDA the workers train on CPU and talk over gloo (tests use
 from __future__ import annotations
 
 import importlib.util
-import json
 import subprocess
 import sys
 from collections import deque
@@ -23,9 +22,12 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict
 
 from tuneline.errors import UserError
-from tuneline.recipe import DistributedSpec
+from tuneline.experiment import TrackingTarget
+from tuneline.recipe import DistributedSpec, ModelSpec, TrainSpec
+from tuneline.store import StageRef
 
 REQUEST_FILE = "launch_request.json"
 CONFIG_FILE = "accelerate_config.yaml"
@@ -35,6 +37,19 @@ TAIL_LINES = 40
 
 class LaunchError(UserError, RuntimeError):
     """Distributed training that could not start or whose workers failed; carries the log's tail."""
+
+
+class LaunchRequest(BaseModel):
+    """What every launched worker trains: the train stage's inputs, as the request file holds them."""
+
+    model_config = ConfigDict(frozen=True)
+
+    artifacts_dir: str
+    splits: StageRef
+    model: ModelSpec
+    train: TrainSpec
+    digest: str
+    tracking: TrackingTarget | None = None
 
 
 def needs_launch(spec: DistributedSpec) -> bool:
@@ -103,7 +118,7 @@ def build_accelerate_config(spec: DistributedSpec, *, use_gpu: bool, bf16: bool)
 
 
 def launch_command(config_path: Path, request_path: Path) -> list[str]:
-    """`accelerate launch` with the config file, running this module as the worker."""
+    """`accelerate launch` with the config file, running tuneline/train/worker.py in each worker."""
     return [
         sys.executable,
         "-m",
@@ -111,18 +126,17 @@ def launch_command(config_path: Path, request_path: Path) -> list[str]:
         "--config_file",
         str(config_path),
         "-m",
-        "tuneline.train.launch",
+        "tuneline.train.worker",
         str(request_path),
     ]
 
 
 def launch_training(
-    request: dict[str, Any], spec: DistributedSpec, work_dir: Path, echo: Callable[[str], None] | None = None
+    request: LaunchRequest, spec: DistributedSpec, work_dir: Path, echo: Callable[[str], None] | None = None
 ) -> None:
     """Run the training workers and wait; raises LaunchError with the log's tail if they fail.
 
-    `request` holds what `train_here` needs (JSON-ready); each output line goes to `launch.log` in
-    `work_dir` and to `echo` (the task's logger) when given.
+    Each output line goes to `launch.log` in `work_dir` and to `echo` (the task's logger) when given.
     """
     from tuneline import models
 
@@ -132,7 +146,7 @@ def launch_training(
     config_path = work_dir / CONFIG_FILE
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     request_path = work_dir / REQUEST_FILE
-    request_path.write_text(json.dumps(request), encoding="utf-8")
+    request_path.write_text(request.model_dump_json(), encoding="utf-8")
     command = launch_command(config_path, request_path)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(work_dir / LOG_FILE, "a", encoding="utf-8") as log:
@@ -151,26 +165,3 @@ def launch_training(
             f"train.distributed: {spec.world_size} {spec.strategy} workers failed (exit {returncode}); "
             f"full log: {work_dir / LOG_FILE}\n" + "\n".join(tail)
         )
-
-
-def main(argv: list[str]) -> None:
-    """Worker entry point: train on the request's inputs (every rank), the main rank writes the stage."""
-    from tuneline.recipe import ModelSpec, TrainSpec
-    from tuneline.store import StageRef
-    from tuneline.train import stage as train
-    from tuneline.train.tracking import TrackingTarget
-
-    request = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
-    tracking = request.get("tracking")
-    train.train_here(
-        request["artifacts_dir"],
-        StageRef.model_validate(request["splits"]),
-        ModelSpec.model_validate(request["model"]),
-        TrainSpec.model_validate(request["train"]),
-        digest=request["digest"],
-        tracking=TrackingTarget(**tracking) if tracking else None,
-    )
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

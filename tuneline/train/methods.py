@@ -375,9 +375,9 @@ def keep_narrow_layers_off_packed_cpu_kernel(model: Any) -> None:
     generic kernel; on a CPU without AVX512-BF16 every layer does anyway."""
     for module in model.modules():
         quant_state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if hasattr(module, "support_avx512bf16_for_cpu") and quant_state is not None:
-            if module.in_features % quant_state.blocksize:
-                module.support_avx512bf16_for_cpu = False
+        narrow = quant_state is not None and module.in_features % quant_state.blocksize
+        if narrow and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _bnb_optimizer_class(bnb: Any, name: str) -> Any:

@@ -6,7 +6,7 @@ and the validation metric from tuneline/train/sft_data.py. This module runs the 
   stage's temporary folder), so the same recipe run again after a crash resumes from the last
   complete checkpoint; the folder is removed once the stage is written (so the trainer's extra
   checkpoint at the last step is skipped: `SkipFinalCheckpoint`);
-- with `train.distributed`, `accelerate launch` workers (tuneline/train/launch.py) run `train_here`;
+- with `train.distributed`, `accelerate launch` workers (tuneline/train/worker.py) run `train_here`;
 - a `TrackingCallback` writes `train.log` and, given a tracking target, an MLflow run.
 
 The stage folder holds `adapter/` and/or `model/` (tuneline/train/export.py), `trained.jsonl` (one id
@@ -25,7 +25,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,11 @@ import torch
 from transformers import TrainerCallback
 
 from tuneline import models
+from tuneline.experiment import TrackingTarget
+from tuneline.pipeline import TRAIN, train_key
 from tuneline.recipe import ModelSpec, TrainSpec
-from tuneline.store import (
-    StageRef,
-    StageWriter,
-    code_digest,
-    find_stage,
-    iter_records,
-    stage_digest,
-    write_stage,
-)
-from tuneline.train import export, launch, methods, sft_data
+from tuneline.store import StageRef, StageWriter, find_stage, iter_records, write_stage
+from tuneline.train import export, launch, layout, methods
 from tuneline.train import tracking as tracking_lib
 from tuneline.train.methods import build_peft_config as build_peft_config  # re-exported for callers
 from tuneline.train.sft_data import (
@@ -54,14 +47,10 @@ from tuneline.train.sft_data import (
     make_training_rows,
     validation_conversations,
 )
-from tuneline.train.tracking import TrackingCallback, TrackingTarget
+from tuneline.train.tracking import TrackingCallback
 
 # TRL 1.16 calls transformers' deprecated `is_gradient_checkpointing` on every training step.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-STAGE = "train"
-# tuneline/train/packing.py imports trl (seconds): imported only to train, its code still keys the stage.
-_PACKED_ROWS_FILE = str(Path(__file__).with_name("packing.py"))
 
 
 def build_sft_config(
@@ -160,25 +149,13 @@ def summarize_eval_history(history: list[dict[str, Any]]) -> list[dict[str, Any]
     ]
 
 
-def train_digest(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
-    """The train stage's digest. `resume` and where a distributed run meets (node rank, address,
-    port) do not change the result, so they stay out: every node and a resumed run agree on it."""
-    section = train.model_dump(
-        mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
-    )
-    code = code_digest(
-        __file__, models.__file__, methods.__file__, export.__file__, sft_data.__file__, _PACKED_ROWS_FILE
-    )
-    return stage_digest(STAGE, model, section, splits.digest, code)
-
-
 def checkpoint_dir(artifacts_dir: str | Path, digest: str) -> Path:
     """Where a training keeps its checkpoints and log until its stage is written.
 
     Outside the stage's temporary folder (renamed away when the stage is written), keyed by the
     stage digest, so a killed run's checkpoints are found again by the same recipe.
     """
-    return Path(artifacts_dir) / "checkpoints" / STAGE / digest
+    return Path(artifacts_dir) / "checkpoints" / TRAIN.name / digest
 
 
 def last_complete_checkpoint(work_dir: Path, *, remove_partial: bool = True) -> Path | None:
@@ -216,23 +193,23 @@ def run_train(
     train and this process waits (their output goes to `echo`). With `tracking`, the training
     is an MLflow run whose id lands in the stage's stats.
     """
-    digest = train_digest(model, train, splits)
-    if cached := find_stage(artifacts_dir, STAGE, digest):
+    digest = train_key(model, train, splits)
+    if cached := find_stage(artifacts_dir, TRAIN.name, digest):
         return cached
     work_dir = checkpoint_dir(artifacts_dir, digest)
     if train.resume == "fresh":
         _remove_dir(work_dir)
     if launch.needs_launch(train.distributed):
-        request = {
-            "artifacts_dir": str(Path(artifacts_dir).resolve()),
-            "splits": splits.model_dump(mode="json"),
-            "model": model.model_dump(mode="json"),
-            "train": train.model_dump(mode="json"),
-            "digest": digest,
-            "tracking": asdict(tracking) if tracking else None,
-        }
+        request = launch.LaunchRequest(
+            artifacts_dir=str(Path(artifacts_dir).resolve()),
+            splits=splits,
+            model=model,
+            train=train,
+            digest=digest,
+            tracking=tracking,
+        )
         launch.launch_training(request, train.distributed, work_dir, echo)
-        ref = find_stage(artifacts_dir, STAGE, digest)
+        ref = find_stage(artifacts_dir, TRAIN.name, digest)
         if ref is None:
             raise launch.LaunchError(
                 f"train.distributed: the workers exited without writing the train stage {digest}; "
@@ -280,7 +257,7 @@ def train_here(
         validation = validation_conversations(splits, tokenizer, loss_mode, train) if evaluate else []
         work_dir.mkdir(parents=True, exist_ok=True)
         resume_from = last_complete_checkpoint(work_dir, remove_partial=main)
-        tracker = TrackingCallback(work_dir / tracking_lib.LOG_FILE, tracking)
+        tracker = TrackingCallback(work_dir / layout.LOG_FILE, tracking)
         callbacks: list[Any] = [tracker]
         if evaluate:
             # Before early stopping, which reads the metric this callback adds.
@@ -322,8 +299,8 @@ def train_here(
         if not main:
             return None
         export.export_model(trainer.model, tokenizer, writer.dir, model, train)
-        shutil.copyfile(work_dir / tracking_lib.LOG_FILE, writer.path(tracking_lib.LOG_FILE))
-        curve = tracking_lib.plot_loss_curve(trainer.state.log_history, writer.path(tracking_lib.CURVE_FILE))
+        shutil.copyfile(work_dir / layout.LOG_FILE, writer.path(layout.LOG_FILE))
+        curve = tracking_lib.plot_loss_curve(trainer.state.log_history, writer.path(layout.CURVE_FILE))
         writer.stats = _train_stats(trainer, result, loss_mode, trainable, total, seconds, len(rows)) | {
             "method": prepared.method,
             "processes": trainer.args.world_size,
@@ -337,9 +314,9 @@ def train_here(
             "tracking_uri": tracking.tracking_uri if tracking else None,
         }
         if run_id:
-            files = [writer.path(tracking_lib.LOG_FILE), *([curve] if curve else [])]
+            files = [writer.path(layout.LOG_FILE), *([curve] if curve else [])]
             tracking_lib.finish_run(tracking, run_id, files, writer.stats)
-    return find_stage(artifacts_dir, STAGE, digest)
+    return find_stage(artifacts_dir, TRAIN.name, digest)
 
 
 def _to_dataset(rows: list[dict[str, Any]]) -> Any:
@@ -386,12 +363,12 @@ def _stage_writer(
 ) -> Iterator[StageWriter]:
     """The stage writer on the main process; elsewhere a throwaway one (other ranks write nothing)."""
     if main:
-        with write_stage(artifacts_dir, STAGE, digest, [splits]) as writer:
+        with write_stage(artifacts_dir, TRAIN.name, digest, [splits]) as writer:
             yield writer
         return
     scratch = Path(tempfile.mkdtemp(prefix="tuneline-rank-"))
     try:
-        yield StageWriter(scratch, STAGE, digest, [splits])
+        yield StageWriter(scratch, TRAIN.name, digest, [splits])
     finally:
         _remove_dir(scratch)
 

@@ -10,33 +10,18 @@ process of a distributed run tracks.
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-# Read when mlflow is imported (as in tuneline/register/stage.py): no telemetry thread, no progress bars.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+from tuneline.experiment import TrackingTarget, is_number, open_experiment, prefixed_metrics, truncate_params
+from tuneline.pipeline import TRAIN
 
 RUN_FILE = "mlflow_run.json"
-LOG_FILE = "train.log"
-CURVE_FILE = "loss_curve.png"
-MAX_PARAM_CHARS = 6000
-
-
-@dataclass(frozen=True)
-class TrackingTarget:
-    """Where the train stage's MLflow run goes: the recipe's `register` section and a run name."""
-
-    tracking_uri: str
-    experiment: str
-    run_name: str
 
 
 def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str:
@@ -45,12 +30,8 @@ def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from tuneline.register.stage import ensure_experiment, prepare_tracking_uri
-
-    prepare_tracking_uri(target.tracking_uri)
-    mlflow.set_tracking_uri(target.tracking_uri)
+    experiment_id = open_experiment(target.tracking_uri, target.experiment, artifacts_dir)
     client = mlflow.MlflowClient()
-    experiment_id = ensure_experiment(target.experiment, Path(artifacts_dir) / "mlartifacts")
     saved = Path(work_dir) / RUN_FILE
     if saved.is_file():
         run_id = json.loads(saved.read_text(encoding="utf-8"))["run_id"]
@@ -63,7 +44,7 @@ def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str
         except MlflowException:
             pass  # the store was wiped since: start a new run
     run_id = client.create_run(
-        experiment_id, run_name=target.run_name, tags={"tuneline.stage": "train"}
+        experiment_id, run_name=target.run_name, tags={"tuneline.stage": TRAIN.name}
     ).info.run_id
     saved.write_text(json.dumps({"run_id": run_id, "target": asdict(target)}), encoding="utf-8")
     return run_id
@@ -86,7 +67,7 @@ def log_params(target: TrackingTarget, run_id: str, params: dict[str, Any]) -> N
 
     client = mlflow.MlflowClient(target.tracking_uri)
     logged = client.get_run(run_id).data.params
-    fresh = [Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items() if key not in logged]
+    fresh = [Param(key, value) for key, value in truncate_params(params).items() if key not in logged]
     for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=fresh[start : start + 100])
 
@@ -105,7 +86,7 @@ def finish_run(target: TrackingTarget, run_id: str, files: list[Path], stats: di
             client.log_artifact(run_id, str(path))
     now = int(time.time() * 1000)
     step = int(stats.get("steps") or 0)
-    numbers = {f"train_{key}": float(value) for key, value in stats.items() if _is_number(value)}
+    numbers = prefixed_metrics(stats, TRAIN.name)
     client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in numbers.items()])
     client.set_terminated(run_id)
 
@@ -165,7 +146,7 @@ class TrackingCallback(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         now = time.perf_counter()
-        numbers = {key: float(value) for key, value in logs.items() if _is_number(value)}
+        numbers = {key: float(value) for key, value in logs.items() if is_number(value)}
         if "loss" in numbers and "num_tokens" in numbers:
             tokens = numbers["num_tokens"]
             previous = (
@@ -204,8 +185,8 @@ class TrackingCallback(TrainerCallback):
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
     """Training (and validation) loss by step as a PNG; None when nothing was logged."""
-    train = [(row["step"], row["loss"]) for row in history if _is_number(row.get("loss"))]
-    evals = [(row["step"], row["eval_loss"]) for row in history if _is_number(row.get("eval_loss"))]
+    train = [(row["step"], row["loss"]) for row in history if is_number(row.get("loss"))]
+    evals = [(row["step"], row["eval_loss"]) for row in history if is_number(row.get("eval_loss"))]
     if not train and not evals:
         return None
     import matplotlib
@@ -226,32 +207,6 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
     figure.savefig(path)
     plt.close(figure)
     return path
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def image_data_url(path: Path) -> str:
-    """A PNG as a data URL: Prefect's image artifact shows it without a file server."""
-    import base64
-
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
-def training_markdown(stats: dict[str, Any], log_text: str, tail_lines: int = 40) -> str:
-    """The train stage's summary and the end of its training log, as markdown for the Prefect UI."""
-    rows = [
-        ("steps", stats.get("steps")),
-        ("resumed from step", stats.get("resumed_from_step")),
-        ("train loss", stats.get("train_loss")),
-        ("tokens/s", stats.get("tokens_per_second")),
-        ("best checkpoint step", stats.get("best_checkpoint_step")),
-        ("MLflow run", stats.get("mlflow_run_id")),
-    ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows if value is not None)
-    tail = "\n".join(log_text.splitlines()[-tail_lines:])
-    return f"## Training\n\n| | |\n|---|---|\n{table}\n\n### Training log (end)\n\n```\n{tail}\n```\n"
 
 
 def resolved_config(trainer: Any, method: dict[str, Any], loss_mode: str) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""MLflow, set up in one place: the tracking store, the experiment, and how values are named.
+
+Every stage that tracks (augment, train, register) opens its experiment with `open_experiment`,
+names metrics with `prefixed_metrics` and cuts params with `truncate_params`, so one run never
+carries both `train_loss` and `train_train_loss`. mlflow is imported inside the functions: it
+costs seconds, and a cached stage must not pay for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.errors import UserError
+
+# Read when mlflow is imported: MLflow 3 starts usage telemetry (a network thread, an id file in
+# ~/.config/mlflow) from `import mlflow`, and draws progress bars over every artifact download.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values (e.g. a pasted chat template)
+TRUNCATED = "...[truncated]"
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where the train stage's MLflow run goes: the recipe's `register` section and a run name.
+
+    The train stage opens the run; the register stage adds to it."""
+
+    tracking_uri: str
+    experiment: str
+    run_name: str
+
+
+def open_experiment(tracking_uri: str, experiment: str, artifacts_dir: str | Path) -> str:
+    """Point MLflow at the store and return the experiment's id, creating it (its artifacts under
+    the project's `mlartifacts/`) and a SQLite database's folder when missing."""
+    import mlflow
+
+    if tracking_uri.startswith("sqlite:///"):
+        # `sqlite:///rel/path.db` is relative to the working directory, `sqlite:////abs.db` absolute;
+        # SQLite does not create the folder.
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        location = (Path(artifacts_dir) / "mlartifacts").resolve()
+        return mlflow.create_experiment(experiment, artifact_location=str(location))
+    if found.lifecycle_stage == "deleted":
+        raise UserError(
+            f"register.experiment: {experiment!r} is deleted in the tracking store; restore it (`mlflow "
+            f"experiments restore --experiment-id {found.experiment_id}`) or choose another name"
+        )
+    return found.experiment_id
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (bools are not numbers here): what MLflow can log as a metric."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def prefixed_metrics(stats: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numbers of a stage's stats as metrics named `<prefix>_<key>`; a key that already starts
+    with the prefix keeps its name (`train_loss`, never `train_train_loss`)."""
+    return {
+        key if key.startswith(f"{prefix}_") else f"{prefix}_{key}": float(value)
+        for key, value in stats.items()
+        if is_number(value)
+    }
+
+
+def truncate_params(params: dict[str, Any]) -> dict[str, str]:
+    """Param values as text cut to MLflow's limit and marked as cut (the full recipe is logged as
+    `recipe.yaml` beside them)."""
+    cut = MAX_PARAM_CHARS - len(TRUNCATED)
+    texts = {key: str(value) for key, value in params.items()}
+    return {
+        key: text if len(text) <= MAX_PARAM_CHARS else text[:cut] + TRUNCATED for key, text in texts.items()
+    }
+
+
+def log_augment_rounds(
+    tracking_uri: str, experiment: str, artifacts_dir: str | Path, run_name: str, rows: list[dict[str, Any]]
+) -> str:
+    """One MLflow run per augmentation; each round's counts and tokens are a step of its metrics.
+    Returns the run id."""
+    import mlflow
+
+    experiment_id = open_experiment(tracking_uri, experiment, artifacts_dir)
+    keys = ("prompt_tokens", "completion_tokens", "generated", "accepted", "edited",
+            "rejected_in_review", "acceptance_rate")  # fmt: skip
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"augment-{run_name}") as run:
+        for row in rows:
+            mlflow.log_metrics({key: float(row[key]) for key in keys}, step=row["round"])
+    return run.info.run_id

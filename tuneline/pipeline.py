@@ -1,0 +1,111 @@
+"""The pipeline's stages, in the order records flow through them: one name per stage.
+
+Each name is the stage's folder under `stages/`, its Prefect task, `manifest.stage`, its MLflow
+keys, its row in the run report and its word in the CLI. `code` lists what a stage runs, so a
+change there re-runs the stage and everything after it (their inputs' digests change), and a
+change elsewhere does not: a fix in the training code never re-runs collect.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tuneline.store import Stage, StageRef, stage_key
+
+if TYPE_CHECKING:
+    from tuneline.recipe import EvaluateSpec, ModelSpec, Recipe, TrainSpec
+
+FETCH = Stage(
+    "fetch",
+    entry="tuneline.sources.fetch",
+    code=(
+        "tuneline.sources.fetch",
+        "tuneline.sources.download",
+        "tuneline.sources.crawl",
+        "tuneline.sources.errors",
+        "tuneline.crawlers",  # the Scrapy project the crawl runs in a subprocess
+    ),
+)
+COLLECT = Stage(
+    "collect",
+    entry="tuneline.sources.collect",
+    code=("tuneline.sources", "tuneline.formats", "tuneline.records"),
+)
+AUGMENT_ROUND = Stage(
+    "augment_round",
+    entry="tuneline.augment.rounds",
+    code=(
+        "tuneline.augment.rounds",
+        "tuneline.augment.checks",
+        "tuneline.augment.teacher",
+        "tuneline.formats",
+        "tuneline.records",
+    ),
+)
+AUGMENT = Stage("augment", entry=AUGMENT_ROUND.entry, code=AUGMENT_ROUND.code)
+CLEAN = Stage(
+    "clean",
+    entry="tuneline.curate.clean",
+    code=(
+        "tuneline.curate.clean",
+        "tuneline.curate.pii",
+        "tuneline.curate.dedup",
+        "tuneline.curate.shingles",
+        "tuneline.models",  # the tokenizer of token-length bounds
+        "tuneline.records",
+    ),
+)
+GATE = Stage("gate", entry="tuneline.curate.gate", code=("tuneline.curate.gate", "tuneline.records"))
+SPLIT = Stage(
+    "split",
+    entry="tuneline.curate.split",
+    code=(
+        "tuneline.curate.split",
+        "tuneline.curate.dedup",
+        "tuneline.curate.shingles",
+        "tuneline.formats",  # benchmark files are read as records
+        "tuneline.records",
+    ),
+)
+# Loading a model, generating with it and scoring it: what train (its validation metric picks the
+# best checkpoint), evaluate and register all run.
+MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records")
+TRAIN = Stage(
+    "train", entry="tuneline.train.stage", code=("tuneline.train", "tuneline.experiment", *MODEL_CODE)
+)
+EVALUATE = Stage("evaluate", entry="tuneline.evaluate.stage", code=MODEL_CODE)
+REGISTER = Stage(
+    "register",
+    entry="tuneline.register.stage",
+    code=("tuneline.register", "tuneline.experiment", "tuneline.report", *MODEL_CODE),
+)
+
+# Every stage, in pipeline order; the run report's funnel follows it.
+STAGES = (FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER)
+# The stages that take in every record the one before put out: the funnel of the run report.
+FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER))
+
+
+# The digests of the stages whose code imports torch, transformers or MLflow (seconds): the tasks
+# look a finished stage up with them before importing any of that.
+
+
+def train_key(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
+    """The train stage's digest. `resume` and where a distributed run meets (node rank, address,
+    port) do not change the result, so they stay out: every node and a resumed run agree on it."""
+    section = train.model_dump(
+        mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
+    )
+    return stage_key(TRAIN, model, section, splits.digest)
+
+
+def evaluate_key(model: ModelSpec, evaluate: EvaluateSpec, splits: StageRef, trained: StageRef) -> str:
+    """The evaluate stage's digest: both models, the settings and the test split."""
+    return stage_key(EVALUATE, model, evaluate, splits.digest, trained.digest)
+
+
+def register_key(recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef) -> str:
+    """The register stage's digest: the whole recipe (logged as the run's params) and its inputs."""
+    return stage_key(
+        REGISTER, recipe.register, recipe.digest(), splits.digest, trained.digest, evaluated.digest
+    )
