@@ -38,18 +38,25 @@ class PageBudget:
 
     def claim(self) -> bool:
         """Take one page from the budget; False once it is spent."""
+        return self._add(1)
+
+    def release(self) -> None:
+        """Give back a page that was never fetched (robots.txt or the guard refused it)."""
+        self._add(-1)
+
+    def _add(self, step: int) -> bool:
         if self.fd is None:
-            if self.used >= self.max_pages:
+            if step > 0 and self.used >= self.max_pages:
                 return False
-            self.used += 1
+            self.used = max(self.used + step, 0)
             return True
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         try:
             raw = os.pread(self.fd, 8, 0)
             used = int.from_bytes(raw, "little") if len(raw) == 8 else 0
-            if used >= self.max_pages:
+            if step > 0 and used >= self.max_pages:
                 return False
-            os.pwrite(self.fd, (used + 1).to_bytes(8, "little"), 0)
+            os.pwrite(self.fd, max(used + step, 0).to_bytes(8, "little"), 0)
             return True
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)

@@ -273,3 +273,22 @@ def test_a_sitemap_index_is_crawled_whole(site, tmp_path, processes):
     )  # fmt: skip
     items = iter_records(run_fetch(tmp_path, source), "items.jsonl")
     assert sorted(item["url"].removeprefix(site.url) for item in items) == sorted(SITEMAP + SITEMAP_MORE)
+
+
+def test_pages_refused_by_robots_txt_do_not_spend_the_page_budget(tmp_path):
+    """Five disallowed start URLs come first; the three allowed pages still fit in max_pages: 3."""
+    server = FixtureSite()
+    try:
+        disallowed = [f"/private/{n}" for n in range(5)]
+        allowed = ["/page/0", "/page/1", "/page/2", "/page/3"]
+        source = CrawlSource(
+            name="docs", start_urls=[server.url + path for path in disallowed + allowed],
+            max_depth=0, max_pages=3, allow_private=True,
+        )  # fmt: skip
+        fetched = run_fetch(tmp_path, source)
+    finally:
+        server.close()
+    assert not any(server.hits[path] for path in disallowed)
+    assert sum(server.hits[path] for path in allowed) == 3, dict(server.hits)
+    stats = json.loads(fetched.file("crawl_stats.json").read_text())
+    assert stats["robotstxt/forbidden"] == 5 and stats["tuneline/budget_returned"] == 5

@@ -13,6 +13,7 @@ share one crawl: each fetches the URLs it owns and hands the others over (tuneli
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,8 @@ SPACES = re.compile(r"\s+")
 # Links followed from a start URL or a sitemap's page. Not Scrapy's `depth`, which also counts
 # the sitemaps an index leads through, and which a page handed over by another process restarts.
 LINK_DEPTH = "tuneline_link_depth"
+# Set on a request that took a page from the budget: refused before it was fetched, it gives it back.
+BUDGETED = "tuneline_budgeted"
 # Failures another try may fix; Scrapy's own retries have already been spent on them.
 NETWORK_ERRORS = (
     CannotResolveHostError, DownloadConnectionRefusedError, DownloadFailedError,
@@ -72,6 +75,9 @@ class SiteSpider(scrapy.Spider):
         self.deny = [re.compile(pattern) for pattern in self.args.deny]
         self.domains = self.args.domains()
         self.seen: set[str] = set()
+        # Pages found while the budget was taken by requests not yet fetched: if robots.txt or the
+        # guard refuses some of those, these get their pages, in the order they were found.
+        self.waiting: deque[tuple[str, int]] = deque()
         self.budget = PageBudget(self.args.max_pages)
         self.frontier: Frontier | None = None
         self.item_class = DocumentItem if self.args.mode == "documents" else PairItem
@@ -105,23 +111,39 @@ class SiteSpider(scrapy.Spider):
                 yield request
 
     def page_request(self, url: str, depth: int) -> scrapy.Request | None:
-        """A request for a page not seen yet, while the page budget lasts; a URL another process
-        owns is handed over to it. Links off the allowed domains do not spend the budget: they are
-        still requested, for the guard middleware to refuse and count."""
+        """A request for a page not seen yet, while the page budget lasts (else the page waits
+        for a page given back); a URL another process owns is handed over to it. Links off the
+        allowed domains do not spend the budget: they are still requested, for the guard middleware
+        to refuse and count."""
         if url in self.seen:
             return None
         if not self.owns(url):
             self.frontier.hand_over(url, depth)
             return None
-        if host_allowed(urlsplit(url).hostname or "", self.domains) and not self.budget.claim():
-            return None
         self.seen.add(url)
-        return scrapy.Request(url, callback=self.parse, errback=self.failed, meta={LINK_DEPTH: depth})
+        if not host_allowed(urlsplit(url).hostname or "", self.domains):
+            return self.request(url, depth, budgeted=False)
+        if not self.budget.claim():
+            self.waiting.append((url, depth))
+            return None
+        return self.request(url, depth, budgeted=True)
+
+    def request(self, url: str, depth: int, *, budgeted: bool) -> scrapy.Request:
+        return scrapy.Request(
+            url, callback=self.parse, errback=self.failed, meta={LINK_DEPTH: depth, BUDGETED: budgeted}
+        )
+
+    def waiting_requests(self) -> list[scrapy.Request]:
+        """Requests for waiting pages, as many as the budget has pages again."""
+        requests = []
+        while self.waiting and self.budget.claim():
+            requests.append(self.request(*self.waiting.popleft(), budgeted=True))
+        return requests
 
     def schedule_received(self) -> bool:
         """Queue the pages peers handed over; whether any was new (the process is busy again)."""
         requests = [self.page_request(url, depth) for url, depth in self.frontier.receive()]
-        for request in filter(None, requests):
+        for request in [*filter(None, requests), *self.waiting_requests()]:
             self.crawler.engine.crawl(request)
             self.frontier.idle = False
         return not self.frontier.idle
@@ -235,7 +257,13 @@ class SiteSpider(scrapy.Spider):
         request = failure.request
         error = failure.value
         if isinstance(error, IgnoreRequest) and not isinstance(error, HttpError):
-            return  # refused (robots.txt, offsite, private address): counted in stats, not a page
+            # Refused (robots.txt, offsite, private address): counted in stats, not a page, and
+            # never fetched, so its page goes back to the budget for the next page found.
+            if request.meta.get(BUDGETED):
+                self.budget.release()
+                self.crawler.stats.inc_value("tuneline/budget_returned")
+                yield from self.waiting_requests()
+            return
         if isinstance(error, HttpError):
             detail = f"http_error: HTTP {error.response.status}"
         else:
