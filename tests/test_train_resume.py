@@ -81,7 +81,8 @@ def test_killed_training_resumes_without_repeating_steps(tmp_path):
     reached = complete_checkpoints(work_dir)[-1]
     assert SAVE_STEPS <= reached < MAX_STEPS
 
-    ref = train.run_train(artifacts_dir, splits, model, spec)  # the same recipe again
+    console: list[str] = []
+    ref = train.run_train(artifacts_dir, splits, model, spec, echo=console.append)  # the same recipe again
 
     stats = read_stats(ref)
     assert stats["resumed_from_step"] == reached
@@ -89,6 +90,7 @@ def test_killed_training_resumes_without_repeating_steps(tmp_path):
     assert stats["steps_run"] == MAX_STEPS - reached  # the checkpoint's steps were not run again
     log = ref.file("train.log").read_text()
     assert f"training resumed from step {reached}; {MAX_STEPS} steps in all" in log
+    assert console[0] == f"training resumed from step {reached}; {MAX_STEPS} steps in all"  # the task's log
     logged_steps = [int(step) for step in re.findall(r"step (\d+): .*\bloss=", log)]
     before = [step for step in logged_steps if step <= reached]
     assert before == list(range(1, reached + 1))  # each finished step logged once, none redone

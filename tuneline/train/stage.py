@@ -216,7 +216,7 @@ def run_train(
                 f"see {work_dir / launch.LOG_FILE}"
             )
     else:
-        ref = train_here(artifacts_dir, splits, model, train, digest=digest, tracking=tracking)
+        ref = train_here(artifacts_dir, splits, model, train, digest=digest, tracking=tracking, echo=echo)
     _remove_dir(work_dir)
     return ref
 
@@ -229,9 +229,11 @@ def train_here(
     *,
     digest: str,
     tracking: TrackingTarget | None = None,
+    echo: Callable[[str], None] | None = None,
 ) -> StageRef | None:
     """Train in this process (alone, or as one rank of a launched run); the main process writes
-    the stage and returns it, other ranks return None.
+    the stage and returns it, other ranks return None. `echo` hears where training starts (a
+    resumed run: "training resumed from step N") and ends.
 
     Checkpoints go to `checkpoint_dir`; the last complete one found there is resumed from.
     """
@@ -257,7 +259,7 @@ def train_here(
         validation = validation_conversations(splits, tokenizer, loss_mode, train) if evaluate else []
         work_dir.mkdir(parents=True, exist_ok=True)
         resume_from = last_complete_checkpoint(work_dir, remove_partial=main)
-        tracker = TrackingCallback(work_dir / layout.LOG_FILE, tracking)
+        tracker = TrackingCallback(work_dir / layout.LOG_FILE, tracking, echo=echo)
         callbacks: list[Any] = [tracker]
         if evaluate:
             # Before early stopping, which reads the metric this callback adds.

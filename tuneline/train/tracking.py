@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -108,9 +109,14 @@ class TrackingCallback(TrainerCallback):
     """
 
     def __init__(
-        self, log_path: Path, target: TrackingTarget | None = None, run_id: str | None = None
+        self,
+        log_path: Path,
+        target: TrackingTarget | None = None,
+        run_id: str | None = None,
+        echo: Callable[[str], None] | None = None,
     ) -> None:
         self.log_path = Path(log_path)
+        self.echo = echo  # the caller's console: told where training starts (or resumes) and ends
         self.target = target
         self.run_id = run_id
         self.steps_run = 0
@@ -121,11 +127,13 @@ class TrackingCallback(TrainerCallback):
         self._last_time = 0.0
         self._last_tokens: float | None = None
 
-    def write(self, line: str) -> None:
-        """Append one timestamped line to the training log."""
+    def write(self, line: str, echo: bool = False) -> None:
+        """Append one timestamped line to the training log (and, with `echo`, to the console)."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(f"{stamp} {line}\n")
+        if echo and self.echo:
+            self.echo(line)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Note where this process starts (a resumed run starts at its checkpoint's step)."""
@@ -133,7 +141,7 @@ class TrackingCallback(TrainerCallback):
         self._started = self._last_time = time.perf_counter()
         if state.is_world_process_zero:
             where = f"resumed from step {state.global_step}" if state.global_step else "started"
-            self.write(f"training {where}; {state.max_steps} steps in all")
+            self.write(f"training {where}; {state.max_steps} steps in all", echo=True)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Count the steps run by this process."""
@@ -175,7 +183,8 @@ class TrackingCallback(TrainerCallback):
         if state.is_world_process_zero:
             self.write(
                 f"training ended at step {state.global_step}: {self.steps_run} steps run by this process, "
-                f"{self.tokens_per_second() or 0:.1f} tokens/s"
+                f"{self.tokens_per_second() or 0:.1f} tokens/s",
+                echo=True,
             )
 
     def tokens_per_second(self) -> float | None:

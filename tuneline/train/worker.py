@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
         request.train,
         digest=request.digest,
         tracking=request.tracking,
+        echo=print,  # the launcher streams each worker's output to the caller
     )
 
 
