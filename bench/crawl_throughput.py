@@ -10,8 +10,13 @@ pages/s counts pages over the crawl's own elapsed time (Scrapy's `start_time` to
 closing, the longest of a shared crawl's processes); process start-up is shown apart as the wall
 time. Goals on 2 cores: >= 200 pages/s for Tuneline, and Tuneline / plain >= 0.8.
 
+`--corpus python-docs` crawls real documentation instead: Debian's python3-doc HTML (530 pages of
+~75 KB, `apt-get install python3-doc nginx-light`) served by nginx, and the plain spider extracts
+each page's text with trafilatura as Tuneline does, so the ratio compares like with like. There the
+text extraction (trafilatura, ~15-20 pages/s on one core for these pages) sets the pace.
+
     python bench/crawl_throughput.py [--pages 3000] [--concurrency 32] [--processes 2]
-                                     [--server nginx|aiohttp]
+                                     [--server nginx|aiohttp] [--corpus synthetic|python-docs]
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from tuneline.recipe import CrawlSource
 from tuneline.sources.crawl import run_crawl
 
 SECTIONS = 30
+PYTHON_DOCS = Path("/usr/share/doc/python3/html").resolve()  # Debian's python3-doc
 PARAGRAPH = (
     "Fine-tuning data is only as good as the pages it came from, so the crawler keeps the raw HTML "
     "beside the extracted text and records why every page it dropped was dropped. "
@@ -44,19 +50,30 @@ PARAGRAPH = (
 PLAIN_SPIDER = textwrap.dedent("""
     import json
     from datetime import datetime, timezone
+    from urllib.parse import urlsplit
 
     import scrapy
 
     class PlainSpider(scrapy.Spider):
         name = "plain"
 
-        def __init__(self, start="", stats_path="", **kwargs):
+        def __init__(self, start="", stats_path="", extract="", **kwargs):
             super().__init__(**kwargs)
             self.start_urls = [start]
+            self.allowed_domains = [urlsplit(start).hostname]  # as Tuneline's guard: this site only
             self.stats_path = stats_path
+            self.extract = bool(extract)
 
         def parse(self, response):
-            yield {"url": response.url, "title": response.css("title::text").get()}
+            if not isinstance(response, scrapy.http.TextResponse):
+                return
+            item = {"url": response.url, "title": response.css("title::text").get()}
+            if self.extract:  # what Tuneline does with every page: its main text
+                import trafilatura
+
+                doc = trafilatura.bare_extraction(response.text, url=response.url, fast=True)
+                item["text"] = doc.text if doc else ""
+            yield item
             yield from response.follow_all(css="a")
 
         def closed(self, reason):
@@ -134,7 +151,7 @@ http {{
     scgi_temp_path {root}/tmp;
     server {{
         listen 127.0.0.1:{port};
-        root {root}/site;
+        root {site};
         location = / {{ try_files /index.html =404; }}
     }}
 }}
@@ -148,18 +165,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve_nginx(pages: int, root: Path) -> tuple[subprocess.Popen, str]:
-    """The site as static files under root, served by nginx with one worker; returns it and its URL."""
+def serve_nginx(pages: int, root: Path, docs: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """The synthetic site as static files under root (or the folder `docs` as it is), served by
+    nginx with one worker; returns it and its URL."""
     # nginx's worker runs as an unprivileged user when started as root: it must be able to read.
     root.parent.chmod(0o755)
-    for path, body in build_site(pages).items():
-        target = root / "site" / (path.lstrip("/") or "index.html")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(body)
+    if docs is None:
+        for path, body in build_site(pages).items():
+            target = root / "site" / (path.lstrip("/") or "index.html")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(body)
     (root / "tmp").mkdir()
     port = free_port()
     conf = root / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(root=root, port=port))
+    conf.write_text(NGINX_CONF.format(root=root, port=port, site=docs or root / "site"))
     server = subprocess.Popen(
         [shutil.which("nginx") or "nginx", "-c", str(conf), "-e", str(root / "error.log")]
     )
@@ -174,9 +193,11 @@ def serve_nginx(pages: int, root: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"nginx did not listen on port {port}: {(root / 'error.log').read_text()}")
 
 
-def crawl_tuneline(url: str, pages: int, concurrency: int, processes: int, work: Path) -> tuple[dict, float]:
+def crawl_tuneline(
+    url: str, pages: int, concurrency: int, processes: int, work: Path, max_depth: int = 3
+) -> tuple[dict, float]:
     source = CrawlSource(
-        name="bench", start_urls=[url + "/"], allow_private=True, max_depth=3,
+        name="bench", start_urls=[url + "/"], allow_private=True, max_depth=max_depth,
         max_pages=pages + SECTIONS + 1, concurrency=concurrency, processes=processes,
     )  # fmt: skip
     start = time.perf_counter()
@@ -184,7 +205,7 @@ def crawl_tuneline(url: str, pages: int, concurrency: int, processes: int, work:
     return result.stats, time.perf_counter() - start
 
 
-def crawl_plain(url: str, concurrency: int, work: Path) -> tuple[dict, float]:
+def crawl_plain(url: str, concurrency: int, work: Path, extract: bool = False) -> tuple[dict, float]:
     spider = work / "plain_spider.py"
     spider.write_text(PLAIN_SPIDER)
     stats_path = work / "plain_stats.json"
@@ -193,6 +214,7 @@ def crawl_plain(url: str, concurrency: int, work: Path) -> tuple[dict, float]:
         "-a", f"stats_path={stats_path}", "-o", str(work / "plain.jsonl"),
         "-s", f"CONCURRENT_REQUESTS_PER_DOMAIN={concurrency}", "-s", f"CONCURRENT_REQUESTS={concurrency}",
         "-s", "LOG_LEVEL=WARNING", "-s", "TELNETCONSOLE_ENABLED=False",
+        "-a", f"extract={'1' if extract else ''}",
     ]  # fmt: skip
     env = {key: value for key, value in os.environ.items() if key != "SCRAPY_SETTINGS_MODULE"}
     start = time.perf_counter()
@@ -214,10 +236,20 @@ def main() -> None:
     parser.add_argument(
         "--server", choices=["nginx", "aiohttp"], default="nginx" if shutil.which("nginx") else "aiohttp"
     )
+    parser.add_argument("--corpus", choices=["synthetic", "python-docs"], default="synthetic")
     options = parser.parse_args()
+    real = options.corpus == "python-docs"
+    if real and not (PYTHON_DOCS.is_dir() and shutil.which("nginx")):
+        sys.exit(
+            f"--corpus python-docs needs {PYTHON_DOCS} and nginx: apt-get install python3-doc nginx-light"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        if options.server == "nginx":
+        if real:
+            (work / "nginx").mkdir()
+            server, url = serve_nginx(0, work / "nginx", docs=PYTHON_DOCS)
+            options.pages = 100_000  # the whole site: its own size bounds the crawl
+        elif options.server == "nginx":
             (work / "nginx").mkdir()
             server, url = serve_nginx(options.pages, work / "nginx")
         else:
@@ -226,16 +258,17 @@ def main() -> None:
             server.start()
             url = f"http://127.0.0.1:{ports.get(timeout=30)}"
         try:
-            plain_stats, plain_wall = crawl_plain(url, options.concurrency, work)
+            plain_stats, plain_wall = crawl_plain(url, options.concurrency, work, extract=real)
+            depth = 20 if real else 3
             runs = {
-                processes: crawl_tuneline(url, options.pages, options.concurrency, processes, work)
+                processes: crawl_tuneline(url, options.pages, options.concurrency, processes, work, depth)
                 for processes in sorted({1, options.processes})
             }
         finally:
             server.terminate()
     plain_pages, plain_s, plain_rate = rate(plain_stats)
-    print(f"site: {options.pages} articles + {SECTIONS} sections + home, concurrency {options.concurrency}, "
-          f"served by {options.server}")  # fmt: skip
+    site = f"{PYTHON_DOCS} (real pages)" if real else f"{options.pages} articles + {SECTIONS} sections + home"
+    print(f"site: {site}, concurrency {options.concurrency}, served by {'nginx' if real else options.server}")
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"machine: {os.cpu_count()} CPUs, load average after the crawls {load} (other work skews pages/s)")
     print(f"{'plain runspider:':22s}{plain_pages:5d} pages in {plain_s:6.2f} s = {plain_rate:6.1f} pages/s "
