@@ -10,7 +10,8 @@ from a few words to a paragraph), then trains on CPU (or the GPU when there is o
 
 The three trainings run in processes that take turns optimizer step by optimizer step (`Lockstep`),
 so the drift of a shared machine's speed, which made back-to-back runs differ by +-10%, falls on
-all three alike. Tokens are the real (non-padding) tokens TRL counts; seconds are each one's own
+all three alike; the order of the turns rotates from round to round, so no training always
+follows the same other one. Tokens are the real (non-padding) tokens TRL counts; seconds are each one's own
 time inside `trainer.train()`, so both sides pay model loading and tokenizing outside the timing.
 Tuneline saves no checkpoint inside the timed steps here (save_steps > steps), as the plain script
 saves none.
@@ -309,6 +310,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="Also write the results to this file.")
     args = parser.parse_args()
     rates: dict[str, list[float]] = {"tuneline": [], "trl": [], "packing": []}
+    orders: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         splits, model, rows = make_data(root, args.records, seed=0)
@@ -320,14 +322,16 @@ def main() -> None:
         packed = spec_for(args, packing=True, batch_size=rows_per_step)
         warm_up = partial(warm_up_trl, model, rows, spec, root)
         for attempt in range(args.repeat):
-            results = Lockstep(
-                {
-                    "tuneline": partial(run_tuneline, root / f"art-{attempt}", splits, model, spec),
-                    "trl": partial(run_plain_trl, model, rows, spec, root / f"trl-{attempt}"),
-                    "packing": partial(run_tuneline, root / f"pack-{attempt}", splits, model, packed),
-                },
-                warm_up=warm_up,
-            ).run()
+            jobs = {
+                "tuneline": partial(run_tuneline, root / f"art-{attempt}", splits, model, spec),
+                "trl": partial(run_plain_trl, model, rows, spec, root / f"trl-{attempt}"),
+                "packing": partial(run_tuneline, root / f"pack-{attempt}", splits, model, packed),
+            }
+            # The turn order rotates every round, so no training always takes its step right after
+            # the same other one (other shapes in the caches and the allocator).
+            names = list(jobs)[attempt % 3 :] + list(jobs)[: attempt % 3]
+            orders.append(" > ".join(names))
+            results = Lockstep({name: jobs[name] for name in names}, warm_up=warm_up).run()
             for name, (tokens, seconds) in results.items():
                 rates[name].append(tokens / seconds)
 
@@ -350,6 +354,7 @@ def main() -> None:
         f"ratio tuneline/TRL   : {ratios('tuneline', 'trl', 1.0)}",
         f"packing (tuneline)   : {rate('packing')}",
         f"ratio packing/padding: {ratios('packing', 'tuneline', 1.5)}",
+        f"turn order per round : {'; '.join(orders)}",
     ]
     text = "\n".join(lines) + "\n"
     sys.stdout.write(text)

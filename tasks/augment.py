@@ -15,8 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
-from tuneline.tasks.stages import retry_network_errors
+from tuneline.tasks.stages import network_retries
 
 from tuneline.augment.checkpoint import review_instructions
 from tuneline.augment.review import PendingBatch
@@ -47,9 +46,7 @@ def teacher_api_key(teacher: TeacherSpec) -> str | None:
 @task(
     name=AUGMENT_ROUND.name,
     task_run_name="augment-round-{round_no}",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=retry_network_errors,
+    **network_retries(backoff_factor=5),
     cache_policy=NO_CACHE,
 )
 def augment_round(

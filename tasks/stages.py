@@ -14,6 +14,7 @@ a failed gate) or a worker that only imports the flow should not pay for.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import (
@@ -72,12 +73,20 @@ def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefec
     return False
 
 
+def network_retries(backoff_factor: float) -> dict[str, Any]:
+    """The retry settings of a stage that reaches a network: three more tries with exponential
+    backoff (`backoff_factor` seconds, doubling), for what `retry_network_errors` says is worth it."""
+    return {
+        "retries": 3,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=backoff_factor),
+        "retry_condition_fn": retry_network_errors,
+    }
+
+
 @task(
     name=FETCH.name,
     task_run_name="fetch-{source.name}",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=retry_network_errors,
+    **network_retries(backoff_factor=2),
     cache_policy=NO_CACHE,
 )
 def fetch(artifacts_dir: Path, source: Source) -> StageRef:
@@ -87,9 +96,7 @@ def fetch(artifacts_dir: Path, source: Source) -> StageRef:
 
 @task(
     name=COLLECT.name,
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=retry_network_errors,
+    **network_retries(backoff_factor=2),
     cache_policy=NO_CACHE,
 )
 def collect(artifacts_dir: Path, sources: list[Source], fetched: list[StageRef] | None = None) -> StageRef:

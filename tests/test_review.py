@@ -7,10 +7,10 @@ import csv
 import json
 
 import pytest
+from review_fixtures import open_pending_batch
 
 from tuneline.augment.review import (
     AUTO_REVIEWER,
-    PendingBatch,
     ReviewError,
     auto_decide,
     batch_digest,
@@ -21,7 +21,6 @@ from tuneline.augment.review import (
     import_decisions,
     list_pending,
     make_decision,
-    open_batch,
     read_decisions,
     record_decision,
     to_form_input,
@@ -44,21 +43,9 @@ def candidate(number: int, answer: str = "") -> dict:
 def batch(tmp_path):
     """Three candidates in a round stage file, announced as a pending batch."""
     candidates = [candidate(1), candidate(2, "As an AI, I cannot."), candidate(3)]
-    path = tmp_path / "candidates.jsonl"
-    path.write_text("".join(json.dumps(c) + "\n" for c in candidates), encoding="utf-8")
-    digest = batch_digest(candidates)
-    pending = PendingBatch(
-        batch=digest,
-        run_id="0b5e-run",
-        run_name="brave-otter",
-        round=1,
-        candidates_path=str(path),
-        count=3,
-        how="file",
-        created_at="2026-01-01T00:00:00+00:00",
+    artifacts, pending = open_pending_batch(
+        tmp_path, candidates, run_id="0b5e-run", run_name="brave-otter", how="file"
     )
-    artifacts = tmp_path / "artifacts"
-    open_batch(artifacts, pending)
     return artifacts, pending, candidates
 
 

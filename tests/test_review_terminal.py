@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -10,8 +9,9 @@ import sys
 
 import pexpect
 import pytest
+from review_fixtures import open_pending_batch
 
-from tuneline.augment.review import PendingBatch, batch_digest, finished_decisions, list_pending, open_batch
+from tuneline.augment.review import finished_decisions, list_pending
 
 TUNELINE = shutil.which("tuneline") or f"{sys.executable} -m tuneline.cli.main"
 
@@ -30,20 +30,9 @@ def pending(tmp_path):
         }
         for n in (1, 2, 3)
     ]
-    path = tmp_path / "candidates.jsonl"
-    path.write_text("".join(json.dumps(c) + "\n" for c in candidates))
-    artifacts = tmp_path / "artifacts"
-    batch = PendingBatch(
-        batch=batch_digest(candidates),
-        run_id="local",
-        run_name="quiet-heron",
-        round=1,
-        candidates_path=str(path),
-        count=3,
-        how="terminal",
-        created_at="2026-01-01T00:00:00+00:00",
+    artifacts, batch = open_pending_batch(
+        tmp_path, candidates, run_id="local", run_name="quiet-heron", how="terminal"
     )
-    open_batch(artifacts, batch)
     return artifacts, batch
 
 
