@@ -127,8 +127,8 @@ def stage_code_files(stage: Stage) -> tuple[Path, ...]:
 
 
 def code_digest(stage: Stage) -> str:
-    """Digest of the stage's source files, by file name and content: the same code installed in
-    another folder (a clone, a wheel) has the same digest."""
+    """Digest of the stage's source files, by file name and content: the same code in another
+    folder (a second clone of the project) has the same digest."""
     digest = hashlib.sha256()
     for path in stage_code_files(stage):
         digest.update(path.name.encode())
