@@ -16,6 +16,7 @@ are imported inside the functions that need them: they cost seconds to import.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -292,7 +293,12 @@ def train_here(
             if run_id:
                 config = tracking_lib.resolved_config(trainer, prepared.method, loss_mode)
                 tracking_lib.log_params(tracking, run_id, config)
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            gc.collect()
+            gc.freeze()  # what is loaded by now lives all run: the collector's full passes skip it
+            try:
+                result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            finally:
+                gc.unfreeze()
         except BaseException:
             if run_id:  # not left RUNNING; a re-run that resumes reopens it
                 tracking_lib.fail_run(tracking, run_id)
