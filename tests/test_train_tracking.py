@@ -20,10 +20,23 @@ def tracked(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracked")
     splits, model = make_split_and_model(root)
     target = TrackingTarget(f"sqlite:///{root}/mlflow.db", "tuneline-test", "tracked-run")
-    ref = train.run_train(root / "art", splits, model, small_spec(), tracking=target)
+    console: list[str] = []  # what the task's log (the Prefect UI) shows
+    ref = train.run_train(root / "art", splits, model, small_spec(), tracking=target, echo=console.append)
     client = mlflow.MlflowClient(target.tracking_uri)
     stats = read_stats(ref)
-    return {"root": root, "target": target, "ref": ref, "stats": stats, "client": client}
+    return {"root": root, "target": target, "ref": ref, "stats": stats, "client": client, "console": console}
+
+
+def test_the_tasks_log_shows_each_logging_step_with_loss_pace_and_time_left(tracked):
+    import re
+
+    steps = [line for line in tracked["console"] if line.startswith("training step")]
+    assert len(steps) == 3, tracked["console"]
+    pattern = r"training step {}/3, loss [0-9.e+-]+, [0-9]+ tokens/s(, [0-9]+:[0-9]{{2}} left)?"
+    for number, line in enumerate(steps, 1):
+        assert re.fullmatch(pattern.format(number), line), line
+    assert "left" in steps[0] and "left" not in steps[-1]
+    assert tracked["console"][0].startswith("training started") and "ended" in tracked["console"][-1]
 
 
 def test_every_logging_step_reaches_mlflow(tracked):

@@ -238,7 +238,7 @@ def train_here(
 
     Checkpoints go to `checkpoint_dir`; the last complete one found there is resumed from.
     """
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTTrainer
 
     from tuneline.train.packing import PackedRowsTrainer, has_varlen_attention
@@ -285,6 +285,8 @@ def train_here(
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        # With tqdm off, transformers prints each raw log dict; the tracker's one line replaces it.
+        trainer.remove_callback(PrinterCallback)
         trainable, total = methods.count_parameters(prepared)
         run_id = tracking_lib.open_run(tracking, Path(artifacts_dir), work_dir) if tracking and main else None
         tracker.run_id = run_id

@@ -170,6 +170,8 @@ class TrackingCallback(TrainerCallback):
             numbers["memory_mb"] = memory_bytes() / 2**20
         shown = " ".join(f"{key}={value:.6g}" for key, value in sorted(numbers.items()))
         self.write(f"step {state.global_step}: {shown}")
+        if self.echo and ("loss" in numbers or "eval_loss" in numbers):
+            self.echo(self.progress_line(state, numbers, now))
         if self.target and self.run_id:
             import mlflow
             from mlflow.entities import Metric
@@ -186,6 +188,21 @@ class TrackingCallback(TrainerCallback):
                 f"{self.tokens_per_second() or 0:.1f} tokens/s",
                 echo=True,
             )
+
+    def progress_line(self, state: Any, numbers: dict[str, float], now: float) -> str:
+        """One line for a person watching the task's log: where it is, the loss, the pace, time left."""
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        if "loss" in numbers:
+            parts.append(f"loss {numbers['loss']:.4g}")
+        if "eval_loss" in numbers:
+            parts.append(f"eval_loss {numbers['eval_loss']:.4g}")
+        if "tokens_per_second" in numbers:
+            parts.append(f"{numbers['tokens_per_second']:.0f} tokens/s")
+        done = state.global_step - self.start_step
+        if done > 0 and state.max_steps > state.global_step:
+            left = (now - self._started) / done * (state.max_steps - state.global_step)
+            parts.append(f"{int(left // 60)}:{int(left % 60):02d} left")
+        return "training " + ", ".join(parts)
 
     def tokens_per_second(self) -> float | None:
         """Real (non-padding) tokens per second over this process's training."""
