@@ -24,7 +24,9 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.settings import PREFECT_API_URL
 from prefect.tasks import exponential_backoff
+from tuneline.flows.server import data_docs_url, recorded_server
 
 from tuneline.augment.teacher import TeacherUnreachable
 from tuneline.curate.clean import run_clean
@@ -130,10 +132,22 @@ def gate(artifacts_dir: Path, cleaned: StageRef, spec: GateSpec) -> StageRef:
     gated = run_gate(artifacts_dir, cleaned, spec)
     docs = gated.file("data_docs/index.html")
     if docs.is_file():
-        create_link_artifact(
-            docs.resolve().as_uri(), link_text="Data Docs", key="data-docs", description="Quality gate result"
-        )
+        create_link_artifact(**data_docs_link(artifacts_dir, gated, docs))
     return gated
+
+
+def data_docs_link(artifacts_dir: Path, gated: StageRef, docs: Path) -> dict[str, str]:
+    """The Data Docs as the project's server serves them; on another server, where the file lies."""
+    api_url = PREFECT_API_URL.value() or ""
+    server = recorded_server(Path(artifacts_dir).resolve() / "prefect")
+    if server and server["url"] == api_url:
+        return {"link": data_docs_url(api_url, gated.digest), "link_text": "Data Docs", "key": "data-docs"}
+    return {
+        "link": docs.resolve().as_uri(),
+        "link_text": f"Data Docs (on the machine that ran the flow: {docs.resolve()})",
+        "key": "data-docs",
+        "description": "Open the file on the machine that ran the flow, or run `tuneline ui` there.",
+    }
 
 
 @task(name=SPLIT.name, cache_policy=NO_CACHE)

@@ -12,6 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# A run's local Prefect server stops as soon as the run ends (users' servers wait for the next run).
+os.environ.setdefault("TUNELINE_SERVER_IDLE_S", "0")
 
 
 @pytest.fixture(scope="session")

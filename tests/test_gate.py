@@ -6,6 +6,7 @@ recipe's thresholds decide; a finished gate is reused; a failed one leaves no st
 """
 
 import json
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,36 @@ def test_passing_data_goes_through_with_validation_result_and_docs(tmp_path):
     validation = json.loads(gated.file("validation.json").read_text())
     assert validation["success"] is True
     assert gated.file("data_docs/index.html").is_file()
+
+
+class AssetsLoaded(HTMLParser):
+    """The URLs a browser fetches to show a page: stylesheets, icons, scripts, images (not <a> links)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "link" and attrs.get("rel") in ("stylesheet", "icon", "shortcut icon"):
+            self.urls.append(attrs["href"])
+        elif tag in ("script", "img") and attrs.get("src"):
+            self.urls.append(attrs["src"])
+
+
+def test_data_docs_load_nothing_from_outside_their_folder(tmp_path):
+    gated = run_gate(tmp_path, cleaned_stage(tmp_path, good_records()), GateSpec(min_records=10))
+    docs = gated.dir / "data_docs"
+    pages = sorted(docs.rglob("*.html"))
+    assert len(pages) >= 3  # the index, the suite, the validation result
+    for page in pages:
+        parser = AssetsLoaded()
+        parser.feed(page.read_text(encoding="utf-8"))
+        assert parser.urls, page
+        for url in parser.urls:
+            assert "://" not in url, f"{page.relative_to(docs)} loads {url}"
+            assert (page.parent / url).resolve().is_file(), f"{page.relative_to(docs)}: {url} is missing"
+    assert "bootstrap.min.css" in (docs / "index.html").read_text()
 
 
 def test_failing_data_lists_each_failed_expectation_with_sample_ids_and_leaves_no_stage(tmp_path):

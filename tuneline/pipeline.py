@@ -55,7 +55,11 @@ CLEAN = Stage(
         "tuneline.records",
     ),
 )
-GATE = Stage("gate", entry="tuneline.curate.gate", code=("tuneline.curate.gate", "tuneline.records"))
+GATE = Stage(
+    "gate",
+    entry="tuneline.curate.gate",
+    code=("tuneline.curate.gate", "tuneline.curate.docs", "tuneline.records"),
+)
 SPLIT = Stage(
     "split",
     entry="tuneline.curate.split",

@@ -11,8 +11,10 @@ from tuneline.recipe import Recipe
 from tuneline.report import format_dropped, number, reuse_line
 
 
-def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None = None) -> None:
-    """Print the run report the flow returned."""
+def print_report(
+    report: dict[str, Any], recipe: Recipe, prefect_url: str, console: Console | None = None
+) -> None:
+    """Print the run report the flow returned; `prefect_url` is the server the run used."""
     console = console or Console()
     funnel = Table(title="Funnel: records per stage")
     for column in ("stage", "in", "out", "dropped (reason: count)"):
@@ -41,10 +43,8 @@ def print_report(report: dict[str, Any], recipe: Recipe, console: Console | None
             f"; aliases: candidate{', champion' if registry['promoted'] else ''} ({registry['reason']})"
         )
     console.print(f"Run folder: {report.get('run_dir')}")
-    console.print(
-        "Open the UIs: [bold]tuneline ui[/bold]  (Prefect on http://127.0.0.1:4200, "
-        f"MLflow on http://127.0.0.1:5000, tracking {recipe.register.tracking_uri})"
-    )
+    tracking = recipe.register.tracking_uri
+    console.print(f"Prefect UI: {prefect_url}/runs   MLflow UI ({tracking}): [bold]tuneline ui[/bold]")
 
 
 def print_failure(error: BaseException, console: Console | None = None) -> None:

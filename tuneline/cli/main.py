@@ -162,8 +162,9 @@ def run_recipe(recipe: Recipe) -> dict:
     home = Path(recipe.artifacts_dir).resolve() / "prefect"
     quiet_environment(home)
     from tuneline.cli.console import print_failure, print_report
-    from tuneline.flows.server import ServerStartError, local_prefect_server
+    from tuneline.flows.server import IDLE_ENV, ServerStartError, idle_seconds, local_prefect_server
 
+    local = not os.environ.get("PREFECT_API_URL")
     # Import the flow (Prefect, torch, transformers: ~6 s) while the server starts (~5 s).
     preload = threading.Thread(target=importlib.import_module, args=("tuneline.flows.finetune",), daemon=True)
     preload.start()
@@ -189,61 +190,110 @@ def run_recipe(recipe: Recipe) -> dict:
                     APILogHandler().flush()  # send the last logs before the server stops
     except ServerStartError as error:
         raise fail(str(error), 1) from None
-    print_report(summary, recipe)
+    print_report(summary, recipe, api_url.removesuffix("/api"))
+    if local and idle_seconds() > 0:
+        typer.echo(
+            f"The project's Prefect server stays up for the next run; it stops after {idle_seconds():.0f} s "
+            f"idle ({IDLE_ENV}), or now with `tuneline server stop`."
+        )
     return summary
+
+
+RecipeArgument = Annotated[
+    Path, typer.Argument(help="Recipe whose artifacts, Prefect server and MLflow store to use.")
+]
 
 
 @app.command("ui")
 def ui(
-    recipe_path: Annotated[
-        Path, typer.Argument(help="Recipe whose artifacts and MLflow store to show.")
-    ] = QUICKSTART_RECIPE,
-    prefect_port: int = 4200,
+    recipe_path: RecipeArgument = QUICKSTART_RECIPE,
+    prefect_port: Annotated[
+        int, typer.Option(help="Port for the Prefect UI if the project's server is not running yet.")
+    ] = 4200,
     mlflow_port: int = 5000,
 ) -> None:
     """Serve the Prefect UI (runs, funnel artifacts) and the MLflow UI (metrics, models) until Ctrl-C."""
     import subprocess
     import sys
 
+    from tuneline.flows.server import ServerStartError, local_prefect_server, recorded_server, stop_server
+
     recipe = read_recipe(recipe_path, None)
     home = Path(recipe.artifacts_dir).resolve() / "prefect"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    commands = [
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(prefect_port),
-        ],
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--backend-store-uri",
-            recipe.register.tracking_uri,
-        ],
+    wanted = [(mlflow_port, "--mlflow-port")]
+    if recorded_server(home) is None:  # a running one is reused on its own port
+        wanted.append((prefect_port, "--prefect-port"))
+    for port, option in wanted:
+        if not port_free(port):
+            raise fail(f"{option} {port}: the port is in use; pick another, e.g. {option} {port + 1}", 2)
+    os.environ.pop("PREFECT_API_URL", None)  # the project's own server, not a configured one
+    mlflow = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+        "--backend-store-uri",
+        recipe.register.tracking_uri,
     ]
-    processes = [subprocess.Popen(command, env=env) for command in commands]
-    typer.echo(
-        f"Prefect: http://127.0.0.1:{prefect_port}   MLflow: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)"
-    )
     try:
-        for process in processes:
-            process.wait()
-    except KeyboardInterrupt:
-        for process in processes:
-            process.terminate()
+        with local_prefect_server(home, port=prefect_port) as api_url:
+            process = subprocess.Popen(mlflow)
+            prefect_url = api_url.removesuffix("/api")
+            typer.echo(f"Prefect: {prefect_url}   MLflow: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)")
+            try:
+                process.wait()
+            except KeyboardInterrupt:
+                process.terminate()
+    except ServerStartError as error:
+        raise fail(str(error), 1) from None
+    stop_server(home, only_if_unused=True)
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+server_app = typer.Typer(no_args_is_help=True, help="The project's local Prefect server (runs share it).")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("status")
+def server_status(recipe_path: RecipeArgument = QUICKSTART_RECIPE) -> None:
+    """Say whether the project's Prefect server runs, where, and which processes hold it."""
+    from tuneline.flows.server import idle_seconds, live_leases, recorded_server
+
+    home = Path(read_recipe(recipe_path, None).artifacts_dir).resolve() / "prefect"
+    record = recorded_server(home)
+    if record is None:
+        typer.echo(f"no Prefect server runs for {home.parent}")
+        return
+    holders = sorted({lease.name.split("-")[0] for lease in live_leases(home)})
+    typer.echo(
+        f"Prefect server {record['url'].removesuffix('/api')} (pid {record['pid']}); "
+        f"held by: {', '.join(holders) or 'nobody'}; stops after {idle_seconds():.0f} s idle"
+    )
+
+
+@server_app.command("stop")
+def server_stop(recipe_path: RecipeArgument = QUICKSTART_RECIPE) -> None:
+    """Stop the project's Prefect server now (a run still using it loses its connection)."""
+    from tuneline.flows.server import stop_server
+
+    record = stop_server(Path(read_recipe(recipe_path, None).artifacts_dir) / "prefect")
+    typer.echo(
+        f"stopped the Prefect server at {record['url']}" if record else "no Prefect server was running"
+    )
 
 
 def main() -> None:

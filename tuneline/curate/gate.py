@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from tuneline.curate.docs import make_offline
 from tuneline.errors import UserError
 from tuneline.pipeline import GATE
 from tuneline.recipe import GateSpec
@@ -337,6 +338,7 @@ def run_gate(artifacts_dir: str | Path, cleaned: StageRef, spec: GateSpec) -> St
         seconds = time.perf_counter() - started
         for gif in writer.path("data_docs").rglob("*.gif"):
             gif.unlink()  # GE's how-to animations (3.3 MB), never referenced by the pages
+        make_offline(writer.path("data_docs"))
         writer.path("validation.json").write_text(json.dumps(validation, indent=2), encoding="utf-8")
         # The records pass through unchanged: a file copy, not a parse and re-dump of each line.
         if cleaned.file(RECORDS).exists():
