@@ -1,16 +1,26 @@
-"""The artifact store: atomic stage folders, manifests written last, the ledger enforced."""
+"""The artifact store: atomic stage folders, manifests written last, the ledger enforced, one
+writer per stage at a time, and no temporary folder of a killed writer kept."""
 
 import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 
 from tuneline.store import (
     LedgerError,
+    Stage,
     StageCorrupt,
     check_ledger,
     find_stage,
     iter_records,
     read_manifest,
+    remove_stale_temporaries,
+    reuse_or_write,
     stage_digest,
     verify_stage,
     write_stage,
@@ -83,3 +93,81 @@ def test_digest_depends_on_every_part():
     assert base != stage_digest("train", {"lr": 2}, "input1")
     assert base != stage_digest("train", {"lr": 1}, "input2")
     assert base != stage_digest("evaluate", {"lr": 1}, "input1")
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from tuneline.store import write_stage
+
+root, digest, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+with write_stage(root, "clean", digest) as writer:
+    print("writing", flush=True)
+    while not go.exists():
+        time.sleep(0.05)
+    writer.count_in()
+    writer.keep({"n": "written by the first run"})
+"""
+
+
+def start_writer(root, digest: str) -> subprocess.Popen:
+    """Another process writing stage clean/<digest>, until a `go` file appears in `root`."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), digest, str(root / f"go-{digest}")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().strip() == "writing"
+    return process
+
+
+def test_a_second_writer_waits_says_for_whom_then_reuses_the_first_writers_stage(tmp_path, caplog):
+    first = start_writer(tmp_path, "abc")
+    calls = []
+    found = []
+    second = threading.Thread(
+        target=lambda: found.append(
+            reuse_or_write(tmp_path, Stage("clean", "x", ()), "abc", lambda writer: calls.append(writer))
+        )
+    )
+    with caplog.at_level(logging.WARNING, logger="tuneline.store"):
+        second.start()
+        deadline = time.monotonic() + 10
+        while "waiting for" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert second.is_alive()  # it waits: nothing written twice, nothing interleaved
+        (tmp_path / "go-abc").touch()
+        second.join(timeout=10)
+    assert first.wait(timeout=10) == 0
+    assert f"waiting for pid {first.pid} (" in caplog.text
+    assert "which is writing stage clean abc" in caplog.text
+    assert calls == []  # the second run did no work of its own
+    assert [r["n"] for r in iter_records(found[0])] == ["written by the first run"]
+
+
+def test_a_killed_writers_lock_is_released_and_its_temporary_folder_removed_at_start(tmp_path):
+    killed = start_writer(tmp_path, "dead")
+    live = start_writer(tmp_path, "live")
+    stale_old_style = tmp_path / "stages" / "clean" / ".tmp-olddigest-1234abcd"
+    stale_old_style.mkdir()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=10)
+    try:
+        temporaries = sorted(p.name for p in (tmp_path / "stages" / "clean").iterdir())
+        assert [name.rpartition("-")[0] for name in temporaries] == [
+            ".tmp-dead",
+            ".tmp-live",
+            ".tmp-olddigest",
+        ]
+        removed = remove_stale_temporaries(tmp_path)
+        assert sorted(p.name.rpartition("-")[0] for p in removed) == [".tmp-dead", ".tmp-olddigest"]
+        left = [p.name for p in (tmp_path / "stages" / "clean").iterdir()]
+        assert [name.rpartition("-")[0] for name in left] == [".tmp-live"]  # a live run's is kept
+        (tmp_path / "go-live").touch()
+        assert live.wait(timeout=10) == 0
+    finally:
+        live.kill()
+    with write_stage(tmp_path, "clean", "dead") as writer:  # its lock is free at once
+        writer.count_in()
+        writer.keep({"n": 1})
+    assert sorted(p.name for p in (tmp_path / "stages" / "clean").iterdir()) == ["dead", "live"]

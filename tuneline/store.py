@@ -6,6 +6,11 @@ name, its recipe section, its inputs' digests and its code. Inside: the data, `r
 happen in a temporary sibling folder renamed into place, so a crash or a retry never leaves a
 half-written stage that a later one could read: no manifest, no stage.
 
+Two runs in one project that would write the same stage do not interleave: the writer holds an OS
+file lock per stage digest (`<artifacts_dir>/locks/<stage>/<digest>.lock`, `stage_lock`), a second
+run waits on it, says whom it waits for, and then reuses the finished stage. A killed writer's
+lock is released by the OS; its temporary folder is removed by `remove_stale_temporaries`.
+
 Every manifest carries the ledger `records in = records out + sum(dropped by reason)`.
 """
 
@@ -14,18 +19,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
 from tuneline import __version__
@@ -35,6 +43,10 @@ RECORDS = "records.jsonl"
 DOCUMENTS = "documents.jsonl"  # raw documents (crawled pages) beside the records, for grounded rounds
 REJECTS = "rejects.jsonl"
 STATS = "stats.json"
+LOCKS = "locks"
+TMP_PREFIX = ".tmp-"
+
+log = logging.getLogger(__name__)
 
 
 class StageRef(BaseModel):
@@ -148,16 +160,94 @@ def reuse_or_write(
     write: Callable[[StageWriter], None],
     inputs: list[StageRef] = (),
 ) -> StageRef:
-    """The finished stage with this digest, or else the one `write` fills, written atomically."""
+    """The finished stage with this digest, or else the one `write` fills, written atomically.
+
+    Under the stage's lock: a run that waited for another writing the same stage reuses its result.
+    """
     if cached := find_stage(artifacts_dir, stage.name, digest):
         return cached
-    with write_stage(artifacts_dir, stage.name, digest, inputs) as writer:
-        write(writer)
+    with stage_lock(artifacts_dir, stage.name, digest):
+        if cached := find_stage(artifacts_dir, stage.name, digest):
+            return cached
+        with write_stage(artifacts_dir, stage.name, digest, inputs) as writer:
+            write(writer)
     return find_stage(artifacts_dir, stage.name, digest)
 
 
 def stage_dir(artifacts_dir: str | Path, stage: str, digest: str) -> Path:
     return Path(artifacts_dir) / "stages" / stage / digest
+
+
+def _stage_file_lock(artifacts_dir: str | Path, stage: str, digest: str) -> FileLock:
+    """The lock of one stage digest: one object per path in this process (re-entered by the thread
+    that holds it; other threads and processes wait), an flock the OS drops when its holder dies."""
+    path = Path(artifacts_dir).resolve() / LOCKS / stage / f"{digest}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path, is_singleton=True)
+
+
+@contextmanager
+def stage_lock(artifacts_dir: str | Path, stage: str, digest: str) -> Iterator[None]:
+    """Hold the lock of one stage output while finding or writing it, so two runs never write the
+    same stage at once. A run that has to wait logs which process holds it, then waits."""
+    lock = _stage_file_lock(artifacts_dir, stage, digest)
+    owner_path = Path(lock.lock_file).with_suffix(".owner")
+    outermost = not lock.is_locked
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning(
+            "waiting for %s, which is writing stage %s %s; this run reuses it once it is done",
+            _describe_owner(owner_path),
+            stage,
+            digest,
+        )
+        lock.acquire()
+    try:
+        if outermost:
+            owner_path.write_text(json.dumps(_owner()), encoding="utf-8")
+        yield
+    finally:
+        if outermost:
+            owner_path.unlink(missing_ok=True)
+        lock.release()
+
+
+def _owner() -> dict[str, Any]:
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    return {"pid": os.getpid(), "command": command, "since": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def _describe_owner(owner_path: Path) -> str:
+    try:
+        owner = json.loads(owner_path.read_text(encoding="utf-8"))
+        return f"pid {owner['pid']} ({owner['command']}, since {owner['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def remove_stale_temporaries(artifacts_dir: str | Path) -> list[Path]:
+    """Remove the temporary stage folders that killed runs left behind, and no other.
+
+    A writer holds its stage's lock for as long as its temporary folder exists, so a folder whose
+    lock is free belongs to no live process (a process id could have been reused; a lock cannot).
+    """
+    removed = []
+    for tmp in sorted(Path(artifacts_dir).glob(f"stages/*/{TMP_PREFIX}*")):
+        digest = tmp.name.removeprefix(TMP_PREFIX).rpartition("-")[0]
+        lock = _stage_file_lock(artifacts_dir, tmp.parent.name, digest)
+        if lock.is_locked:  # this thread is writing it
+            continue
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # a live run is writing it
+            continue
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            lock.release()
+    return removed
 
 
 def find_stage(artifacts_dir: str | Path, stage: str, digest: str) -> StageRef | None:
@@ -213,13 +303,28 @@ class StageWriter:
 
 @contextmanager
 def write_stage(
-    artifacts_dir: str | Path, stage: str, digest: str, inputs: list[StageRef] = ()
+    artifacts_dir: str | Path, stage: str, digest: str, inputs: list[StageRef] = (), *, lock: bool = True
 ) -> Iterator[StageWriter]:
     """Write a stage atomically: yields a writer, then checks the ledger, writes the manifest
-    last and renames the folder into place. On any error the temporary folder is removed."""
+    last and renames the folder into place. On any error the temporary folder is removed.
+
+    Holds the stage's lock (`stage_lock`) unless `lock` is False: for a process whose parent
+    holds it (a launched training worker), which would otherwise wait for its own parent.
+    """
+    with (
+        stage_lock(artifacts_dir, stage, digest) if lock else nullcontext(),
+        _write_atomically(artifacts_dir, stage, digest, inputs) as writer,
+    ):
+        yield writer
+
+
+@contextmanager
+def _write_atomically(
+    artifacts_dir: str | Path, stage: str, digest: str, inputs: list[StageRef]
+) -> Iterator[StageWriter]:
     final = stage_dir(artifacts_dir, stage, digest)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{digest}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f"{TMP_PREFIX}{digest}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     writer = StageWriter(tmp, stage, digest, list(inputs))
     try:
