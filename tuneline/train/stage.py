@@ -287,6 +287,7 @@ def train_here(
         )
         # With tqdm off, transformers prints each raw log dict; the tracker's one line replaces it.
         trainer.remove_callback(PrinterCallback)
+        continue_token_count(trainer, resume_from)
         trainable, total = methods.count_parameters(prepared)
         run_id = tracking_lib.open_run(tracking, Path(artifacts_dir), work_dir) if tracking and main else None
         tracker.run_id = run_id
@@ -311,7 +312,9 @@ def train_here(
         export.export_model(trainer.model, tokenizer, writer.dir, model, train)
         shutil.copyfile(work_dir / layout.LOG_FILE, writer.path(layout.LOG_FILE))
         curve = tracking_lib.plot_loss_curve(trainer.state.log_history, writer.path(layout.CURVE_FILE))
-        writer.stats = _train_stats(trainer, result, loss_mode, trainable, total, seconds, len(rows)) | {
+        resumed_step = _step_of(resume_from) or 0
+        figures = _train_stats(trainer, result, resumed_step, loss_mode, trainable, total, seconds, len(rows))
+        writer.stats = figures | {
             "method": prepared.method,
             "processes": trainer.args.world_size,
             "resumed_from_step": _step_of(resume_from),
@@ -335,12 +338,51 @@ def _to_dataset(rows: list[dict[str, Any]]) -> Any:
     return Dataset.from_list(rows)
 
 
+def continue_token_count(trainer: Any, checkpoint: Path | None) -> None:
+    """Let a resumed trainer count tokens on from its checkpoint's count.
+
+    TRL keeps the count of trained tokens (logged as `num_tokens`) in the trainer, not in its
+    checkpointed state, and starts it at 0 in every process; the checkpoint's log history holds
+    the count at its step (checkpoint steps are logging steps: tuneline/train/tracking.py).
+    """
+    if checkpoint is None:
+        return
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    tokens = tracking_lib.last_logged(state.get("log_history", []), "num_tokens")
+    if tokens is not None:
+        trainer._total_train_tokens = int(tokens)  # TRL 1.16's counter; tests/test_train_resume.py checks it
+
+
+def whole_run_loss(history: list[dict[str, Any]], resumed_step: int, loss_since: float, steps: int) -> float:
+    """The mean loss per step over the whole training.
+
+    `trainer.train()` averages over the steps run by its own process only (`loss_since`, from
+    `resumed_step` to `steps`); the steps before a resume are in the checkpoint's log history,
+    each logged loss the mean over the steps since the previous log.
+    """
+    total, covered = 0.0, 0
+    for entry in history:
+        if "loss" in entry and entry["step"] <= resumed_step:
+            total += entry["loss"] * (entry["step"] - covered)
+            covered = entry["step"]
+    run_here = steps - resumed_step
+    return (total + loss_since * run_here) / max(covered + run_here, 1)
+
+
 def _train_stats(
-    trainer: Any, result: Any, loss_mode: LossMode, trainable: int, total: int, seconds: float, examples: int
+    trainer: Any,
+    result: Any,
+    resumed_step: int,
+    loss_mode: LossMode,
+    trainable: int,
+    total: int,
+    seconds: float,
+    examples: int,
 ) -> dict[str, Any]:
+    """The stage's figures for the whole training, a resumed one included (`resumed_step` > 0)."""
     history = trainer.state.log_history
-    tokens = max((entry.get("num_tokens", 0) for entry in history), default=0)
-    train_loss = result.training_loss
+    tokens = tracking_lib.last_logged(history, "num_tokens") or 0
+    train_loss = whole_run_loss(history, resumed_step, result.training_loss, trainer.state.global_step)
     return {
         "loss_mode": loss_mode,
         "examples": examples,

@@ -5,6 +5,12 @@ and a `TrackingCallback` writes, at every logging step, loss, learning rate, tok
 memory (RSS on CPU, peak allocated on GPU) to it and one line to `train.log`. The log lives in the
 checkpoint folder, so a killed and resumed run keeps one log and one MLflow run. Only the main
 process of a distributed run tracks.
+
+A resumed run reports the whole training, not only its own steps: every checkpoint step is also a
+logging step (so the checkpoint's log history ends exactly where training resumes), the MLflow run
+gets each logging step once (steps the killed attempt already logged are not logged again, steps
+of the checkpoint's history the run lacks are logged first), and the trainer's end-of-run summary,
+which covers this process only, stays out of the run (the train stage logs whole-run figures).
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ class TrackingCallback(TrainerCallback):
 
     It also counts the optimizer steps this process ran (`steps_run`), which is how a resumed run
     shows it did not repeat the steps its checkpoint already held, and the tokens per second.
+    Checkpoint steps are made logging steps, so a resumed run's figures can be rebuilt exactly.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class TrackingCallback(TrainerCallback):
         self._started = 0.0
         self._last_time = 0.0
         self._last_tokens: float | None = None
+        self._in_run: dict[str, set[int]] = {"loss": set(), "eval_loss": set()}  # steps the run holds
 
     def write(self, line: str, echo: bool = False) -> None:
         """Append one timestamped line to the training log (and, with `echo`, to the console)."""
@@ -139,13 +147,23 @@ class TrackingCallback(TrainerCallback):
         """Note where this process starts (a resumed run starts at its checkpoint's step)."""
         self.start_step = state.global_step
         self._started = self._last_time = time.perf_counter()
+        # A resumed trainer counts tokens on from its checkpoint's count (tuneline/train/stage.py).
+        self._last_tokens = last_logged(state.log_history, "num_tokens")
         if state.is_world_process_zero:
             where = f"resumed from step {state.global_step}" if state.global_step else "started"
             self.write(f"training {where}; {state.max_steps} steps in all", echo=True)
+            if self.target and self.run_id:
+                self._catch_up_run(state.log_history)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Count the steps run by this process."""
+        """Count the steps run by this process; log at every checkpoint step.
+
+        A checkpoint's log history then ends at its own step, so a run resumed from it rebuilds
+        the whole training's loss and token count from that history (tuneline/train/stage.py).
+        """
         self.steps_run += 1
+        if control.should_save:
+            control.should_log = True
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
@@ -172,13 +190,10 @@ class TrackingCallback(TrainerCallback):
         self.write(f"step {state.global_step}: {shown}")
         if self.echo and ("loss" in numbers or "eval_loss" in numbers):
             self.echo(self.progress_line(state, numbers, now))
-        if self.target and self.run_id:
-            import mlflow
-            from mlflow.entities import Metric
-
-            stamp = int(time.time() * 1000)
-            metrics = [Metric(key, value, stamp, state.global_step) for key, value in numbers.items()]
-            mlflow.MlflowClient(self.target.tracking_uri).log_batch(self.run_id, metrics=metrics)
+        kind = _log_kind(numbers)  # None: the trainer's end-of-run summary, of this process's steps only
+        if self.target and self.run_id and kind and state.global_step not in self._in_run[kind]:
+            self._log_metrics(numbers, state.global_step)
+            self._in_run[kind].add(state.global_step)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the log with the step reached and the measured rate."""
@@ -188,6 +203,29 @@ class TrackingCallback(TrainerCallback):
                 f"{self.tokens_per_second() or 0:.1f} tokens/s",
                 echo=True,
             )
+
+    def _catch_up_run(self, history: list[dict[str, Any]]) -> None:
+        """Note the steps the MLflow run holds (a killed attempt logged some past its checkpoint;
+        they are not logged twice) and log the checkpoint's logging steps it lacks (a new run)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(self.target.tracking_uri)
+        for kind, steps in self._in_run.items():
+            steps.update(metric.step for metric in client.get_metric_history(self.run_id, kind))
+        for entry in history:
+            numbers = {key: float(value) for key, value in entry.items() if is_number(value)}
+            kind, step = _log_kind(numbers), int(numbers.pop("step"))
+            if kind and step not in self._in_run[kind]:
+                self._log_metrics(numbers, step)
+                self._in_run[kind].add(step)
+
+    def _log_metrics(self, numbers: dict[str, float], step: int) -> None:
+        import mlflow
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        metrics = [Metric(key, value, stamp, step) for key, value in numbers.items()]
+        mlflow.MlflowClient(self.target.tracking_uri).log_batch(self.run_id, metrics=metrics)
 
     def progress_line(self, state: Any, numbers: dict[str, float], now: float) -> str:
         """One line for a person watching the task's log: where it is, the loss, the pace, time left."""
@@ -207,6 +245,17 @@ class TrackingCallback(TrainerCallback):
     def tokens_per_second(self) -> float | None:
         """Real (non-padding) tokens per second over this process's training."""
         return self.tokens_run / self.seconds if self.tokens_run and self.seconds else None
+
+
+def _log_kind(numbers: dict[str, float]) -> str | None:
+    """A training log ("loss"), an evaluation ("eval_loss"), or neither (the end-of-run summary)."""
+    return "loss" if "loss" in numbers else "eval_loss" if "eval_loss" in numbers else None
+
+
+def last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+    """The latest value of `key` in a trainer's log history, or None."""
+    values = [entry[key] for entry in history if is_number(entry.get(key))]
+    return float(values[-1]) if values else None
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
