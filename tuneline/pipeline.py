@@ -21,6 +21,8 @@ FETCH = Stage(
     code=(
         "tuneline.sources.fetch",
         "tuneline.sources.download",
+        "tuneline.sources.unpack",
+        "tuneline.sources.containers",
         "tuneline.sources.crawl",
         "tuneline.sources.errors",
         "tuneline.crawlers",  # the Scrapy project the crawl runs in a subprocess
@@ -49,6 +51,7 @@ CLEAN = Stage(
     code=(
         "tuneline.curate.clean",
         "tuneline.curate.pii",
+        "tuneline.curate.secrets",
         "tuneline.curate.dedup",
         "tuneline.curate.shingles",
         "tuneline.models",  # the tokenizer of token-length bounds
