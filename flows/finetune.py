@@ -25,6 +25,7 @@ from tuneline.tasks.stages import (
     report,
     save_recipe,
     split,
+    tidy_store,
     train,
 )
 
@@ -38,6 +39,7 @@ def finetune(recipe: Recipe) -> dict:
     started = datetime.now(UTC)
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
+    tidy_store(artifacts_dir)  # a killed run's temporary stage folders
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails
     collected = collect(artifacts_dir, recipe.sources, fetched)

@@ -60,7 +60,7 @@ from tuneline.recipe import (
 from tuneline.report import build_report, format_dropped, render_markdown, save_run_recipe, write_report
 from tuneline.sources.collect import SourceUnreachable, run_collect
 from tuneline.sources.fetch import run_fetch
-from tuneline.store import StageRef, find_stage, read_stats
+from tuneline.store import StageRef, find_stage, read_stats, remove_stale_temporaries
 from tuneline.train.layout import CURVE_FILE, LOG_FILE, image_data_url, training_markdown
 
 
@@ -208,6 +208,15 @@ def register(
     from tuneline.register.stage import run_register  # MLflow: only to register
 
     return run_register(artifacts_dir, recipe, splits, trained, evaluated)
+
+
+@task(name="tidy_store", cache_policy=NO_CACHE)
+def tidy_store(artifacts_dir: Path) -> list[str]:
+    """Remove the temporary stage folders of killed runs (never one a live run is writing)."""
+    removed = [str(path) for path in remove_stale_temporaries(artifacts_dir)]
+    if removed:
+        get_run_logger().info("removed %d temporary folder(s) left by killed runs: %s", len(removed), removed)
+    return removed
 
 
 @task(name="save_recipe", cache_policy=NO_CACHE)

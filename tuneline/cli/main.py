@@ -145,6 +145,8 @@ def quiet_environment(prefect_home: Path) -> None:
         ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
         ("TQDM_DISABLE", "1"),
         ("GX_ANALYTICS_ENABLED", "false"),
+        # Tuneline's own log lines (a run waiting for another's stage) in the task's log too.
+        ("PREFECT_LOGGING_EXTRA_LOGGERS", "tuneline"),
     ):
         os.environ.setdefault(name, value)
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from tuneline import models
 from tuneline.experiment import TrackingTarget
 from tuneline.pipeline import TRAIN, train_key
 from tuneline.recipe import ModelSpec, TrainSpec
-from tuneline.store import StageRef, StageWriter, find_stage, iter_records, write_stage
+from tuneline.store import StageRef, StageWriter, find_stage, iter_records, stage_lock, write_stage
 from tuneline.train import export, launch, layout, methods
 from tuneline.train import tracking as tracking_lib
 from tuneline.train.methods import build_peft_config as build_peft_config  # re-exported for callers
@@ -197,6 +197,23 @@ def run_train(
     digest = train_key(model, train, splits)
     if cached := find_stage(artifacts_dir, TRAIN.name, digest):
         return cached
+    # The main node's launcher holds the stage lock for its workers, which write without it.
+    main_node = train.distributed.node_rank == 0
+    with stage_lock(artifacts_dir, TRAIN.name, digest) if main_node else nullcontext():
+        if cached := find_stage(artifacts_dir, TRAIN.name, digest):  # written while this run waited
+            return cached
+        return _train_unlocked(artifacts_dir, splits, model, train, digest, tracking, echo)
+
+
+def _train_unlocked(
+    artifacts_dir: str | Path,
+    splits: StageRef,
+    model: ModelSpec,
+    train: TrainSpec,
+    digest: str,
+    tracking: TrackingTarget | None,
+    echo: Callable[[str], None] | None,
+) -> StageRef:
     work_dir = checkpoint_dir(artifacts_dir, digest)
     if train.resume == "fresh":
         _remove_dir(work_dir)
@@ -413,9 +430,12 @@ def _is_main_process() -> bool:
 def _stage_writer(
     artifacts_dir: str | Path, digest: str, splits: StageRef, main: bool
 ) -> Iterator[StageWriter]:
-    """The stage writer on the main process; elsewhere a throwaway one (other ranks write nothing)."""
+    """The stage writer on the main process; elsewhere a throwaway one (other ranks write nothing).
+
+    Without the stage lock: `run_train` holds it, in this process or as the workers' launcher.
+    """
     if main:
-        with write_stage(artifacts_dir, TRAIN.name, digest, [splits]) as writer:
+        with write_stage(artifacts_dir, TRAIN.name, digest, [splits], lock=False) as writer:
             yield writer
         return
     scratch = Path(tempfile.mkdtemp(prefix="tuneline-rank-"))
