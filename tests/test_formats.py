@@ -318,10 +318,11 @@ MALFORMED = [
      "instances: expected a non-empty array of {input, output}, got []"),
     ("array-broken-element", "x.json",
      b'[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": ,\n  {}\n]\n', None, 3,
-     "invalid JSON: Expecting value (line 3, column 14); the rest of the array cannot be read"),
+     "invalid JSON at line 3 (array element 1): unallowed token at this point in JSON text; "
+     "the rest of the array cannot be read"),
     ("array-bad-utf8", "x.json",
      b'[\n {"prompt": "a",\n  "completion": "\xfe"},\n' + OK + b"]", "prompt_completion", 2,
-     "invalid UTF-8 at byte 17 of line 3 (0xfe)"),
+     "invalid UTF-8 at byte 17 of line 3 (0xfe) (array element 0)"),
     ("array-not-closed", "x.json", b'[{"prompt": "a", "completion": "b"},\n' + OK, None, 2,
      "the JSON array is not closed with `]`; the file looks truncated"),
     ("array-trailing-data", "x.json", b'[{"prompt": "a", "completion": "b"}]\n\n{}', None, 3,
@@ -329,9 +330,10 @@ MALFORMED = [
     ("deeply-nested", "x.jsonl", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n" + OK, None, 1,
      "invalid JSON: nested too deeply to read"),
     ("array-deeply-nested", "x.json", b"[" + OK + b"," + b"[" * 100_000 + b"]" * 100_000 + b"]", None, 2,
-     "invalid JSON: nested too deeply to read; the rest of the array cannot be read"),
+     "invalid JSON: nested too deeply to read (array element 1)"),
     ("array-missing-comma", "x.json", b'[{"prompt": "a", "completion": "b"}\n {}]', None, 2,
-     "invalid JSON: expected `,` or `]` after an element, got '{'"),
+     "invalid JSON at line 2 (array element 1): after array element, I expect ',' or ']'; "
+     "the rest of the array cannot be read"),
 ]  # fmt: skip
 
 

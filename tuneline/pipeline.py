@@ -22,10 +22,11 @@ FETCH = Stage(
         "tuneline.sources.fetch",
         "tuneline.sources.download",
         "tuneline.sources.unpack",
-        "tuneline.sources.containers",
         "tuneline.sources.crawl",
         "tuneline.sources.errors",
         "tuneline.crawlers",  # the Scrapy project the crawl runs in a subprocess
+        "tuneline.formats",  # what a download really is and how it unpacks (formats.containers)
+        "tuneline.records",
     ),
 )
 COLLECT = Stage(

@@ -11,9 +11,7 @@ conversation) lives in `tuneline.formats.codecs`; import everything from here.
 
 from __future__ import annotations
 
-import io
 import json
-import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -22,9 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 import fsspec
-from fsspec.spec import AbstractBufferedFile
 
-from tuneline.errors import UserError
+from tuneline.formats.arrays import BLOCK_BYTES, TOO_DEEP, RawValue, iter_array
 from tuneline.formats.codecs import (
     WRITABLE_FORMATS,
     ConversionError,
@@ -33,17 +30,20 @@ from tuneline.formats.codecs import (
     parse_object,
     to_format,
 )
+from tuneline.formats.containers import (
+    DEFAULT_LIMITS,
+    FormatError,
+    UnpackLimitError,
+    UnpackLimits,
+    open_content,
+)
 from tuneline.records import Record, RecordError, make_record
 
 __all__ = [
     "WRITABLE_FORMATS", "ConversionError", "Format", "FormatError", "Item", "ReadResult", "WriteResult",
-    "detect_format", "detect_keys", "iter_file", "parse_object", "read_records", "to_format",
-    "write_records", "write_stream",
+    "UnpackLimitError", "UnpackLimits", "detect_format", "detect_keys", "iter_file", "parse_object",
+    "read_records", "to_format", "write_records", "write_stream",
 ]  # fmt: skip
-
-
-class FormatError(UserError, ValueError):
-    """A whole file (or a request) in a format Tuneline cannot handle; the message says the fix."""
 
 
 FORMAT_KEYS = (
@@ -54,20 +54,7 @@ BOM = b"\xef\xbb\xbf"
 # A line this long is rejected unread rather than held in memory; 64 MiB is far beyond any
 # sensible training example but small enough never to exhaust a worker.
 MAX_LINE_BYTES = 64 * 1024 * 1024
-JSON_SPACE = " \t\r\n"
-# Bytes that are not UTF-8 come out of a "surrogateescape" decode as U+DC80..U+DCFF.
-UNDECODABLE = re.compile("[\udc80-\udcff]")
 READ_ERRORS = (OSError, EOFError, zlib.error)
-TOO_DEEP = "invalid JSON: nested too deeply to read"
-
-
-@dataclass(frozen=True)
-class RawValue:
-    """One JSON value of a file and the line it starts on, or the reason it could not be read."""
-
-    line: int
-    value: Any = None
-    reason: str | None = None
 
 
 def is_json_array_path(path: str) -> bool:
@@ -84,50 +71,70 @@ def source_name(path: str) -> str:
     return name
 
 
-def iter_json_values(path: str) -> Iterator[RawValue]:
-    """Every JSON value of a JSON-lines or JSON-array file, in order; bad ones as reasons."""
-    with fsspec.open(path, "rb", compression="infer") as stream:
-        if isinstance(stream, AbstractBufferedFile):  # remote files: readline() takes no size
-            stream = io.BufferedReader(stream, buffer_size=1 << 20)
-        yield from _iter_stream(stream)
+def iter_json_values(path: str, limits: UnpackLimits = DEFAULT_LIMITS) -> Iterator[RawValue]:
+    """Every JSON value of a JSON-lines or JSON-array file, in order; bad ones as reasons.
+
+    What the file is comes from its first bytes, not its name: gzip, bz2, xz and zstd are unpacked
+    within `limits` (UnpackLimitError past them), archives raise FormatError.
+    """
+    with fsspec.open(path, "rb") as raw:
+        yield from _iter_stream(open_content(raw, path, limits))
 
 
 def _iter_stream(stream: BinaryIO) -> Iterator[RawValue]:
-    """Read line by line; switch to array parsing when the first content starts with `[`."""
-    line_no, seen_content = 0, False
+    """JSON lines, or a JSON array (streamed) when the first content starts with `[`."""
+    line_no, at_line_start = 1, True
     while True:
         try:
-            raw = stream.readline(MAX_LINE_BYTES + 1)
+            raw = stream.readline(BLOCK_BYTES)
         except READ_ERRORS as error:
-            yield RawValue(line_no + 1, reason=f"file unreadable from here on: {error}")
+            yield RawValue(line_no, reason=f"file unreadable from here on: {error}")
             return
         if not raw:
             return
-        line_no += 1
-        if line_no == 1 and raw.startswith(BOM):
+        if line_no == 1 and at_line_start and raw.startswith(BOM):
             raw = raw[len(BOM) :]
-        if len(raw) > MAX_LINE_BYTES:
-            yield _skip_long_line(stream, line_no)
-            continue
-        stripped = raw.strip()
-        if not stripped:
-            continue
-        if not seen_content and stripped.startswith(b"["):
-            try:
-                data = raw + stream.read()
-            except READ_ERRORS as error:
-                yield RawValue(line_no, reason=f"file unreadable from here on: {error}")
-                return
-            yield from _iter_array(data, line_no)
+        stripped = raw.lstrip()
+        if stripped.startswith(b"["):
+            yield from iter_array(stream, raw, line_no)
             return
-        seen_content = True
-        yield _decode_line(raw, line_no)
+        if stripped:
+            yield from _iter_lines(stream, raw, line_no)
+            return
+        at_line_start = raw.endswith(b"\n")
+        line_no += at_line_start
 
 
-def _skip_long_line(stream: BinaryIO, line_no: int) -> RawValue:
-    """Read past a line over MAX_LINE_BYTES without keeping it; the line becomes a reject."""
+def _iter_lines(stream: BinaryIO, first: bytes, first_line: int) -> Iterator[RawValue]:
+    """JSON lines from the first content line on (`first` may be the first block of a long line)."""
+    line_no, raw = first_line, first
+    if not first.endswith(b"\n"):
+        raw += _read_line(stream, MAX_LINE_BYTES + 1 - len(first))
+    while raw:
+        if len(raw) > MAX_LINE_BYTES:
+            yield _too_long(stream, line_no, read_rest=not raw.endswith(b"\n"))
+        elif raw.strip():
+            yield _decode_line(raw, line_no)
+        line_no += 1
+        try:
+            raw = stream.readline(MAX_LINE_BYTES + 1)
+        except READ_ERRORS as error:
+            yield RawValue(line_no, reason=f"file unreadable from here on: {error}")
+            return
+
+
+def _read_line(stream: BinaryIO, size: int) -> bytes:
+    """The rest of a line, up to `size` bytes; b"" when the stream breaks (the next read says why)."""
+    try:
+        return stream.readline(max(size, 0))
+    except READ_ERRORS:
+        return b""
+
+
+def _too_long(stream: BinaryIO, line_no: int, read_rest: bool) -> RawValue:
+    """A line over MAX_LINE_BYTES becomes a reject; the rest of it is read past, never kept."""
     chunk = b""
-    while not chunk.endswith(b"\n"):
+    while read_rest and not chunk.endswith(b"\n"):
         try:
             chunk = stream.readline(MAX_LINE_BYTES)
         except READ_ERRORS:
@@ -154,77 +161,6 @@ def _decode_line(raw: bytes, line_no: int) -> RawValue:
         return RawValue(line_no, reason=reason)
     except RecursionError:
         return RawValue(line_no, reason=TOO_DEEP)
-
-
-def _iter_array(data: bytes, first_line: int) -> Iterator[RawValue]:
-    """The elements of a JSON array with the line each starts on.
-
-    A JSON array cannot be resynchronised after a broken element, so the first element that fails
-    to decode becomes one reject naming its line and what the decoder said, and reading stops.
-    """
-    text = data.decode("utf-8", "surrogateescape")
-    decoder = json.JSONDecoder()
-    position = _skip_space(text, text.index("[") + 1)
-    line = first_line + text.count("\n", 0, position)
-    if position < len(text) and text[position] == "]":
-        yield from _check_trailer(text, position + 1, line)
-        return
-    while True:
-        try:
-            value, end = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as error:
-            where = f"line {first_line + error.lineno - 1}, column {error.colno}"
-            yield RawValue(
-                line, reason=f"invalid JSON: {error.msg} ({where}); the rest of the array cannot be read"
-            )
-            return
-        except RecursionError:
-            yield RawValue(line, reason=f"{TOO_DEEP}; the rest of the array cannot be read")
-            return
-        yield _element(text, value, position, end, line)
-        after = _skip_space(text, end)
-        if after >= len(text):
-            yield RawValue(line, reason="the JSON array is not closed with `]`; the file looks truncated")
-            return
-        line += text.count("\n", position, after)
-        if text[after] == "]":
-            yield from _check_trailer(text, after + 1, line)
-            return
-        if text[after] != ",":
-            yield RawValue(
-                line, reason=f"invalid JSON: expected `,` or `]` after an element, got {text[after]!r}"
-            )
-            return
-        position = _skip_space(text, after + 1)
-        line += text.count("\n", after, position)
-
-
-def _element(text: str, value: Any, start: int, end: int, line: int) -> RawValue:
-    """An array element, rejected when its bytes were not UTF-8 (they decoded as surrogates)."""
-    found = UNDECODABLE.search(text, start, end)
-    if found is None:
-        return RawValue(line, value)
-    bad_line = line + text.count("\n", start, found.start())
-    line_start = text.rfind("\n", 0, found.start()) + 1
-    column = len(text[line_start : found.start()].encode("utf-8", "surrogateescape"))
-    byte = ord(found.group()) - 0xDC00
-    return RawValue(line, reason=f"invalid UTF-8 at byte {column} of line {bad_line} ({byte:#04x})")
-
-
-def _check_trailer(text: str, position: int, line: int) -> Iterator[RawValue]:
-    """Anything but whitespace after the closing `]` is reported, not ignored."""
-    rest = _skip_space(text, position)
-    if rest < len(text):
-        yield RawValue(
-            line + text.count("\n", position, rest), reason="extra data after the closing `]` of the array"
-        )
-
-
-def _skip_space(text: str, position: int) -> int:
-    """The index of the first non-whitespace character at or after position."""
-    while position < len(text) and text[position] in JSON_SPACE:
-        position += 1
-    return position
 
 
 def write_json_values(values: Iterable[dict[str, Any]], stream: BinaryIO, json_array: bool) -> None:
@@ -305,9 +241,9 @@ def detect_format(path: str | Path) -> Format:
     return fmt
 
 
-def _detect(path: str) -> Format | None:
+def _detect(path: str, limits: UnpackLimits = DEFAULT_LIMITS) -> Format | None:
     """The format of the first readable object of a file; None when there is no object at all."""
-    for raw in iter_json_values(path):
+    for raw in iter_json_values(path, limits):
         if raw.reason is None and isinstance(raw.value, dict):
             return _format_of(raw.value, path, raw.line)
     return None
@@ -326,24 +262,31 @@ def _format_of(obj: dict[str, Any], path: str, line: int) -> Format:
 
 
 def iter_file(
-    path: str | Path, format: Format | str | None = None, source: str | None = None
+    path: str | Path,
+    format: Format | str | None = None,
+    source: str | None = None,
+    limits: UnpackLimits = DEFAULT_LIMITS,
 ) -> Iterator[Item]:
     """Stream a file's records with their lines, and an Item with a reason for each unreadable one.
 
     An explicit format overrides detection; without one the first readable object's keys decide.
-    `source` names the records' origin in meta (default: the file name without suffixes).
+    `source` names the records' origin in meta (default: the file name without suffixes). A
+    compressed file unpacks within `limits`. Rejects of JSON array elements name the element's
+    index too, since one line may hold the whole array.
     """
     path = str(path)
     fmt = as_format(format)
     meta = {"source": source or source_name(path), "origin": "collected", "file": path}
-    for raw in iter_json_values(path):
+    for raw in iter_json_values(path, limits):
+        where = "" if raw.element is None else f" (array element {raw.element})"
         if raw.reason is not None:
-            yield Item(raw.line, reason=raw.reason)
+            yield Item(raw.line, reason=raw.reason if "array element" in raw.reason else raw.reason + where)
         elif not isinstance(raw.value, dict):
-            yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}")
+            yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}{where}")
         else:
             fmt = fmt or _format_of(raw.value, path, raw.line)
-            yield from _read_object(raw.value, fmt, {**meta, "line": raw.line})
+            for item in _read_object(raw.value, fmt, {**meta, "line": raw.line}):
+                yield item if item.record is not None else Item(item.line, reason=item.reason + where)
 
 
 def _read_object(obj: dict[str, Any], fmt: Format, meta: dict[str, Any]) -> Iterator[Item]:
@@ -359,12 +302,15 @@ def _read_object(obj: dict[str, Any], fmt: Format, meta: dict[str, Any]) -> Iter
 
 
 def read_records(
-    path: str | Path, format: Format | str | None = None, source: str | None = None
+    path: str | Path,
+    format: Format | str | None = None,
+    source: str | None = None,
+    limits: UnpackLimits = DEFAULT_LIMITS,
 ) -> ReadResult:
     """Read a whole file: its format, records and rejects as `file:line: reason`."""
-    fmt = as_format(format) or _detect(str(path))
+    fmt = as_format(format) or _detect(str(path), limits)
     result = ReadResult(str(path), fmt)
-    for item in iter_file(path, fmt, source):
+    for item in iter_file(path, fmt, source, limits):
         if item.record is not None:
             result.records.append(item.record)
         else:

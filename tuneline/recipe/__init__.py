@@ -44,20 +44,40 @@ from tuneline.recipe.train import (  # noqa: F401 - re-exported
     TrainSpec,
 )
 
+# How far a compressed source may unpack: see tuneline/formats/containers.py for why these numbers.
+MAX_UNPACKED_BYTES = 8 * 1024**3
+MAX_RATIO = 100.0
+UNPACKED_BYTES_HELP = (
+    "Bytes a compressed file or archive may unpack to, all members together; past it the source "
+    "fails and nothing unpacked is kept."
+)
+RATIO_HELP = (
+    "Times its compressed size a file may unpack to (judged past 1 MiB): real datasets unpack "
+    "3-25x, decompression bombs about 1,000x."
+)
+
 
 class FileSource(Section):
-    """Records in a file: a local path or any fsspec URL (file://, https://, s3://...)."""
+    """Records in a file: a local path or any fsspec URL (file://, https://, s3://...).
+
+    What the file is comes from its content: gzip, bz2, xz and zstd are read unpacked (within
+    `max_unpacked_bytes` and `max_ratio`); zip, tar, 7z and rar archives are refused.
+    """
 
     kind: Literal["file"] = "file"
     name: str = Field(description="Source name, kept in every record's meta.source.")
     path: str = Field(description="Local path (relative to the project) or fsspec URL.")
     format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+    max_unpacked_bytes: int = Field(MAX_UNPACKED_BYTES, ge=1, description=UNPACKED_BYTES_HELP)
+    max_ratio: float = Field(MAX_RATIO, gt=1, description=RATIO_HELP)
 
 
 class UrlSource(Section):
     """A dataset file downloaded once (http, https, s3, file), checked and kept in the store.
 
-    Interrupted HTTP downloads resume from where they stopped; .gz and .zip are unpacked.
+    Interrupted HTTP downloads resume from where they stopped. What the file is comes from its
+    content: gzip, bz2, xz and zstd are unpacked, zip and tar archives give their JSON and JSONL
+    members, all within `max_unpacked_bytes` and `max_ratio`; 7z and rar are refused.
     """
 
     kind: Literal["url"] = "url"
@@ -69,6 +89,8 @@ class UrlSource(Section):
     format: Format | None = Field(None, description="Record format; detected from the file when empty.")
     retries: int = Field(4, ge=0, le=20, description="Retries on 5xx, timeouts and dropped connections.")
     timeout_s: float = Field(30.0, gt=0, description="Seconds without data before a try fails.")
+    max_unpacked_bytes: int = Field(MAX_UNPACKED_BYTES, ge=1, description=UNPACKED_BYTES_HELP)
+    max_ratio: float = Field(MAX_RATIO, gt=1, description=RATIO_HELP)
 
 
 class HfSource(Section):
@@ -252,7 +274,16 @@ class ModelSpec(Section):
     name: str = Field(description="Hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a model ships (its config.json's auto_map) to load it; "
+        "only for a model whose code you trust.",
+    )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load weights saved with pickle (pytorch_model.bin, *.pt) when a model has no "
+        "safetensors; a pickle file can run code as it loads, so by default only safetensors load.",
+    )
 
 
 class EvaluateSpec(Section):

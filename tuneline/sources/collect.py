@@ -18,12 +18,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tuneline.formats import FormatError, iter_file
+from tuneline.formats import FormatError, UnpackLimits, iter_file
 from tuneline.pipeline import COLLECT
 from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
 from tuneline.records import RecordError, make_record
 from tuneline.sources.crawl import ITEMS
-from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.sources.errors import SourceError, SourceUnreachable, source_os_error
 from tuneline.sources.fetch import ROWS, path_fingerprint, run_fetch
 from tuneline.store import (
     DOCUMENTS,
@@ -110,15 +110,19 @@ def run_collect(
             counts = SourceCounts(source.kind)
             match source:
                 case FileSource():
-                    read_files(writer, source, [source.path], source.path, now(), counts)
+                    read_files(
+                        writer, source, [source.path], source.path, now(), counts, unpack_limits(source)
+                    )
                 case UrlSource():
                     stats = read_stats(ref)
                     paths = [str(ref.file(name)) for name in stats["files"]]
-                    read_files(writer, source, paths, source.url, stats["fetched_at"], counts)
+                    limits = unpack_limits(source)
+                    read_files(writer, source, paths, source.url, stats["fetched_at"], counts, limits)
                 case HfSource():
                     stats = read_stats(ref)
+                    rows = [str(ref.file(ROWS))]  # written by the fetch stage: plain JSON lines
                     read_files(
-                        writer, source, [str(ref.file(ROWS))], source.dataset, stats["fetched_at"], counts
+                        writer, source, rows, source.dataset, stats["fetched_at"], counts, UnpackLimits()
                     )
                 case CrawlSource():
                     read_crawl(writer, documents, source, ref, counts)
@@ -132,13 +136,24 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def unpack_limits(source: FileSource | UrlSource) -> UnpackLimits:
+    """How far the source's compressed files may unpack, from its recipe fields."""
+    return UnpackLimits(source.max_unpacked_bytes, source.max_ratio)
+
+
 def read_files(
-    writer: StageWriter, source: Source, paths: list[str], url: str, fetched_at: str, counts: SourceCounts
+    writer: StageWriter,
+    source: Source,
+    paths: list[str],
+    url: str,
+    fetched_at: str,
+    counts: SourceCounts,
+    limits: UnpackLimits,
 ) -> None:
     """Records of dataset files; unreadable ones to rejects with `file:line: reason`."""
     for path in paths:
         try:
-            for item in iter_file(path, source.format, source.name):
+            for item in iter_file(path, source.format, source.name, limits):
                 writer.count_in()
                 if item.record is None:
                     writer.drop(
@@ -154,7 +169,7 @@ def read_files(
         except FormatError as error:
             raise SourceError(f"source {source.name!r}: {error}") from None
         except (OSError, TimeoutError) as error:
-            raise SourceUnreachable(f"source {source.name!r}: reading {path} failed: {error}") from error
+            raise source_os_error(source.name, path, error) from error
 
 
 def read_crawl(

@@ -3,31 +3,28 @@
 HTTP(S) downloads go to a `.part` file; after a dropped connection, a timeout or a 5xx answer the
 next try asks for the rest with a Range header (a server that ignores Range sends it all again),
 waiting longer before each try. Other URLs (s3://, file://) are copied through fsspec. The
-finished file is checked against the expected sha256 before anything reads it; `.gz` files and
-`.zip` archives are unpacked into their dataset files.
+finished file is checked against the expected sha256 before anything reads it, then unpacked by
+`tuneline.sources.unpack`.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import shutil
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import fsspec
 
-from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.sources.errors import SourceError, SourceUnreachable, source_os_error
 
 USER_AGENT = "Tuneline/0.1 (dataset download)"
 CHUNK = 1 << 20
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-DATA_SUFFIXES = (".jsonl", ".json")
 
 
 class RetryableDownloadError(Exception):
@@ -123,6 +120,9 @@ def _fsspec_copy(url: str, part_path: Path, name: str) -> None:
     except FileNotFoundError:
         raise SourceError(f"source {name!r}: {url} does not exist; fix sources[].url") from None
     except (OSError, TimeoutError) as error:
+        final = source_os_error(name, url, error)
+        if not isinstance(final, SourceUnreachable):
+            raise final from None  # a symlink loop or denied permission: no retry changes it
         raise RetryableDownloadError(f"{type(error).__name__}: {error}") from None
 
 
@@ -132,35 +132,3 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def unpack(path: Path, file_name: str, out_dir: Path) -> tuple[list[Path], list[str]]:
-    """The dataset files of a download in out_dir: a .gz is decompressed, a .zip's JSON and JSONL
-    members are extracted (numbered, so two members with one name both stay). Returns the files
-    and the archive members skipped (not datasets)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        target = out_dir / (file_name.removesuffix(".gz") or "data")
-        with gzip.open(path, "rb") as source, open(target, "wb") as out:
-            shutil.copyfileobj(source, out, CHUNK)
-        return [target], []
-    if magic == b"PK\x03\x04":
-        files, skipped = [], []
-        with zipfile.ZipFile(path) as archive:
-            for member in archive.infolist():
-                base = PurePosixPath(member.filename).name  # never a path outside out_dir
-                if member.is_dir():
-                    continue
-                if not base.lower().endswith(DATA_SUFFIXES):
-                    skipped.append(member.filename)
-                    continue
-                target = out_dir / f"{len(files):03d}-{base}"
-                with archive.open(member) as source, open(target, "wb") as out:
-                    shutil.copyfileobj(source, out, CHUNK)
-                files.append(target)
-        return files, skipped
-    target = out_dir / file_name
-    shutil.copyfile(path, target)
-    return [target], []

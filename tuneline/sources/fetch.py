@@ -25,11 +25,13 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from tuneline.formats.containers import FormatError, UnpackLimits
 from tuneline.pipeline import FETCH
 from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
 from tuneline.sources.crawl import DROPS, ITEMS, crawl_summary, run_crawl
-from tuneline.sources.download import download, unpack
-from tuneline.sources.errors import SourceError, SourceUnreachable
+from tuneline.sources.download import download
+from tuneline.sources.errors import SourceError, SourceUnreachable, source_os_error
+from tuneline.sources.unpack import unpack
 from tuneline.store import StageRef, StageWriter, find_stage, iter_jsonl, reuse_or_write, stage_key
 
 ROWS = "rows.jsonl"
@@ -78,17 +80,29 @@ def path_fingerprint(name: str, path: str) -> dict[str, Any]:
             "(relative paths are relative to the project folder)"
         ) from None
     except (OSError, TimeoutError) as error:
-        raise SourceUnreachable(f"source {name!r}: cannot reach {path}: {error}") from error
+        raise source_os_error(name, path, error) from error
     if info.get("type") == "directory":
         raise SourceError(f"source {name!r}: {path} is a folder; name a file")
     if "file" in fs.protocol or "local" in fs.protocol:
-        digest = hashlib.sha256()
+        return {"sha256": local_sha256(name, path, fs, fs_path, info)}
+    keys = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified")
+    return {key: str(info[key]) for key in keys if key in info} or {"path": path}
+
+
+def local_sha256(name: str, path: str, fs: Any, fs_path: str, info: dict[str, Any]) -> str:
+    """The sha256 of a local regular file; a pipe or device (which may never end) is refused."""
+    if info.get("type") != "file":
+        raise SourceError(
+            f"source {name!r}: {path} is not a regular file (a pipe, socket or device); name a file"
+        )
+    digest = hashlib.sha256()
+    try:
         with fs.open(fs_path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
-        return {"sha256": digest.hexdigest()}
-    keys = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified")
-    return {key: str(info[key]) for key in keys if key in info} or {"path": path}
+    except OSError as error:
+        raise source_os_error(name, path, error) from error
+    return digest.hexdigest()
 
 
 def fetch_file(artifacts_dir: str | Path, source: FileSource) -> StageRef:
@@ -115,7 +129,13 @@ def fetch_url(artifacts_dir: str | Path, source: UrlSource) -> StageRef:
     )  # fmt: skip
 
     def write(writer: StageWriter) -> None:
-        files, skipped = unpack(got.path, file_name, writer.path(DATA_DIR))
+        limits = UnpackLimits(source.max_unpacked_bytes, source.max_ratio)
+        try:
+            files, skipped = unpack(got.path, file_name, writer.path(DATA_DIR), limits, source.url)
+        except FormatError as error:
+            # The stage folder goes with this error; the download goes too: no retry unpacks it.
+            shutil.rmtree(part_path.parent, ignore_errors=True)
+            raise SourceError(f"source {source.name!r}: {error}") from None
         writer.stats = {
             "source": source.name, "kind": source.kind, "url": source.url, "fetched_at": now(),
             "sha256": got.sha256, "bytes": got.size, "tries": got.tries, "errors": got.errors,
