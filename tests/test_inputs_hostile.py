@@ -165,6 +165,10 @@ def test_bad_utf8_in_a_one_line_array_costs_one_element(tmp_path):
     assert result.rejects == [f"{path}:1: invalid UTF-8 at byte {column} of line 1 (0xff) (array element 1)"]
 
 
+def test_ijson_runs_on_its_c_backend():
+    assert array_reader.ijson.backend == "yajl2_c", "the pure-Python backend is ~10x slower"
+
+
 def test_array_numbers_are_floats_and_memory_stays_flat(tmp_path):
     path = tmp_path / "big.json"
     element = {**ROW, "output": "y" * 1000, "weight": 0.5}

@@ -3,8 +3,8 @@
 A file's name can lie: a zip named `.json` read as text gave 28 of 30 "records". `sniff` reads
 the magic bytes instead (gzip, bz2, xz, zstd; zip, tar, 7z, rar). `open_decompressed` streams a
 compressed file through fsspec's codec for it and stops as soon as the output passes
-`max_unpacked_bytes` or `max_ratio` times the compressed bytes read so far, so a 47 MB gzip of
-10 GiB of zeros fails after about a mebibyte instead of filling the disk.
+`max_unpacked_bytes` or `max_ratio` times the compressed bytes read so far (codecs read ahead in
+64 KiB steps), so a 47 MB gzip of 10 GiB of zeros fails after a few MiB instead of filling the disk.
 
 Why the defaults: instruction-tuning data compresses 3-25x (the LLaMA-Factory demo sets 3-7x,
 the project's templated support tickets 17x with gzip, 23x with bz2), while a deflate bomb runs at
