@@ -2,8 +2,12 @@
 
 Scrapy re-schedules a redirect as a new request, so checking each request here also checks
 where every redirect leads. Hosts are compared without the port (unlike LinkExtractor's
-allow_domains). A host that resolves to a private, loopback, link-local or otherwise
-non-public address is refused unless the source sets `allow_private`.
+allow_domains), exactly, after normalising how they are spelt (an IP address in any of the forms
+resolvers accept, 127.1 or 0x7f.0.0.1 or 2130706433, is compared in its canonical form); names
+allow their subdomains only when the source sets `subdomains` (Scrapy's offsite filter always does,
+by suffix: matched that way, a start URL on 127.1 let the crawl reach 127.0.127.1). A host that
+resolves to a private, loopback, link-local or otherwise non-public address is refused unless the
+source sets `allow_private`.
 
 Also here: Scrapy's robots.txt middleware, fixed for requests that wait for robots.txt together.
 """
@@ -18,13 +22,27 @@ from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware as Scrapy
 from scrapy.exceptions import IgnoreRequest
 from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
+from tuneline.crawlers.args import canonical_host, ip_address_of
 from twisted.internet.defer import Deferred
 
 
-def host_allowed(host: str, domains: list[str]) -> bool:
-    """Whether a host is one of the domains or a subdomain of one."""
-    host = host.lower().rstrip(".")
-    return any(host == domain or host.endswith("." + domain) for domain in domains)
+def host_allowed(host: str, domains: list[str], subdomains: bool = False) -> bool:
+    """Whether a host is one of the allowed hosts (canonical, as `SiteArgs.domains()` gives them),
+    compared exactly after normalising its spelling; with `subdomains`, a name also allows the names
+    under it. An IP address only ever matches itself: 127.0.127.1 is no subdomain of 127.1."""
+    host = canonical_host(host)
+    if host in domains:
+        return True
+    if not subdomains or ip_address_of(host) is not None:
+        return False
+    return any(host.endswith("." + domain) for domain in domains if ip_address_of(domain) is None)
+
+
+def offsite_detail(host: str, domains: list[str], subdomains: bool) -> str:
+    """Why a host was refused, and what would allow it."""
+    shown = ", ".join(domains[:5]) + (f" and {len(domains) - 5} more" if len(domains) > 5 else "")
+    fix = "add it to allowed_domains" if subdomains else "add it to allowed_domains or set subdomains: true"
+    return f"host {host} is not an allowed host ({shown}; subdomains: {str(subdomains).lower()}); {fix}"
 
 
 def non_public_address(host: str) -> str | None:
@@ -58,8 +76,9 @@ class AllowedHostsMiddleware:
         if parts.scheme not in ("http", "https"):
             return self.refuse(request, "scheme", f"{parts.scheme}: URLs are not crawled")
         host = parts.hostname or ""
-        if not host_allowed(host, spider.args.domains()):
-            return self.refuse(request, "offsite", f"host {host} is not in the allowed domains")
+        domains, subdomains = spider.domains, spider.args.subdomains
+        if not host_allowed(host, domains, subdomains):
+            return self.refuse(request, "offsite", offsite_detail(host, domains, subdomains))
         if not spider.args.allow_private:
             if host not in self.addresses:
                 self.addresses[host] = non_public_address(host)

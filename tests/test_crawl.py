@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from pydantic import ValidationError
 from sites.site import ARTICLES, FixtureSite
 from tuneline.crawlers.args import SiteArgs
 from tuneline.crawlers.middlewares import host_allowed, non_public_address
@@ -36,12 +37,59 @@ def test_spider_arguments_mirror_the_recipe_section():
 
 
 @pytest.mark.parametrize(
-    ("host", "allowed"),
-    [("example.com", True), ("docs.example.com", True), ("EXAMPLE.com.", True),
-     ("badexample.com", False), ("example.com.evil.org", False), ("localhost", False)],
+    ("host", "domains", "subdomains", "allowed"),
+    [("example.com", ["example.com"], False, True), ("EXAMPLE.com.", ["example.com"], False, True),
+     ("docs.example.com", ["example.com"], False, False), ("docs.example.com", ["example.com"], True, True),
+     ("badexample.com", ["example.com"], True, False), ("example.com.evil.org", ["example.com"], True, False),
+     ("localhost", ["example.com"], True, False),
+     ("bücher.example", ["xn--bcher-kva.example"], False, True),
+     # An IP address matches only itself, whatever its spelling, never as a suffix.
+     ("127.0.0.1", ["127.1"], False, True), ("0x7f.0.0.1", ["127.0.0.1"], False, True),
+     ("2130706433", ["127.0.0.1"], False, True), ("0177.0.0.1", ["127.1"], False, True),
+     ("::ffff:127.0.0.1", ["127.0.0.1"], False, True), ("0:0::1", ["::1"], False, True),
+     ("127.0.127.1", ["127.1"], False, False), ("127.0.127.1", ["127.1"], True, False),
+     ("10.1.2.3", ["2.3"], True, False), ("127.0.0.2", ["127.0.0.1"], True, False),
+     ("1.127.0.0.1", ["127.0.0.1"], True, False), ("dead.beef", ["222.173.190.239"], True, False)],
 )  # fmt: skip
-def test_hosts_compare_by_domain_without_port(host, allowed):
-    assert host_allowed(host, ["example.com"]) is allowed
+def test_hosts_compare_exactly_after_normalising_their_spelling(host, domains, subdomains, allowed):
+    args = SiteArgs(start_urls=["http://x/"], allowed_domains=domains, subdomains=subdomains)
+    assert host_allowed(host, args.domains(), subdomains) is allowed
+
+
+def test_allowed_domains_must_be_hosts():
+    with pytest.raises(ValidationError, match=r"'https://docs.example.com/' is not a host.*without scheme"):
+        CrawlSource(
+            name="docs",
+            start_urls=["https://docs.example.com/"],
+            allowed_domains=["https://docs.example.com/"],
+        )
+    with pytest.raises(ValidationError, match=r"'example.com:8080' is not a host"):
+        CrawlSource(name="docs", start_urls=["https://example.com/"], allowed_domains=["example.com:8080"])
+
+
+def test_a_start_url_on_127_1_reaches_only_that_address(tmp_path):
+    """Other spellings of the start URL's address are the same host; 127.0.127.1 (which ends in
+    `.127.1`), 127.0.0.2 and localhost are not, even with allow_private (a second server listens on
+    127.0.127.1 at the same port to see whether the crawl went there)."""
+    from sites.site import HOSTS
+
+    server = FixtureSite()
+    other = FixtureSite("127.0.127.1", server.port)
+    try:
+        source = CrawlSource(
+            name="ips", start_urls=[f"http://127.1:{server.port}/hosts"], allow_private=True, max_depth=1
+        )
+        fetched = run_fetch(tmp_path, source)
+    finally:
+        server.close()
+        other.close()
+    assert not other.hits, "127.0.127.1 is another host"
+    pages = {HOSTS[int(item["url"].rsplit("/", 1)[1])] for item in iter_records(fetched, "items.jsonl")
+             if "/page/" in item["url"]}  # fmt: skip
+    assert pages == {"0x7f.0.0.1", "2130706433", "0177.0.0.1"}
+    stats = json.loads(fetched.file("crawl_stats.json").read_text())
+    assert stats["tuneline/refused/offsite"] == 3
+    assert "is not an allowed host (127.0.0.1; subdomains: false)" in stats["tuneline/last_error"]
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,7 @@ class SiteSpider(scrapy.Spider):
             self.frontier.hand_over(url, depth)
             return None
         self.seen.add(url)
-        if not host_allowed(urlsplit(url).hostname or "", self.domains):
+        if not host_allowed(urlsplit(url).hostname or "", self.domains, self.args.subdomains):
             return self.request(url, depth, budgeted=False)
         if not self.budget.claim():
             self.waiting.append((url, depth))

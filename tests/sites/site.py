@@ -4,7 +4,8 @@
 to a whole crawl; `/redirect-out` redirects to `localhost` (a host outside the allowed domains);
 the index links to a private address (10.255.255.1) and to pages that cannot be parsed;
 `/faq/1` and `/faq/2` hold question/answer blocks for pairs mode; `/sitemap.xml` lists four
-pages, `/sitemap-index.xml` that sitemap and another of ten. The server records every path requested.
+pages, `/sitemap-index.xml` that sitemap and another of ten; `/hosts` links to the site under other
+spellings of its address and to other loopback hosts. The server records every path requested.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ FAQ = {
 }  # fmt: skip
 
 
+# Linked from /hosts, page n from host n: 127.0.0.1 spelt three ways, then three other hosts.
+HOSTS = ["0x7f.0.0.1", "2130706433", "0177.0.0.1", "127.0.127.1", "127.0.0.2", "localhost"]
 SITEMAP = ["/page/0", "/page/1", "/page/2", "/faq/1"]
 SITEMAP_MORE = [f"/page/{n}" for n in range(10, 20)]
 SITEMAP_INDEX = ["/sitemap.xml", "/sitemap-more.xml"]
@@ -80,6 +83,11 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
             maps = "".join(f"<sitemap><loc>http://127.0.0.1:{port}{m}</loc></sitemap>" for m in SITEMAP_INDEX)
             xml = f'<?xml version="1.0"?><sitemapindex xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">{maps}</sitemapindex>'
             return self.send(200, xml.encode(), "application/xml")
+        if path == "/hosts":  # the same server under other spellings of its address, and other hosts
+            links = "".join(
+                f"<a href='http://{host}:{port}/page/{n}'>{host}</a>" for n, host in enumerate(HOSTS)
+            )
+            return self.send(200, page("Hosts", f"<p>{WORDS}</p>{links}"))
         if path == "/about":
             return self.send(200, page("About", f"<p>About us. {WORDS}</p>"))
         if path == "/private/secret":
@@ -121,13 +129,14 @@ class SiteHandler(http.server.BaseHTTPRequestHandler):
 
 
 class FixtureSite:
-    """The site on 127.0.0.1 at an OS-chosen port, in a background thread."""
+    """The site on 127.0.0.1 (or another loopback address) at an OS-chosen port, in a background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, address: str = "127.0.0.1", port: int = 0) -> None:
         handler = type("Handler", (SiteHandler,), {"hits": Counter()})
         self.handler = handler
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.server = http.server.ThreadingHTTPServer((address, port), handler)
+        self.port = self.server.server_port
+        self.url = f"http://{address}:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from tuneline.errors import UserError
 from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tuneline.recipe import ...`
@@ -124,7 +124,13 @@ class CrawlSource(Section):
     sitemaps: list[str] = Field(default_factory=list, description="Sitemap URLs whose pages are crawled.")
     allowed_domains: list[str] = Field(
         default_factory=list,
-        description="Hosts (and their subdomains) the crawl may visit; default: hosts of the start URLs.",
+        description="Hosts the crawl may visit, compared exactly (IP addresses in canonical form, "
+        "whatever their spelling); default: hosts of the start URLs and sitemaps.",
+    )
+    subdomains: bool = Field(
+        False,
+        description="Also allow the names under each allowed name (docs.example.com for example.com); "
+        "IP addresses only ever match themselves.",
     )
     allow: list[str] = Field(default_factory=list, description="Follow only URLs matching one of these.")
     deny: list[str] = Field(default_factory=list, description="Never follow URLs matching these regexes.")
@@ -146,6 +152,21 @@ class CrawlSource(Section):
     allow_private: bool = Field(
         False, description="Allow private, loopback and link-local addresses (local test sites only)."
     )
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _hosts_only(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if (
+                not host.strip()
+                or any(char in host for char in "/?#@ ")
+                or (host.count(":") == 1 and not host.startswith("["))
+            ):
+                raise ValueError(
+                    f"{host!r} is not a host name or address; give the host alone, without scheme, "
+                    "port or path (e.g. 'docs.example.com' or '127.0.0.1')"
+                )
+        return hosts
 
     @model_validator(mode="after")
     def _has_pages_and_selectors(self) -> CrawlSource:
