@@ -6,7 +6,6 @@ a fresh process and answers exactly like the merged model folder it was logged f
 """
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,95 +13,27 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from register_fixtures import CONVERSATIONS, MODEL_NAME, make_store, trained_and_evaluated
+from rich.console import Console
 
+from tuneline.cli.console import print_report
 from tuneline.evaluate.stage import generate_replies
 from tuneline.experiment import MAX_PARAM_CHARS, truncate_params
-from tuneline.models import load_model, load_tokenizer, make_tiny_model
-from tuneline.recipe import ModelSpec, dump_recipe, validate_recipe
-from tuneline.records import make_record
-from tuneline.register.stage import decide_promotion, model_requirements, run_register
-from tuneline.store import find_stage, read_stats, write_stage
-
-MODEL_NAME = "tiny-chat"
-QUESTIONS = [
-    "How do I reset my password?",
-    "Where is my refund?",
-    "Can I change my plan?",
-    "Is the app down?",
-]
-CONVERSATIONS = [[{"role": "user", "content": q}] for q in QUESTIONS]
-
-
-def make_recipe(root: Path):
-    return validate_recipe(
-        {
-            "name": "registry-test",
-            "artifacts_dir": str(root / "store"),
-            "sources": [{"name": "tickets", "path": "tickets.jsonl"}],
-            "model": {"name": "base", "chat_template": "{{ x }}" * 1200},  # a param longer than MLflow allows
-            "evaluate": {"max_new_tokens": 6, "batch_size": 2},
-            "register": {
-                "model_name": MODEL_NAME,
-                "tracking_uri": f"sqlite:///{root / 'mlflow' / 'mlflow.db'}",
-                "margin": 0.05,
-            },
-        }
-    )
-
-
-def fake_stage(
-    artifacts_dir: Path, stage: str, digest: str, stats: dict, files: dict[str, list] | None = None
-):
-    """A finished stage with these stats and JSONL files (no records through its ledger)."""
-    with write_stage(artifacts_dir, stage, digest) as writer:
-        for name, rows in (files or {}).items():
-            writer.path(name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        writer.stats = stats
-        if stage == "train":
-            shutil.copytree(artifacts_dir / "tiny-model", writer.path("model"))
-    return find_stage(artifacts_dir, stage, digest)
-
-
-def evaluated_stats(tuned_exact_match: float) -> dict:
-    return {
-        "examples": 4,
-        "metric": "exact_match",
-        "base": {"loss": 6.1, "perplexity": 445.9, "exact_match": 0.0},
-        "tuned": {"loss": 1.2, "perplexity": 3.3, "exact_match": tuned_exact_match},
-    }
-
-
-TRAIN_STATS = {
-    "method": "lora",
-    "steps": 3,
-    "train_loss": 2.5,
-    "seconds": 1.5,
-    "log_history": [{"step": s, "loss": 3.0 - s / 2, "learning_rate": 1e-3} for s in (1, 2, 3)],
-}
+from tuneline.models import load_model, load_tokenizer
+from tuneline.recipe import ModelSpec, dump_recipe
+from tuneline.register.registry import decide_promotion
+from tuneline.register.stage import load_registered, model_requirements, run_register
+from tuneline.store import read_stats
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """Three registrations: first (0.5), worse (0.4), better by more than the margin (0.8)."""
     root = tmp_path_factory.mktemp("registry")
-    recipe = make_recipe(root)
-    store = Path(recipe.artifacts_dir)
-    store.mkdir()
-    make_tiny_model(
-        store / "tiny-model", QUESTIONS * 5, vocab_size=320, hidden_size=32, num_layers=2, num_heads=4
-    )
-    records = [make_record([*c, {"role": "assistant", "content": "ok"}]) for c in CONVERSATIONS]
-    splits = fake_stage(
-        store,
-        "split",
-        "s1",
-        {"counts": {"train": 2, "validation": 1, "test": 1}},
-        {"train.jsonl": records[:2], "validation.jsonl": records[2:3], "test.jsonl": records[3:]},
-    )
+    recipe, store, splits = make_store(root)
     refs = []
     for n, score in enumerate((0.5, 0.4, 0.8)):
-        trained = fake_stage(store, "train", f"t{n}", TRAIN_STATS)
-        evaluated = fake_stage(store, "evaluate", f"e{n}", evaluated_stats(score))
+        trained, evaluated = trained_and_evaluated(store, str(n), score)
         refs.append((trained, evaluated, run_register(store, recipe, splits, trained, evaluated)))
     return {"root": root, "recipe": recipe, "store": store, "splits": splits, "refs": refs}
 
@@ -120,6 +51,16 @@ def test_first_becomes_champion_worse_stays_candidate_better_takes_over(register
     aliases = client.get_registered_model(MODEL_NAME).aliases
     assert {alias: str(version) for alias, version in aliases.items()} == {"champion": "3", "candidate": "3"}
     assert client.get_model_version(MODEL_NAME, "2").tags["tuneline.promoted"] == "false"
+    # What each run prints is what its stage did: the aliases it set when it decided.
+    assert [s["aliases"] for s in stats] == [
+        ["candidate", "champion"],
+        ["candidate"],
+        ["candidate", "champion"],
+    ]
+    for ref, version in zip((ref for _, _, ref in registered["refs"]), "123", strict=True):
+        tags = client.get_model_version(MODEL_NAME, version).tags
+        assert tags["tuneline.stage_digest"] == ref.digest
+        assert tags["tuneline.aliases"] == ",".join(read_stats(ref)["aliases"])
 
 
 def test_run_holds_recipe_params_metrics_and_dataset_lineage(registered):
@@ -164,6 +105,19 @@ def test_cached_stage_registers_nothing_new(registered):
     assert again == ref
     client = mlflow.MlflowClient(registered["recipe"].register.tracking_uri)
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 3
+
+
+def test_model_is_logged_from_code_without_pickles_or_bundled_packages(registered):
+    """Loading a version runs `chat_model.py` (readable source) and the installed tuneline: no
+    cloudpickled `python_model.pkl`, no copy of tuneline put on sys.path."""
+    artifacts = registered["store"] / "mlartifacts"
+    assert not list(artifacts.rglob("*.pkl"))
+    models = [path.parent for path in artifacts.rglob("MLmodel")]
+    assert len(models) == 3
+    for model_dir in models:
+        assert (model_dir / "chat_model.py").is_file() and not (model_dir / "code").exists()
+        flavor = (model_dir / "MLmodel").read_text()
+        assert "model_code_path:" in flavor and "code: null" in flavor
 
 
 def test_champion_reloads_by_alias_in_a_fresh_process_with_the_same_replies(registered):
@@ -220,3 +174,37 @@ def test_run_holds_the_funnel_json(registered):
     )
     funnel = json.loads(Path(path).read_text())["funnel"]
     assert funnel == [{"stage": "split", "in": 0, "out": 0, "dropped": {}}]
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_loading_refuses_a_pickled_model(registered):
+    """A version whose code is a cloudpickle (as Tuneline logged models before) is not unpickled by
+    `load_registered` unless the user turns MLflow's switch on."""
+    with mlflow.start_run(experiment_id=read_stats(registered["refs"][0][2])["experiment_id"]):
+        mlflow.pyfunc.log_model(name="echo", python_model=Echo(), registered_model_name="pickled")
+    with pytest.raises(mlflow.MlflowException, match="Deserializing model using pickle is disallowed"):
+        load_registered("models:/pickled/1", registered["recipe"].register.tracking_uri)
+
+
+@pytest.mark.parametrize(("index", "reused", "expected"), [
+    (0, False, "this run set: candidate, champion (no champion yet)"),
+    (1, False, "this run set: candidate (tuned_exact_match 0.4 vs champion v1 0.5"),
+    (1, True, "an earlier run registered it and set: candidate (tuned_exact_match 0.4"),
+])  # fmt: skip
+def test_the_run_prints_the_aliases_its_stage_set(registered, index, reused, expected):
+    """After version 3 took both aliases, version 2's run still says what it did: set candidate."""
+    stats = read_stats(registered["refs"][index][2])
+    report = {
+        "funnel": [],
+        "stage_dirs": {"register": ""},
+        "registry": stats,
+        "reused": ["register"] * reused,
+    }
+    console = Console(record=True, width=400)
+    print_report(report, registered["recipe"], "http://127.0.0.1:4200", console)
+    line = next(line for line in console.export_text().splitlines() if "registered" in line)
+    assert f"models:/{MODEL_NAME}/{index + 1}; aliases {expected}" in line

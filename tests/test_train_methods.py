@@ -174,7 +174,7 @@ def test_soft_prompt_result_evaluates_and_serves_from_its_adapter(tiny):
     load base + adapter, and score it as the trained model scored (virtual tokens' logits cut off)."""
     from types import SimpleNamespace
 
-    from tuneline.register.stage import TunelineChatModel
+    from tuneline.register.chat_model import TunelineChatModel
 
     train = train_spec("prompt")
     prepared, _, tokenizer, _ = train_few_steps(tiny, train)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from tuneline.errors import UserError
 
@@ -38,18 +41,26 @@ class TrackingTarget:
 
 def open_experiment(tracking_uri: str, experiment: str, artifacts_dir: str | Path) -> str:
     """Point MLflow at the store and return the experiment's id, creating it (its artifacts under
-    the project's `mlartifacts/`) and a SQLite database's folder when missing."""
+    the project's `mlartifacts/`) and a SQLite database's folder when missing.
+
+    For a SQLite store this runs under a file lock beside the database: two processes opening a new
+    database at once both run MLflow's table migrations and one fails ("Online migration expected
+    to match one row"), and two creating one experiment at once collide."""
     import mlflow
 
+    guard: Any = nullcontext()
     if tracking_uri.startswith("sqlite:///"):
         # `sqlite:///rel/path.db` is relative to the working directory, `sqlite:////abs.db` absolute;
         # SQLite does not create the folder.
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        database.parent.mkdir(parents=True, exist_ok=True)
+        guard = FileLock(database.with_name(f"{database.name}.lock"))
     mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        location = (Path(artifacts_dir) / "mlartifacts").resolve()
-        return mlflow.create_experiment(experiment, artifact_location=str(location))
+    with guard:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            location = (Path(artifacts_dir) / "mlartifacts").resolve()
+            return mlflow.create_experiment(experiment, artifact_location=str(location))
     if found.lifecycle_stage == "deleted":
         raise UserError(
             f"register.experiment: {experiment!r} is deleted in the tracking store; restore it (`mlflow "

@@ -135,9 +135,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
             f"- model: `{registry['model_uri']}`",
             f"- MLflow run: `{registry['run_id']}`",
-            f"- promoted to champion: {registry['promoted']} ({registry['reason']})",
+            f"- {registry_line(registry, REGISTER.name in report.get('reused', []))}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def registry_line(registry: dict[str, Any], reused: bool) -> str:
+    """What the register stage did, from its stats: the aliases it set when it decided (not as
+    the registry reads now; a later run may have moved them) and why. A stage reused from an
+    earlier run is said to be one."""
+    aliases = registry.get("aliases")
+    if aliases is None:  # a stage written before stats listed its aliases
+        aliases = ["candidate", "champion"] if registry["promoted"] else ["candidate"]
+    done = ", ".join(aliases) or "none (a newer version holds candidate)"
+    who = "an earlier run registered it and set" if reused else "this run set"
+    return f"aliases {who}: {done} ({registry['reason']})"
 
 
 def finished_before(ref: StageRef, moment: str) -> bool:

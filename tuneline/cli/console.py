@@ -7,8 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from tuneline.pipeline import REGISTER
 from tuneline.recipe import Recipe
-from tuneline.report import format_dropped, number, reuse_line
+from tuneline.report import format_dropped, number, registry_line, reuse_line
 
 
 def print_report(
@@ -38,9 +39,10 @@ def print_report(
         console.print(scores)
 
     if registry := report.get("registry"):
+        reused = REGISTER.name in report.get("reused", [])
         console.print(
             f"MLflow run [bold]{registry['run_id']}[/bold]; registered [bold]{registry['model_uri']}[/bold]"
-            f"; aliases: candidate{', champion' if registry['promoted'] else ''} ({registry['reason']})"
+            f"; {registry_line(registry, reused)}"
         )
     console.print(f"Run folder: {report.get('run_dir')}")
     tracking = recipe.register.tracking_uri

@@ -2,15 +2,20 @@
 
 The run holds the resolved recipe (flat params and `recipe.yaml`), the evaluation metrics (base
 vs tuned), the training loss curve, the train/validation/test splits as dataset inputs (lineage),
-and the model: a pyfunc wrapping the *merged* model folder of the train stage, because a peft
-model logged through `mlflow.transformers` reloads with a randomly initialised base. The new
-version gets the `candidate` alias; it takes `champion` only when it beats the current champion's
-metric by more than `register.margin`. The decision and its reason go to the stage stats and to
-version tags.
+and the model: the merged model folder of the train stage behind the pyfunc of `chat_model.py`,
+logged "from code" (no pickled objects), because a peft model logged through `mlflow.transformers`
+reloads with a randomly initialised base. The new version gets the `candidate` alias; it takes
+`champion` only when it beats the current champion's metric by more than `register.margin`.
+`registry.py` makes that decision once per version, under a lock; the decision, its reason and
+the aliases this stage set go to the stage stats and to version tags.
+
+Every step is safe to repeat: a re-run after a kill resumes the run tagged with this stage's
+digest, logs nothing twice, reuses its logged model and completes its own version.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -23,19 +28,29 @@ from tuneline.experiment import is_number, open_experiment, prefixed_metrics, tr
 # isort: split
 import mlflow
 import mlflow.pyfunc
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.exceptions import MlflowException
 
 from tuneline.pipeline import REGISTER, TRAIN, register_key
-from tuneline.recipe import ModelSpec, Recipe, dump_recipe, flatten_recipe
+from tuneline.recipe import Recipe, dump_recipe, flatten_recipe
+from tuneline.register.registry import (
+    DIGEST_TAG,
+    Decision,
+    acquire,
+    create_version,
+    find_version,
+    registry_lock,
+    settle_version,
+)
 from tuneline.report import lineage_funnel
 from tuneline.store import StageRef, StageWriter, iter_records, read_stats, reuse_or_write
 
-CANDIDATE = "candidate"
-CHAMPION = "champion"
 SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
-LOWER_IS_BETTER = {"loss"}
-# What the pyfunc needs at load time; tuneline itself travels with the model as code_paths.
+# The model's code: MLflow copies this file into the model and runs it at load time.
+CHAT_MODEL_FILE = Path(__file__).resolve().with_name("chat_model.py")
+# MLflow's switch for unpickling a `python_model.pkl` at load time (on unless set).
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+# What the pyfunc needs at load time, besides tuneline itself (installed where it loads).
 # Listed explicitly: inferred requirements add torchvision, which is not installed.
 MODEL_PACKAGES = (
     "torch",
@@ -49,88 +64,55 @@ MODEL_PACKAGES = (
 )
 
 
-class TunelineChatModel(mlflow.pyfunc.PythonModel):
-    """Greedy chat replies from the merged model folder logged as the `model` artifact.
-
-    MLflow requires a PythonModel subclass; this is the only one. Generation settings come from
-    the `model_config` logged with the model (the recipe's evaluate section).
-    """
-
-    def load_context(self, context: Any) -> None:
-        """Load the tokenizer and model once, when MLflow loads the registered model."""
-        from tuneline import models
-
-        folder = context.artifacts["model"]
-        self.tokenizer = models.load_tokenizer(ModelSpec(name=folder))
-        self.model = models.load_trained(folder)  # a merged model, or a soft-prompt adapter on its base
-        self.max_new_tokens = int(context.model_config["max_new_tokens"])
-        self.batch_size = int(context.model_config["batch_size"])
-
-    def predict(self, context: Any, model_input: list[list[dict[str, str]]], params: Any = None) -> list[str]:
-        """One greedy reply per conversation (a list of {role, content}); a pandas DataFrame with a
-        `messages` column is accepted too. A conversation ending on the user is answered; a final
-        assistant turn is regenerated (the same prompt as evaluation used)."""
-        from tuneline.evaluate.stage import generate_replies
-
-        if hasattr(model_input, "columns"):
-            model_input = model_input["messages"].tolist()
-        conversations = [[dict(turn) for turn in conversation] for conversation in model_input]
-        return generate_replies(
-            self.model,
-            self.tokenizer,
-            conversations,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
-        )
-
-
 def load_registered(model_uri: str, tracking_uri: str | None = None) -> Any:
-    """A registered model as a pyfunc, e.g. `models:/support-bot@champion`."""
+    """A registered model as a pyfunc, e.g. `models:/support-bot@champion`. A version whose code
+    is a pickle (registered before models were logged from code) is refused unless the caller
+    sets MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    chosen = os.environ.get(PICKLE_SWITCH)
+    os.environ[PICKLE_SWITCH] = chosen or "false"
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        if chosen is None:
+            del os.environ[PICKLE_SWITCH]
 
 
 def run_register(
     artifacts_dir: str | Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
 ) -> StageRef:
-    """Log the run, register the merged model as a new version and apply the promotion rule."""
+    """Log the run, register the merged model as this stage's version and apply the promotion rule."""
     spec = recipe.register
     digest = register_key(recipe, splits, trained, evaluated)
 
     def write(writer: StageWriter) -> None:
         experiment_id = open_experiment(spec.tracking_uri, spec.experiment, artifacts_dir)
         client = mlflow.MlflowClient()
-        champion = champion_version(client, spec.model_name)
         metric = f"tuned_{spec.promote_metric}"
         started = time.perf_counter()
         trained_stats = read_stats(trained)
-        reused = reusable_run_id(client, trained_stats, experiment_id)
-        opened = (
-            mlflow.start_run(run_id=reused)  # the train stage's run: its curves, log and params
-            if reused
-            else mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name)
+        run_id = reusable_run_id(client, trained_stats, experiment_id, digest)
+        tags = {"tuneline.recipe_digest": recipe.digest(), DIGEST_TAG: digest}
+        opened = (  # this stage's run, or the train stage's (its curves, log, params), or a new one
+            mlflow.start_run(run_id=run_id)
+            if run_id
+            else mlflow.start_run(experiment_id=experiment_id, run_name=recipe.name, tags=tags)
         )
-        with opened as run:
-            mlflow.set_tags({"tuneline.recipe_digest": recipe.digest(), "tuneline.stage_digest": digest})
+        with opened as run:  # FINISHED only once the version is complete
+            mlflow.set_tags(tags)
             mlflow.log_params(truncate_params(flatten_recipe(recipe)))
             mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
             mlflow.log_dict({"funnel": lineage_funnel(artifacts_dir, splits)}, "funnel.json")
-            # A reused train run logged the training numbers and curves itself.
+            # The train stage's run logged the training numbers and curves itself.
             metrics = evaluation_metrics(read_stats(evaluated)) | prefixed_metrics(trained_stats, TRAIN.name)
-            curves = {} if reused else trained_stats
-            client.log_batch(run.info.run_id, metrics=to_metric_entities(metrics, curves))
+            curves = {} if run.info.run_id == trained_stats.get("mlflow_run_id") else trained_stats
+            log_metrics_once(client, run.info.run_id, metrics, curves)
             log_split_inputs(splits)
-            info = log_chat_model(recipe, trained)
-        model_version = str(info.registered_model_version)
-        client.set_registered_model_alias(spec.model_name, CANDIDATE, model_version)
-        before = champion_metric(client, spec.model_name, champion, metric)
-        candidate = metrics.get(metric)
-        promoted, reason = decide_promotion(spec.promote_metric, candidate, before, spec.margin, champion)
-        if promoted:
-            client.set_registered_model_alias(spec.model_name, CHAMPION, model_version)
-        for key, value in {"promoted": str(promoted).lower(), "reason": reason, "metric": metric}.items():
-            client.set_model_version_tag(spec.model_name, model_version, f"tuneline.{key}", value)
+            model_uri = logged_model_uri(experiment_id, digest) or log_chat_model(recipe, trained, digest)
+            model_version, decision = register_version(
+                client, recipe, artifacts_dir, digest, trained, model_uri, metrics.get(metric)
+            )
         writer.stats = {
             "tracking_uri": spec.tracking_uri,
             "run_id": run.info.run_id,
@@ -140,23 +122,53 @@ def run_register(
             "version": model_version,
             "model_uri": f"models:/{spec.model_name}/{model_version}",
             "metric": metric,
-            "promoted": promoted,
-            "champion_version_before": champion,
-            "champion_metric_before": before,
-            "candidate_metric": candidate,
-            "reason": reason,
+            "promoted": decision.promoted,
+            "aliases": list(decision.aliases),  # set by this stage, at the time it decided
+            "champion_version_before": decision.champion_before,
+            "champion_metric_before": decision.champion_metric_before,
+            "candidate_metric": metrics.get(metric),
+            "reason": decision.reason,
             "seconds": round(time.perf_counter() - started, 2),
         }
 
     return reuse_or_write(artifacts_dir, REGISTER, digest, write, [splits, trained, evaluated])
 
 
+def register_version(
+    client: mlflow.MlflowClient,
+    recipe: Recipe,
+    artifacts_dir: str | Path,
+    digest: str,
+    trained: StageRef,
+    model_uri: str,
+    candidate: float | None,
+) -> tuple[str, Decision]:
+    """This stage's version (found or created with its digest tag) and its decision, under the
+    registry lock of the model name."""
+    spec = recipe.register
+    with acquire(registry_lock(spec.tracking_uri, artifacts_dir, spec.model_name), spec.model_name):
+        model_version = find_version(client, spec.model_name, digest) or create_version(
+            model_uri, spec.model_name, {DIGEST_TAG: digest, "tuneline.train_digest": trained.digest}
+        )
+        decision = settle_version(
+            client, spec.model_name, model_version, spec.promote_metric, candidate, spec.margin
+        )
+    return model_version, decision
+
+
 def reusable_run_id(
-    client: mlflow.MlflowClient, train_stats: dict[str, Any], experiment_id: str
+    client: mlflow.MlflowClient, train_stats: dict[str, Any], experiment_id: str, digest: str | None = None
 ) -> str | None:
-    """The MLflow run the train stage opened, when the register stage can log into it: it still
-    exists (the store may have been wiped or changed since), lies in this experiment, and holds
-    no registration yet (a second one would change its params). Else None: start a new run."""
+    """The MLflow run to log into: one an interrupted attempt of this register stage (`digest`)
+    opened, else the run the train stage opened when it still exists (the store may have been
+    wiped or changed since), lies in this experiment, and holds no other registration (a second
+    one would change its params). Else None: start a new run."""
+    if digest:
+        found = mlflow.search_runs(
+            [experiment_id], filter_string=f"tags.`{DIGEST_TAG}` = '{digest}'", output_format="list"
+        )
+        if found:
+            return found[0].info.run_id
     run_id = train_stats.get("mlflow_run_id")
     if not run_id:
         return None
@@ -166,49 +178,27 @@ def reusable_run_id(
         return None
     if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
         return None
-    return None if "tuneline.stage_digest" in run.data.tags else run_id
+    return None if run.data.tags.get(DIGEST_TAG, digest) != digest else run_id
 
 
-def champion_version(client: mlflow.MlflowClient, model_name: str) -> str | None:
-    """The version holding the `champion` alias, or None (also when the model is not registered yet)."""
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    champion = registered.aliases.get(CHAMPION)  # an int in MLflow 3, a string elsewhere
-    return None if champion is None else str(champion)
+def log_metrics_once(
+    client: mlflow.MlflowClient, run_id: str, metrics: dict[str, float], curves: dict[str, Any]
+) -> None:
+    """Log the metrics and curves in one batch (all or nothing), unless an earlier attempt did."""
+    logged = client.get_run(run_id).data.metrics
+    if not metrics or not set(metrics) <= set(logged):
+        client.log_batch(run_id, metrics=to_metric_entities(metrics, curves))
 
 
-def champion_metric(
-    client: mlflow.MlflowClient, model_name: str, champion: str | None, metric: str
-) -> float | None:
-    """The champion's metric, read from the run that logged the champion version."""
-    if champion is None:
-        return None
-    run_id = client.get_model_version(model_name, champion).run_id
-    return client.get_run(run_id).data.metrics.get(metric) if run_id else None
-
-
-def decide_promotion(
-    metric: str, candidate: float | None, champion: float | None, margin: float, champion_ver: str | None
-) -> tuple[bool, str]:
-    """Whether the candidate takes `champion`, and why. Higher is better except for loss."""
-    if champion_ver is None:
-        return True, "no champion yet"
-    if candidate is None:
-        return False, f"the candidate has no tuned_{metric} (evaluation gave no finite value)"
-    if champion is None:
-        return False, f"champion version {champion_ver} has no tuned_{metric}; move the alias by hand"
-    gain = champion - candidate if metric in LOWER_IS_BETTER else candidate - champion
-    beats = gain - margin > 1e-9  # 0.55 - 0.5 is 0.05000000000000004: not *more* than a 0.05 margin
-    verdict = "beats" if beats else "does not beat"
-    direction = "lower" if metric in LOWER_IS_BETTER else "higher"
-    return beats, (
-        f"tuned_{metric} {candidate:.4g} vs champion v{champion_ver} {champion:.4g} ({direction} is better): "
-        f"{verdict} it by more than the margin {margin:g}"
+def logged_model_uri(experiment_id: str, digest: str) -> str | None:
+    """The model an interrupted attempt of this stage logged completely, or None."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.`{DIGEST_TAG}` = '{digest}'",
+        output_format="list",
     )
+    ready = [model for model in found if model.status == LoggedModelStatus.READY]
+    return f"models:/{ready[0].model_id}" if ready else None
 
 
 def evaluation_metrics(stats: dict[str, Any]) -> dict[str, float]:
@@ -244,8 +234,9 @@ def log_split_inputs(splits: StageRef) -> None:
         mlflow.log_input(dataset, context=context)
 
 
-def log_chat_model(recipe: Recipe, trained: StageRef) -> Any:
-    """Log the merged model folder as a TunelineChatModel pyfunc and register it as a new version."""
+def log_chat_model(recipe: Recipe, trained: StageRef, digest: str) -> str:
+    """Log the merged model folder with `chat_model.py` as its code (no pickle, no bundled
+    package) into the active run, tagged with the stage digest; returns the model's URI."""
     from tuneline import models
 
     folder = models.trained_folder(trained.dir)
@@ -254,18 +245,18 @@ def log_chat_model(recipe: Recipe, trained: StageRef) -> Any:
             f"{folder}: the train stage has no merged model or adapter (config.json missing); "
             f"delete {trained.path} so that training runs again"
         )
-    return mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(
         name="model",
-        python_model=TunelineChatModel(),
+        python_model=str(CHAT_MODEL_FILE),
         artifacts={"model": str(folder)},
-        code_paths=[str(Path(__file__).resolve().parent)],  # tuneline itself, so the model loads anywhere
         pip_requirements=model_requirements(),
         model_config={
             "max_new_tokens": recipe.evaluate.max_new_tokens,
             "batch_size": recipe.evaluate.batch_size,
         },
-        registered_model_name=recipe.register.model_name,
+        tags={DIGEST_TAG: digest},
     )
+    return info.model_uri
 
 
 def model_requirements() -> list[str]:
