@@ -1,5 +1,6 @@
 """The CLI's promises: bad input is a clear message and exit code, never a traceback."""
 
+import json
 import logging
 import sys
 
@@ -37,3 +38,42 @@ def test_user_errors_are_logged_without_traceback():
         bug = logging.LogRecord("prefect", logging.ERROR, "", 0, "failed", None, sys.exc_info())
     assert hide_user_error_tracebacks(user) and user.exc_info is None
     assert hide_user_error_tracebacks(bug) and bug.exc_info is not None
+
+
+def plan_recipe(tmp_path, config: dict) -> str:
+    """A recipe whose model folder holds only `config` as config.json (the plan reads nothing else)."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: x\nsources: [{name: a, path: a.jsonl}]\n"
+        f"model: {{name: '{model_dir}'}}\nregister: {{model_name: x}}\n"
+    )
+    return str(recipe)
+
+
+def test_train_plan_on_a_model_with_its_own_code_names_the_switch(tmp_path):
+    auto_map = {"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyLM"}
+    recipe = plan_recipe(tmp_path, {"model_type": "my_lm", "auto_map": auto_map, "hidden_size": 8})
+    result = CliRunner().invoke(app, ["train", "plan", recipe, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert f"model.name: '{tmp_path / 'model'}' needs its own Python code to load" in result.output
+    assert "set `model.trust_remote_code: true` in the recipe if you trust that code" in result.output
+
+
+def test_train_plan_on_an_unknown_architecture_says_so(tmp_path):
+    recipe = plan_recipe(tmp_path, {"model_type": "brand_new_arch", "hidden_size": 8})
+    result = CliRunner().invoke(app, ["train", "plan", recipe, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "has model_type 'brand_new_arch' in its config.json, which transformers" in result.output
+    assert "upgrade transformers" in result.output
+
+
+def test_recipe_schema_describes_the_model_loading_switches():
+    result = CliRunner().invoke(app, ["recipe", "schema"])
+    model = json.loads(result.output)["$defs"]["ModelSpec"]["properties"]
+    assert "safetensors" in model["allow_pickle_weights"]["description"]
+    assert model["allow_pickle_weights"]["default"] is False
+    assert "code" in model["trust_remote_code"]["description"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -147,3 +148,80 @@ def test_load_model_on_chosen_device(tiny_dir):
 )
 def test_last_assistant_index(messages, index):
     assert models.last_assistant_index(messages) == index
+
+
+# What a model may run as it loads: its own code only with model.trust_remote_code, pickled
+# weights only with model.allow_pickle_weights. Each refusal names the model, the problem and the fix.
+CUSTOM_AUTO_MAP = {"AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyLM"}
+
+
+def with_config(tiny_dir, folder, **changes):
+    """A copy of the tiny model whose config.json has `changes`."""
+    shutil.copytree(tiny_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | changes))
+    return folder
+
+
+def test_a_model_with_its_own_code_needs_the_recipe_switch(tiny_dir, tmp_path):
+    folder = with_config(tiny_dir, tmp_path / "custom", model_type="my_lm", auto_map=CUSTOM_AUTO_MAP)
+    spec = ModelSpec(name=str(folder))
+    for load in (models.load_config, lambda s: models.load_model(s.name)):
+        with pytest.raises(models.ModelError) as caught:
+            load(spec)
+        message = str(caught.value)
+        assert f"model.name: {str(folder)!r} needs its own Python code" in message
+        assert "configuration_mine.MyConfig" in message and "`model.trust_remote_code: true`" in message
+    with pytest.raises(models.ModelError, match="must hold its files and the code files its auto_map names"):
+        models.load_config(spec.model_copy(update={"trust_remote_code": True}))  # no configuration_mine.py
+
+
+def test_an_unknown_architecture_is_named(tiny_dir, tmp_path):
+    folder = with_config(tiny_dir, tmp_path / "unknown", model_type="brand_new_arch")
+    with pytest.raises(
+        models.ModelError, match="has model_type 'brand_new_arch' in its config.json, which transformers"
+    ):
+        models.load_config(ModelSpec(name=str(folder)))
+
+
+def pickled_copy(tiny_dir, folder):
+    """The tiny model with its weights in pickle format only (pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickled_weights_load_only_when_the_recipe_allows_them(tiny_dir, tmp_path):
+    folder = pickled_copy(tiny_dir, tmp_path / "pickled")
+    with pytest.raises(models.ModelError) as caught:
+        models.load_model(folder)
+    message = str(caught.value)
+    assert f"{folder} holds pytorch_model.bin and no .safetensors file" in message
+    assert "`model.allow_pickle_weights: true`" in message
+    allowed = models.load_model(folder, allow_pickle_weights=True)
+    original = models.load_model(tiny_dir)
+    assert all(torch.equal(allowed.state_dict()[k], v) for k, v in original.state_dict().items())
+
+
+def test_a_pickled_adapter_is_refused_too(tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(models.load_model(tiny_dir), LoraConfig(r=2, task_type="CAUSAL_LM")).save_pretrained(
+        adapter
+    )
+    assert models.load_trained(adapter).peft_config["default"].r == 2  # safetensors: loads
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(models.ModelError, match=f"{adapter} holds adapter_model.bin"):
+        models.load_trained(adapter)
+    assert models.load_trained(adapter, allow_pickle_weights=True).peft_config["default"].r == 2
+
+
+def test_the_tiny_model_is_saved_as_safetensors(tiny_dir):
+    assert (tiny_dir / "model.safetensors").is_file()
+    assert not [p.name for p in tiny_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")]

@@ -6,15 +6,23 @@ texts and saves a randomly initialised Llama-architecture model beside it. Both 
 the same `from_pretrained` code path, so the pipeline never special-cases the tiny model.
 
 Device and dtype are chosen in one place, `choose_device`.
+
+What a model may run as it loads is the recipe's call: its own Python code only with
+`model.trust_remote_code`, weights in pickle format (`pytorch_model.bin`, which torch unpickles)
+only with `model.allow_pickle_weights`; by default only safetensors load. A model that cannot load
+as the recipe stands raises `ModelError` naming the model, what is wrong and the recipe field that
+fixes it (`explain_load_errors`), not a transformers traceback.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +151,20 @@ class ModelError(UserError, ValueError):
     """A base model the recipe names that cannot be loaded, or lacks what training needs."""
 
 
+# Weight files that torch unpickles (transformers' and peft's pickle names, and their shards).
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def load_config(spec: ModelSpec) -> Any:
+    """The model's transformers config (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    with explain_load_errors(spec):
+        return AutoConfig.from_pretrained(
+            spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
     """The model's tokenizer with the recipe's chat template applied; a pad token is ensured.
 
@@ -151,16 +173,10 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     """
     from transformers import AutoTokenizer
 
-    try:
+    with explain_load_errors(spec):
         tokenizer = AutoTokenizer.from_pretrained(
             spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
-    except OSError as error:
-        raise ModelError(
-            f"model.name: cannot load {spec.name!r}: it is not a local model folder and the hub "
-            f"did not provide it ({str(error).splitlines()[0]}); fix the name or path, set HF_TOKEN "
-            "for a gated model, or build a local one with `tuneline make-tiny-model`"
-        ) from None
     if spec.chat_template:
         tokenizer.chat_template = spec.chat_template
     if not tokenizer.chat_template:
@@ -174,16 +190,145 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 
 
 def load_model(
-    name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> Any:
-    """A causal LM from a hub name or a local folder, on the chosen device and dtype, in eval mode."""
+    """A causal LM from a hub name or a local folder, on the chosen device and dtype, in eval mode.
+
+    Safetensors weights only unless `allow_pickle_weights` (the recipe's `model.allow_pickle_weights`).
+    """
     from transformers import AutoModelForCausalLM
 
+    spec = _spec(name_or_path, revision, trust_remote_code, allow_pickle_weights)
+    check_weights_format(spec)
     device, dtype = choose_device()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), revision=revision, trust_remote_code=trust_remote_code, dtype=dtype
-    )
+    with explain_load_errors(spec):
+        model = AutoModelForCausalLM.from_pretrained(spec.name, dtype=dtype, **pretrained_kwargs(spec))
     return model.to(device).eval()
+
+
+def pretrained_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """What every `from_pretrained` of the recipe's model passes: revision, whether the model's own
+    code may run, and safetensors only (None lets transformers fall back to pickle files)."""
+    return {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": None if spec.allow_pickle_weights else True,
+    }
+
+
+def check_weights_format(spec: ModelSpec) -> None:
+    """Refuse a local model folder whose weights are pickle files only, unless the recipe allows them.
+
+    torch unpickles such files (with its weights_only loader, which has had escapes); safetensors
+    hold tensors only. A hub model is checked by transformers itself (`use_safetensors=True`).
+    """
+    folder = Path(spec.name)
+    if spec.allow_pickle_weights or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for pattern in PICKLE_WEIGHTS for path in folder.glob(pattern))
+    pickled = [name for name in pickled if name != "training_args.bin"]  # the Trainer's, not weights
+    if pickled:
+        raise ModelError(_pickle_message(spec, f"{folder} holds {pickled[0]} and no .safetensors file"))
+
+
+@contextmanager
+def explain_load_errors(spec: ModelSpec) -> Iterator[None]:
+    """Around a transformers load of the recipe's model: what the user can fix becomes a ModelError
+    naming the model, the problem and the recipe field or step that fixes it."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (OSError, ValueError) as error:
+        message = load_problem(spec, error)
+        if message is None:
+            raise
+        raise ModelError(message) from None
+
+
+def load_problem(spec: ModelSpec, error: BaseException) -> str | None:
+    """Why the model did not load, with the user's fix; None for an error that is not theirs.
+
+    Judged from the model's raw config.json (read without running any code), not from the
+    wording of transformers' messages.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    name = spec.name
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    config = _raw_config(spec)
+    if config is None:
+        if isinstance(error, ValueError):
+            return None
+        return (
+            f"model.name: cannot load {name!r}: it is not a local model folder and the hub did not "
+            f"provide it ({detail}); fix the name or path, set HF_TOKEN for a gated model, or build a "
+            "local one with `tuneline make-tiny-model`"
+        )
+    auto_map = config.get("auto_map") or {}
+    model_type = config.get("model_type")
+    # transformers uses its own class for a model_type it knows and then runs none of the model's code.
+    if auto_map and model_type not in CONFIG_MAPPING_NAMES and not spec.trust_remote_code:
+        code = ", ".join(sorted({str(value) for value in auto_map.values()}))
+        return (
+            f"model.name: {name!r} needs its own Python code to load (config.json's auto_map names "
+            f"{code}), which the recipe does not allow to run; set `model.trust_remote_code: true` "
+            "in the recipe if you trust that code, or choose a model that transformers supports"
+        )
+    if not auto_map and model_type not in CONFIG_MAPPING_NAMES:
+        return (
+            f"model.name: {name!r} has model_type {model_type!r} in its config.json, which "
+            f"transformers {_transformers_version()} does not know; upgrade transformers "
+            "(`pip install -U transformers`) if the architecture is newer, or choose another model"
+        )
+    if not isinstance(error, OSError):
+        return None
+    if "safetensors" in str(error) and not spec.allow_pickle_weights:
+        return _pickle_message(spec, f"{name} has no .safetensors weights ({detail})")
+    needs = " and the code files its auto_map names" if auto_map else ""
+    return f"model.name: cannot load {name!r} ({detail}); its folder or repository must hold its files{needs}"
+
+
+def _pickle_message(spec: ModelSpec, what: str) -> str:
+    return (
+        f"model.name: {what}; Tuneline loads safetensors weights only, since a pickle file can run "
+        "code when it loads. Convert the weights to safetensors, or set "
+        "`model.allow_pickle_weights: true` in the recipe if you trust the file"
+    )
+
+
+def _raw_config(spec: ModelSpec) -> dict[str, Any] | None:
+    """config.json as plain data (no code runs), or None when there is none to read."""
+    folder = Path(spec.name)
+    try:
+        if folder.is_dir():
+            return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        from transformers import PretrainedConfig
+
+        return PretrainedConfig.get_config_dict(spec.name, revision=spec.revision)[0]
+    except (OSError, ValueError):
+        return None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _spec(
+    name_or_path: str | Path, revision: str | None, trust_remote_code: bool, allow_pickle_weights: bool
+) -> ModelSpec:
+    return ModelSpec(
+        name=str(name_or_path),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        allow_pickle_weights=allow_pickle_weights,
+    )
 
 
 def has_generation_markers(chat_template: str | dict[str, str] | None) -> bool:
@@ -226,19 +371,36 @@ def trained_folder(stage_dir: str | Path) -> Path:
 
 
 def load_trained(
-    name_or_path: str | Path, *, revision: str | None = None, trust_remote_code: bool = False
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle_weights: bool = False,
 ) -> Any:
     """A model for inference from a model name, a model folder or a peft adapter folder.
 
     An adapter folder (adapter_config.json, no config.json) loads its base, named in the adapter's
     config, with the adapter on top: that is how a soft-prompt result, which has no merged model,
-    is evaluated and served.
+    is evaluated and served. Pickled weights, of the model, the adapter or its base, only with
+    `allow_pickle_weights`.
     """
     folder = Path(name_or_path)
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+        from peft import PeftModel
 
-        device, dtype = choose_device()
-        model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-        return model.to(device).eval()
-    return load_model(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+        spec = _spec(folder, revision, trust_remote_code, allow_pickle_weights)
+        check_weights_format(spec)  # peft itself falls back to adapter_model.bin without a word
+        adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        base = load_model(
+            adapter["base_model_name_or_path"],
+            revision=adapter.get("revision"),
+            trust_remote_code=trust_remote_code,
+            allow_pickle_weights=allow_pickle_weights,
+        )
+        return PeftModel.from_pretrained(base, str(folder)).eval()
+    return load_model(
+        name_or_path,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+        allow_pickle_weights=allow_pickle_weights,
+    )

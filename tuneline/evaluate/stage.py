@@ -198,7 +198,9 @@ def run_evaluate(
         conversations = [c for _, c in chosen]
         base_scores, base_replies = _score_folder(model, conversations, evaluate)
         tuned_spec = ModelSpec(
-            name=str(models.trained_folder(trained.dir)), trust_remote_code=model.trust_remote_code
+            name=str(models.trained_folder(trained.dir)),
+            trust_remote_code=model.trust_remote_code,
+            allow_pickle_weights=model.allow_pickle_weights,  # a soft-prompt adapter loads its base
         )
         tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
         for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):
@@ -223,7 +225,12 @@ def _score_folder(
     if not conversations:
         return {"loss": None, "perplexity": None, "exact_match": None}, []
     tokenizer = models.load_tokenizer(spec)
-    model = models.load_trained(spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    model = models.load_trained(
+        spec.name,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle_weights=spec.allow_pickle_weights,
+    )
     try:
         return score_model(model, tokenizer, conversations, evaluate)
     finally:

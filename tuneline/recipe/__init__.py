@@ -295,7 +295,16 @@ class ModelSpec(Section):
     name: str = Field(description="Hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a model ships (its config.json's auto_map) to load it; "
+        "only for a model whose code you trust.",
+    )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also load weights saved with pickle (pytorch_model.bin, *.pt) when a model has no "
+        "safetensors; a pickle file can run code as it loads, so by default only safetensors load.",
+    )
 
 
 class EvaluateSpec(Section):

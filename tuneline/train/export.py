@@ -42,7 +42,10 @@ def export_model(
         from peft import PeftModel
 
         base = models.load_model(
-            model_spec.name, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code
+            model_spec.name,
+            revision=model_spec.revision,
+            trust_remote_code=model_spec.trust_remote_code,
+            allow_pickle_weights=model_spec.allow_pickle_weights,
         )
         merged = PeftModel.from_pretrained(base, stage_dir / "adapter").merge_and_unload()
     else:

@@ -196,7 +196,10 @@ def prepare_model(model_spec: ModelSpec, train: TrainSpec) -> PreparedModel:
     quantization_config = build_quantization_config(train)
     if quantization_config is None:
         base = models.load_model(
-            model_spec.name, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code
+            model_spec.name,
+            revision=model_spec.revision,
+            trust_remote_code=model_spec.trust_remote_code,
+            allow_pickle_weights=model_spec.allow_pickle_weights,
         )
     else:
         base = _load_quantized(model_spec, quantization_config)
@@ -354,15 +357,16 @@ def _load_quantized(model_spec: ModelSpec, quantization_config: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     device, dtype = models.choose_device()
-    base = AutoModelForCausalLM.from_pretrained(
-        model_spec.name,
-        revision=model_spec.revision,
-        trust_remote_code=model_spec.trust_remote_code,
-        quantization_config=quantization_config,
-        dtype=dtype,
-        # Each process of a launched run holds its own copy of the base on its own GPU.
-        device_map={"": PartialState().local_process_index} if device == "cuda" else None,
-    )
+    models.check_weights_format(model_spec)
+    with models.explain_load_errors(model_spec):
+        base = AutoModelForCausalLM.from_pretrained(
+            model_spec.name,
+            quantization_config=quantization_config,
+            dtype=dtype,
+            # Each process of a launched run holds its own copy of the base on its own GPU.
+            device_map={"": PartialState().local_process_index} if device == "cuda" else None,
+            **models.pretrained_kwargs(model_spec),  # revision, remote code, safetensors only
+        )
     keep_narrow_layers_off_packed_cpu_kernel(base)
     # Norms to fp32 and input gradients on; checkpointing is the trainer's setting, not set here.
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

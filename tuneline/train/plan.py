@@ -61,25 +61,18 @@ def plan_training(model_spec: ModelSpec, train: TrainSpec, *, device: str | None
     default the device of this machine.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     device = device or models.choose_device()[0]
     if device not in ("cuda", "cpu"):
         raise methods.MethodError(f"--device: {device!r} is not a device to plan for; use cuda or cpu")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        config = AutoConfig.from_pretrained(
-            model_spec.name, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code
-        )
-    except OSError as error:
-        raise models.ModelError(
-            f"model.name: no config for {model_spec.name!r} ({str(error).splitlines()[0]}); fix the name "
-            "or path (a local folder needs its config.json, the weights are not read)"
-        ) from None
-    with init_empty_weights():
+    config = models.load_config(model_spec)  # a model that needs its own code, or is unknown: ModelError
+    with init_empty_weights(), models.explain_load_errors(model_spec):
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=model_spec.trust_remote_code, dtype=dtype
         )
+    with init_empty_weights():
         prepared = _apply_method(model, train)
     trainable, total = methods.count_parameters(prepared)
     weight_bytes = _weight_bytes(model, train)
