@@ -36,6 +36,8 @@ app.add_typer(review_app, name="review")
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
 QUICKSTART_DATA = Path("recipes/data/support_intents.jsonl")
 QUICKSTART_MODEL = Path(".tuneline/models/tiny-chat")
+MLFLOW_AUTH_DIR = "mlflow-auth"
+ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")]
 
@@ -213,15 +215,29 @@ def ui(
         int, typer.Option(help="Port for the Prefect UI if the project's server is not running yet.")
     ] = 4200,
     mlflow_port: int = 5000,
+    mlflow_auth: Annotated[
+        bool,
+        typer.Option(
+            help="Ask for a user name and password in the MLflow UI (MLflow's basic-auth app, users kept "
+            f"in <artifacts_dir>/{MLFLOW_AUTH_DIR}/); the first start creates the admin from "
+            f"{ADMIN_PASSWORD_ENV} (and MLFLOW_AUTH_ADMIN_USERNAME, default admin)."
+        ),
+    ] = False,
 ) -> None:
     """Serve the Prefect UI (runs, funnel artifacts) and the MLflow UI (metrics, models) until Ctrl-C."""
     import subprocess
-    import sys
 
     from tuneline.flows.server import ServerStartError, local_prefect_server, recorded_server, stop_server
 
     recipe = read_recipe(recipe_path, None)
     home = Path(recipe.artifacts_dir).resolve() / "prefect"
+    auth_dir = Path(recipe.artifacts_dir).resolve() / MLFLOW_AUTH_DIR if mlflow_auth else None
+    if auth_dir and not (auth_dir / "basic_auth.db").is_file() and not os.environ.get(ADMIN_PASSWORD_ENV):
+        raise fail(
+            f"--mlflow-auth: no MLflow users yet in {auth_dir}; set {ADMIN_PASSWORD_ENV} (and "
+            "MLFLOW_AUTH_ADMIN_USERNAME, default admin) for this first start to create the admin user",
+            2,
+        )
     wanted = [(mlflow_port, "--mlflow-port")]
     if recorded_server(home) is None:  # a running one is reused on its own port
         wanted.append((prefect_port, "--prefect-port"))
@@ -229,23 +245,13 @@ def ui(
         if not port_free(port):
             raise fail(f"{option} {port}: the port is in use; pick another, e.g. {option} {port + 1}", 2)
     os.environ.pop("PREFECT_API_URL", None)  # the project's own server, not a configured one
-    mlflow = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(mlflow_port),
-        "--backend-store-uri",
-        recipe.register.tracking_uri,
-    ]
+    mlflow, env = mlflow_ui_command(recipe.register.tracking_uri, mlflow_port, auth_dir)
     try:
         with local_prefect_server(home, port=prefect_port) as api_url:
-            process = subprocess.Popen(mlflow)
+            process = subprocess.Popen(mlflow, env=env)
             prefect_url = api_url.removesuffix("/api")
-            typer.echo(f"Prefect: {prefect_url}   MLflow: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)")
+            mlflow_url = f"http://127.0.0.1:{mlflow_port}" + (" (basic auth)" if auth_dir else "")
+            typer.echo(f"Prefect: {prefect_url}   MLflow: {mlflow_url}   (Ctrl-C stops)")
             try:
                 process.wait()
             except KeyboardInterrupt:
@@ -253,6 +259,35 @@ def ui(
     except ServerStartError as error:
         raise fail(str(error), 1) from None
     stop_server(home, only_if_unused=True)
+
+
+def mlflow_ui_command(
+    tracking_uri: str, port: int, auth_dir: Path | None
+) -> tuple[list[str], dict[str, str]]:
+    """The MLflow UI's command line and environment: on 127.0.0.1 only, one worker, and with
+    `auth_dir`, MLflow's basic-auth app whose users live in that folder (not in the working dir)."""
+    import secrets
+    import sys
+
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", "1", "--backend-store-uri", tracking_uri]
+    # Job execution (MLflow's GenAI jobs, unused here) would start 7 huey consumer processes.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if auth_dir is None:
+        return command, env
+    auth_dir.mkdir(parents=True, exist_ok=True)
+    config = auth_dir / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{auth_dir / 'basic_auth.db'}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        encoding="utf-8",
+    )
+    # The key that signs its CSRF tokens: the user's, or a fresh one each start (nothing stored).
+    env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+    return [*command, "--app-name", "basic-auth"], {**env, "MLFLOW_AUTH_CONFIG_PATH": str(config)}
 
 
 def port_free(port: int) -> bool:
