@@ -165,6 +165,18 @@ def test_bad_utf8_in_a_one_line_array_costs_one_element(tmp_path):
     assert result.rejects == [f"{path}:1: invalid UTF-8 at byte {column} of line 1 (0xff) (array element 1)"]
 
 
+def test_an_array_element_too_long_to_hold_ends_the_array_with_a_reject(tmp_path, monkeypatch):
+    monkeypatch.setattr(array_reader, "MAX_ELEMENT_BYTES", 200_000)
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([ROW, {**ROW, "output": "x" * 300_000}, ROW]))
+    result = read_records(path)
+    assert len(result.records) == 1
+    assert result.rejects == [
+        f"{path}:1: array element 1 is longer than 200000 bytes; not read, "
+        "and the rest of the array cannot be read"
+    ]
+
+
 def test_ijson_runs_on_its_c_backend():
     assert array_reader.ijson.backend == "yajl2_c", "the pure-Python backend is ~10x slower"
 

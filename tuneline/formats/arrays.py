@@ -26,6 +26,8 @@ from ijson.common import ObjectBuilder
 BLOCK_BYTES = 1 << 16  # a long line is fed in blocks of this size: 64 KiB of elements held at most
 # Deeper than any real record, and shallow enough that json.dumps of the record cannot recurse out.
 MAX_DEPTH = 500
+# As for a JSON line: an element this long is not held in memory (the parser would buffer it).
+MAX_ELEMENT_BYTES = 64 * 1024 * 1024
 TOO_DEEP = "invalid JSON: nested too deeply to read"
 READ_ERRORS = (OSError, EOFError)
 REPLACEMENT = "\ufffd".encode()
@@ -58,6 +60,9 @@ class _ArrayParser:
         self.pending_bad: str | None = None  # a bad byte seen before its element's first event
         self.closed = False
         self.out: list[RawValue] = []
+        self.fed = 0  # bytes sent to the parser
+        self.block_start = 0  # self.fed before the block being parsed
+        self.element_start = 0  # the block_start of the element being read
 
     def feed(self, data: bytes, line: int, column: int) -> None:
         """Parse one block that starts at byte `column` of `line`; invalid UTF-8 rejects its element."""
@@ -82,6 +87,8 @@ class _ArrayParser:
 
     def _send(self, data: bytes, line: int) -> None:
         if data:
+            self.block_start = self.fed
+            self.fed += len(data)
             self.coro.send(data)
             self._take_events(line)
 
@@ -106,7 +113,7 @@ class _ArrayParser:
 
     def _start_element(self, line: int) -> None:
         self.element += 1
-        self.in_element, self.start_line = True, line
+        self.in_element, self.start_line, self.element_start = True, line, self.block_start
         self.builder = ObjectBuilder()
         self.bad, self.pending_bad = self.pending_bad, None
 
@@ -150,6 +157,9 @@ def iter_array(stream: BinaryIO, first: bytes, first_line: int) -> Iterator[RawV
             carry = 0 if block.endswith(b"\n") else _cut_sequence(block)
             parser.feed(block[: len(block) - carry], line, column)
             yield from _drain(parser)
+            if parser.in_element and parser.fed - parser.element_start > MAX_ELEMENT_BYTES:
+                yield _too_long(parser)
+                return
             if block.endswith(b"\n"):
                 line, column = line + 1, 0
             else:
@@ -167,6 +177,16 @@ def iter_array(stream: BinaryIO, first: bytes, first_line: int) -> Iterator[RawV
     except ijson.JSONError as error:
         yield from _drain(parser)
         yield _syntax_error(parser, error, line)
+
+
+def _too_long(parser: _ArrayParser) -> RawValue:
+    """The reject that ends an array at an element too long to hold."""
+    return RawValue(
+        parser.start_line,
+        reason=f"array element {parser.element} is longer than {MAX_ELEMENT_BYTES} bytes; not read, "
+        "and the rest of the array cannot be read",
+        element=parser.element,
+    )
 
 
 def _drain(parser: _ArrayParser) -> Iterator[RawValue]:
