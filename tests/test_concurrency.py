@@ -42,6 +42,10 @@ def two_runs(project, tmp_path):  # noqa: F811
     mlflow.MlflowClient(data["register"]["tracking_uri"]).search_experiments()
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(data))
+    # What a run killed with kill -9 while writing a stage leaves: a temporary folder nobody owns.
+    stale = tmp_path / "store" / "stages" / "collect" / ".tmp-0123456789abcdef-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "records.jsonl").write_text("{}\n")
     env = {key: value for key, value in os.environ.items() if key not in ("PREFECT_API_URL", "PREFECT_HOME")}
     runs = [start_run(path, env), start_run(path, env)]
     try:
@@ -60,7 +64,9 @@ def stage_folders(store: Path, stage: str) -> list[str]:
 
 def test_two_runs_at_once_write_each_stage_once_and_report_the_same_model(two_runs):
     runs, outputs, store = two_runs
-    # Each stage written once, no temporary folder left, one training in the training log.
+    # Each stage written once, no temporary folder left (a killed run's removed at the start),
+    # one training in the training log.
+    assert "removed 1 temporary folder(s) left by killed runs" in "".join(outputs)
     for stage in ("collect", "clean", "gate", "split", "train", "evaluate", "register"):
         folders = stage_folders(store, stage)
         assert len(folders) == 1 and not folders[0].startswith("."), (stage, folders)
