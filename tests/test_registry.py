@@ -21,8 +21,9 @@ from tuneline.evaluate.stage import generate_replies
 from tuneline.experiment import MAX_PARAM_CHARS, truncate_params
 from tuneline.models import load_model, load_tokenizer
 from tuneline.recipe import ModelSpec, dump_recipe
-from tuneline.register.registry import decide_promotion
+from tuneline.register.registry import decide_promotion, settle_version
 from tuneline.register.stage import load_registered, model_requirements, run_register
+from tuneline.report import registry_line
 from tuneline.store import read_stats
 
 
@@ -208,3 +209,24 @@ def test_the_run_prints_the_aliases_its_stage_set(registered, index, reused, exp
     print_report(report, registered["recipe"], "http://127.0.0.1:4200", console)
     line = next(line for line in console.export_text().splitlines() if "registered" in line)
     assert f"models:/{MODEL_NAME}/{index + 1}; aliases {expected}" in line
+
+
+def test_a_registration_that_decides_after_a_newer_one_leaves_candidate_there(tmp_path):
+    """Version 2 decided first (champion, candidate); version 1 decides after it and sets no alias,
+    and its printed line says so."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client.create_registered_model("m")
+    for _ in range(2):
+        client.create_model_version("m", str(tmp_path))
+    newer = settle_version(client, "m", "2", "exact_match", 0.5, 0.0)
+    older = settle_version(client, "m", "1", "exact_match", 0.9, 0.0)
+    assert newer.aliases == ("candidate", "champion") and newer.reason == "no champion yet"
+    assert older.aliases == () and older.champion_before == "2" and not older.promoted
+    assert "champion version 2 has no tuned_exact_match" in older.reason
+    assert {a: str(v) for a, v in client.get_registered_model("m").aliases.items()} == {
+        "candidate": "2",
+        "champion": "2",
+    }
+    stats = {"promoted": older.promoted, "aliases": list(older.aliases), "reason": older.reason}
+    assert registry_line(stats, reused=False).startswith("aliases this run set: none (a newer version")
+    assert settle_version(client, "m", "1", "exact_match", 0.9, 0.0) == older  # decided once

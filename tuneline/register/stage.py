@@ -164,9 +164,7 @@ def reusable_run_id(
     wiped or changed since), lies in this experiment, and holds no other registration (a second
     one would change its params). Else None: start a new run."""
     if digest:
-        found = mlflow.search_runs(
-            [experiment_id], filter_string=f"tags.`{DIGEST_TAG}` = '{digest}'", output_format="list"
-        )
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{DIGEST_TAG}` = '{digest}'")
         if found:
             return found[0].info.run_id
     run_id = train_stats.get("mlflow_run_id")
