@@ -74,7 +74,9 @@ PLAIN_SPIDER = textwrap.dedent("""
                 doc = trafilatura.bare_extraction(response.text, url=response.url, fast=True)
                 item["text"] = doc.text if doc else ""
             yield item
-            yield from response.follow_all(css="a")
+            # Relative and http(s) links only: a mailto: link would end the generator with an error.
+            links = "//a[not(contains(@href, ':')) or starts-with(@href, 'http')]"
+            yield from response.follow_all(xpath=links)
 
         def closed(self, reason):
             stats = self.crawler.stats.get_stats()

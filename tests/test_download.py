@@ -11,8 +11,10 @@ import hashlib
 import http.server
 import json
 import threading
+import time
 import zipfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -36,9 +38,11 @@ class FileHandler(http.server.SimpleHTTPRequestHandler):
     drop_once: set = set()
     failures: Counter = Counter()
     ranges: list = []
+    delay_s: float = 0.0
 
     def do_GET(self):  # noqa: N802
         self.ranges.append((self.path, self.headers.get("Range")))
+        time.sleep(self.delay_s)
         if self.failures[self.path] > 0:
             self.failures[self.path] -= 1
             self.send_error(500, "flaky")
@@ -100,6 +104,18 @@ def test_interrupted_download_resumes_with_a_range_request(files, tmp_path):
     assert not (tmp_path / "store" / "downloads").exists() or not any(
         (tmp_path / "store" / "downloads").iterdir()
     )
+
+
+def test_two_runs_fetching_one_url_at_once_download_it_once(files, tmp_path):
+    """The second waits on the stage's lock (no two writers of one partial file), then reuses it."""
+    folder, url, handler = files
+    (folder / "data.jsonl").write_bytes(alpaca_lines(50))
+    handler.delay_s = 0.5  # both fetches start while the first download is under way
+    source = UrlSource(name="data", url=f"{url}/data.jsonl")
+    with ThreadPoolExecutor(2) as pool:
+        refs = list(pool.map(lambda _: run_fetch(tmp_path / "store", source), range(2)))
+    assert refs[0] == refs[1]
+    assert handler.ranges == [("/data.jsonl", None)]
 
 
 def test_corrupted_file_fails_naming_both_digests(files, tmp_path):

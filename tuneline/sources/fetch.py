@@ -32,7 +32,15 @@ from tuneline.sources.crawl import DROPS, ITEMS, crawl_summary, run_crawl
 from tuneline.sources.download import download
 from tuneline.sources.errors import SourceError, SourceUnreachable, source_os_error
 from tuneline.sources.unpack import unpack
-from tuneline.store import StageRef, StageWriter, find_stage, iter_jsonl, reuse_or_write, stage_key
+from tuneline.store import (
+    StageRef,
+    StageWriter,
+    find_stage,
+    iter_jsonl,
+    reuse_or_write,
+    stage_key,
+    stage_lock,
+)
 
 ROWS = "rows.jsonl"
 DATA_DIR = "data"
@@ -121,6 +129,14 @@ def fetch_url(artifacts_dir: str | Path, source: UrlSource) -> StageRef:
     digest = stage_key(FETCH, source, fingerprint)
     if cached := find_stage(artifacts_dir, FETCH.name, digest):
         return cached  # checked before downloading: a finished stage never downloads again
+    # Under the stage's lock from the download on: two runs never append to one partial file.
+    with stage_lock(artifacts_dir, FETCH.name, digest):
+        if cached := find_stage(artifacts_dir, FETCH.name, digest):  # fetched while this run waited
+            return cached
+        return _download_and_unpack(artifacts_dir, source, digest)
+
+
+def _download_and_unpack(artifacts_dir: str | Path, source: UrlSource, digest: str) -> StageRef:
     file_name = PurePosixPath(urlsplit(source.url).path).name or "download"
     part_path = Path(artifacts_dir) / "downloads" / digest / f"{file_name}.part"
     got = download(
