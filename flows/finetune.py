@@ -1,7 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
     fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
-    -> train -> evaluate -> register -> report
+    -> [pretrain] -> train -> evaluate -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -21,6 +21,7 @@ from tuneline.tasks.stages import (
     evaluate,
     fetch,
     gate,
+    pretrain,
     register,
     report,
     save_recipe,
@@ -50,11 +51,19 @@ def finetune(recipe: Recipe) -> dict:
     cleaned = clean(artifacts_dir, data, recipe.clean, recipe.model)
     gated = gate(artifacts_dir, cleaned, recipe.gate)
     splits = split(artifacts_dir, gated, recipe.split)
-    trained = train(artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name)
+    pretrained = None
+    if recipe.pretrain is not None:  # causal LM on the documents; train starts from its model
+        pretrained = pretrain(
+            artifacts_dir, collected, splits, recipe.model, recipe.pretrain, recipe.register, recipe.name
+        )
+    trained = train(
+        artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name, pretrained
+    )
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
     augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
-    produced = [collected, *augmented, cleaned, gated, splits, trained, evaluated, registered]
+    pretraining = [pretrained] if pretrained is not None else []
+    produced = [collected, *augmented, cleaned, gated, splits, *pretraining, trained, evaluated, registered]
     summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

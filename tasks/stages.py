@@ -39,10 +39,12 @@ from tuneline.pipeline import (
     EVALUATE,
     FETCH,
     GATE,
+    PRETRAIN,
     REGISTER,
     SPLIT,
     TRAIN,
     evaluate_key,
+    pretrain_key,
     register_key,
     train_key,
 )  # fmt: skip
@@ -51,6 +53,7 @@ from tuneline.recipe import (
     EvaluateSpec,
     GateSpec,
     ModelSpec,
+    PretrainSpec,
     Recipe,
     RegisterSpec,
     Source,
@@ -156,6 +159,30 @@ def split(artifacts_dir: Path, gated: StageRef, spec: SplitSpec) -> StageRef:
     return run_split(artifacts_dir, gated, spec)
 
 
+@task(name=PRETRAIN.name, cache_policy=NO_CACHE)
+def pretrain(
+    artifacts_dir: Path,
+    collected: StageRef,
+    splits: StageRef,
+    model: ModelSpec,
+    spec: PretrainSpec,
+    register: RegisterSpec | None = None,
+    run_name: str = "tuneline",
+) -> StageRef:
+    """Continue pre-training the base on the collected documents (and the train split's records if
+    asked), tracked in its own MLflow run; show its loss curve and log in the UI."""
+    pretrained = find_stage(artifacts_dir, PRETRAIN.name, pretrain_key(model, spec, collected, splits))
+    if pretrained is None:
+        from tuneline.train.pretrain import run_pretrain  # torch, transformers: only to train
+
+        tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
+        pretrained = run_pretrain(
+            artifacts_dir, collected, splits, model, spec, tracking=tracking, echo=get_run_logger().info
+        )
+    show_training(pretrained, "pretraining", "pretraining-loss-curve")
+    return pretrained
+
+
 @task(name=TRAIN.name, cache_policy=NO_CACHE)
 def train(
     artifacts_dir: Path,
@@ -164,24 +191,40 @@ def train(
     spec: TrainSpec,
     register: RegisterSpec | None = None,
     run_name: str = "tuneline",
+    pretrained: StageRef | None = None,
 ) -> StageRef:
-    """Fine-tune the base model on the train split, tracked in the `register` section's MLflow
-    experiment; show the loss curve and the end of the training log in the UI."""
-    trained = find_stage(artifacts_dir, TRAIN.name, train_key(model, spec, splits))
+    """Fine-tune the base model (or the `pretrained` stage's model) on the train split, tracked in
+    the `register` section's MLflow experiment; show the loss curve and the end of the training log
+    in the UI."""
+    trained = find_stage(artifacts_dir, TRAIN.name, train_key(model, spec, splits, pretrained))
     if trained is None:
         from tuneline.train.stage import run_train  # torch, transformers, TRL: only to train
 
         tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
-        trained = run_train(artifacts_dir, splits, model, spec, tracking=tracking, echo=get_run_logger().info)
+        trained = run_train(
+            artifacts_dir,
+            splits,
+            model,
+            spec,
+            tracking=tracking,
+            echo=get_run_logger().info,
+            pretrained=pretrained,
+        )
+    show_training(trained, "training", "loss-curve")
+    return trained
+
+
+def show_training(trained: StageRef, key: str, curve_key: str) -> None:
+    """A training stage's summary and the end of its log (`key`) and loss curve (`curve_key`) as
+    Prefect artifacts."""
     if trained.file(CURVE_FILE).is_file():
         create_image_artifact(
-            image_data_url(trained.file(CURVE_FILE)), key="loss-curve", description="Loss by step"
+            image_data_url(trained.file(CURVE_FILE)), key=curve_key, description="Loss by step"
         )
     log_text = trained.file(LOG_FILE).read_text(encoding="utf-8") if trained.file(LOG_FILE).is_file() else ""
     create_markdown_artifact(
-        training_markdown(read_stats(trained), log_text), key="training", description="Training"
+        training_markdown(read_stats(trained), log_text), key=key, description=key.capitalize()
     )
-    return trained
 
 
 @task(name=EVALUATE.name, cache_policy=NO_CACHE)

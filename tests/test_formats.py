@@ -582,3 +582,152 @@ def test_cli_convert_refuses_self_instruct_and_leaves_nothing_on_a_format_error(
     result = runner.invoke(data_app, ["convert", str(source), str(out), "--to", "alpaca"])
     assert result.exit_code == 2 and "cannot tell the format" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+# --- OpenAI per-turn weight, text parts, document sources (issue 14) ---------------------------
+
+
+WEIGHTED_ROW = {
+    "messages": [
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Lyon.", "weight": 0},
+        {"role": "user", "content": "Wrong, try again."},
+        {"role": "assistant", "content": "Paris.", "weight": 1},
+    ]
+}
+
+
+def test_openai_weight_is_kept_on_read_and_written_back_to_openai(tmp_path):
+    record = read_one(write_jsonl(tmp_path / "w.jsonl", [WEIGHTED_ROW]))
+    assert [m.get("weight") for m in record["messages"]] == [None, 0, None, 1]
+    obj, losses = to_format(record, "openai")
+    assert obj == WEIGHTED_ROW and losses == []
+
+
+@pytest.mark.parametrize("target", ["alpaca", "sharegpt"])
+def test_a_target_without_weights_reports_the_weight_lost(target):
+    record = record_of(WEIGHTED_ROW["messages"])
+    _, losses = to_format(record, target)
+    assert losses == [
+        f"weight: {target} cannot hold per-turn weights; turns with weight 0 would be trained on"
+    ]
+    unweighted = record_of([{k: v for k, v in m.items() if k != "weight"} for m in WEIGHTED_ROW["messages"]])
+    assert to_format(unweighted, target)[1] == []
+
+
+def test_cli_convert_counts_lost_weights_and_exits_1(tmp_path):
+    path = write_jsonl(tmp_path / "w.jsonl", [WEIGHTED_ROW])
+    result = runner.invoke(data_app, ["convert", str(path), str(tmp_path / "out.json"), "--to", "sharegpt"])
+    assert result.exit_code == 1
+    assert "  1 × weight: sharegpt cannot hold per-turn weights; turns with weight 0 would be trained on" in (
+        result.output.splitlines()
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ({"role": "assistant", "content": "a", "weight": 0.5}, "messages[1].weight: expected 0"),
+        ({"role": "user", "content": "a", "weight": 0}, "messages[1].weight: only assistant messages carry"),
+    ],
+)
+def test_a_bad_weight_is_a_reject_naming_the_field(tmp_path, message, reason):
+    row = {"messages": [{"role": "user", "content": "q"}, message, {"role": "assistant", "content": "a"}]}
+    result = read_records(write_jsonl(tmp_path / "w.jsonl", [row]))
+    assert len(result.rejects) == 1 and reason in result.rejects[0]
+
+
+@pytest.mark.parametrize(
+    ("part", "reason"),
+    [
+        (
+            {"type": "text", "value": "hi"},
+            'messages[0].content[0]: a text part holds its text in "text"; this one has [type, value]; '
+            'rename "value" to "text"',
+        ),
+        (
+            {"type": "image_url", "image_url": {}},
+            "messages[0].content[0]: only text parts are supported, got 'image_url'",
+        ),
+        ({"type": "text", "text": 3}, "messages[0].content[0].text: expected text, got number"),
+    ],
+)
+def test_a_content_part_error_says_what_is_wrong_and_the_fix(tmp_path, part, reason):
+    row = {"messages": [{"role": "user", "content": [part]}, {"role": "assistant", "content": "a"}]}
+    result = read_records(write_jsonl(tmp_path / "p.jsonl", [row]))
+    assert result.rejects == [f"{tmp_path / 'p.jsonl'}:1: {reason}"]
+
+
+def test_text_json_lines_are_documents_with_rejects_for_empty_text(tmp_path):
+    path = write_jsonl(
+        tmp_path / "c4.jsonl", [{"text": "First page."}, {"text": " "}, {"text": "Two", "title": "T"}]
+    )
+    assert detect_format(path) == Format.TEXT
+    result = read_records(path)
+    assert (result.format, result.records) == (Format.TEXT, [])
+    assert [(d["text"], d["title"], d["line"], d["source"]) for d in result.documents] == [
+        ("First page.", None, 1, "c4"),
+        ("Two", "T", 3, "c4"),
+    ]
+    assert result.rejects == [f"{path}:2: text: empty, so there is no document"]
+
+
+def test_a_plain_text_file_is_one_document_and_a_bad_line_is_left_out_with_a_reason(tmp_path):
+    path = tmp_path / "notes.md"
+    path.write_bytes(b"# Lamps\n\nA lamp gives light.\n\xff\xfe broken\nBulbs wear out.\n")
+    result = read_records(path)
+    assert result.format == Format.TEXT
+    assert [d["text"] for d in result.documents] == ["# Lamps\n\nA lamp gives light.\nBulbs wear out."]
+    assert result.documents[0]["title"] == "notes.md"
+    assert result.rejects == [f"{path}:4: invalid UTF-8 at byte 0 of the line; line left out"]
+
+
+def test_a_large_text_file_is_cut_into_documents_at_blank_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(formats, "DOCUMENT_CHARS", 20)
+    path = tmp_path / "book.txt"
+    path.write_text("one two three four five\n\nsix seven\n\neight\n")
+    documents = read_records(path).documents
+    assert [(d["text"], d["line"]) for d in documents] == [
+        ("one two three four five", 1),
+        ("six seven\n\neight", 3),
+    ]
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "c4.jsonl"])
+def test_cli_inspect_says_text_documents_and_convert_refuses_them(tmp_path, name):
+    path = tmp_path / name
+    path.write_text('{"text": "A page."}\n' if name.endswith(".jsonl") else "A page.\n")
+    result = runner.invoke(data_app, ["inspect", str(path)])
+    assert result.exit_code == 0
+    assert result.output.splitlines() == [
+        "format: text (documents)",
+        "documents: 1",
+        "characters: 7",
+        "unreadable: 0",
+    ]
+    result = runner.invoke(data_app, ["convert", str(path), str(tmp_path / "o.jsonl"), "--to", "openai"])
+    assert result.exit_code == 2
+    assert "holds documents (format text), not conversation records" in result.output
+
+
+def test_collect_puts_text_sources_in_the_documents_file_and_counts_them(tmp_path):
+    from tuneline.recipe import FileSource
+    from tuneline.sources.collect import DOCUMENT_REJECTS, run_collect
+    from tuneline.store import DOCUMENTS, iter_jsonl, iter_records, read_stats
+
+    pages = write_jsonl(tmp_path / "c4.jsonl", [{"text": "A page."}, {"text": ""}])
+    (tmp_path / "notes.txt").write_text("Lamps give light.\n")
+    dataset = write_jsonl(tmp_path / "a.jsonl", [ALPACA_ROW])
+    sources = [FileSource(name=p.stem, path=str(p)) for p in (pages, tmp_path / "notes.txt", dataset)]
+    ref = run_collect(tmp_path / "store", sources)
+    documents = list(iter_jsonl(ref.file(DOCUMENTS)))
+    assert [(d["text"], d["source"], d["url"]) for d in documents] == [
+        ("A page.", "c4", str(pages)),
+        ("Lamps give light.", "notes", str(tmp_path / "notes.txt")),
+    ]
+    stats = read_stats(ref)
+    assert stats["documents"] == {"in": 3, "out": 2, "dropped": {"unreadable": 1}}
+    assert stats["sources"]["c4"]["documents"] == 1 and stats["sources"]["a"]["records"] == 1
+    [reject] = list(iter_jsonl(ref.file(DOCUMENT_REJECTS)))
+    assert reject["detail"] == f"{pages}:2: text: empty, so there is no document"
+    assert len(list(iter_records(ref))) == 1

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tuneline.store import Stage, StageRef, stage_key
+from tuneline.store import DOCUMENTS, Stage, StageRef, files_digest, stage_key
 
 if TYPE_CHECKING:
-    from tuneline.recipe import EvaluateSpec, ModelSpec, Recipe, TrainSpec
+    from tuneline.recipe import EvaluateSpec, ModelSpec, PretrainSpec, Recipe, TrainSpec
 
 FETCH = Stage(
     "fetch",
@@ -78,6 +78,10 @@ SPLIT = Stage(
 # Loading a model, generating with it and scoring it: what train (its validation metric picks the
 # best checkpoint), evaluate and register all run.
 MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records")
+# Continued pre-training on documents; the train stage then starts from its model.
+PRETRAIN = Stage(
+    "pretrain", entry="tuneline.train.pretrain", code=("tuneline.train", "tuneline.experiment", *MODEL_CODE)
+)
 TRAIN = Stage(
     "train", entry="tuneline.train.stage", code=("tuneline.train", "tuneline.experiment", *MODEL_CODE)
 )
@@ -89,7 +93,7 @@ REGISTER = Stage(
 )
 
 # Every stage, in pipeline order; the run report's funnel follows it.
-STAGES = (FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER)
+STAGES = (FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT, PRETRAIN, TRAIN, EVALUATE, REGISTER)
 # The stages that take in every record the one before put out: the funnel of the run report.
 FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER))
 
@@ -98,13 +102,28 @@ FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TR
 # look a finished stage up with them before importing any of that.
 
 
-def train_key(model: ModelSpec, train: TrainSpec, splits: StageRef) -> str:
+def pretrain_key(model: ModelSpec, pretrain: PretrainSpec, collected: StageRef, splits: StageRef) -> str:
+    """The pretrain stage's digest: the base, the section, the content of the collect stage's
+    documents (not its records) and, only when the section takes in the train split's records
+    (`include_records`), the split."""
+    documents = collected.file(DOCUMENTS)
+    documents_digest = files_digest(documents) if documents.is_file() else None
+    records = splits.digest if pretrain.include_records else None
+    return stage_key(PRETRAIN, model, pretrain, documents_digest, records)
+
+
+def train_key(
+    model: ModelSpec, train: TrainSpec, splits: StageRef, pretrained: StageRef | None = None
+) -> str:
     """The train stage's digest. `resume` and where a distributed run meets (node rank, address,
-    port) do not change the result, so they stay out: every node and a resumed run agree on it."""
+    port) do not change the result, so they stay out: every node and a resumed run agree on it.
+    A training that starts from a pretrain stage's model (`pretrained`) keys on that stage too."""
     section = train.model_dump(
         mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
     )
-    return stage_key(TRAIN, model, section, splits.digest)
+    if pretrained is None:  # the key of a recipe without pretraining stays what it was
+        return stage_key(TRAIN, model, section, splits.digest)
+    return stage_key(TRAIN, model, section, splits.digest, pretrained.digest)
 
 
 def evaluate_key(model: ModelSpec, evaluate: EvaluateSpec, splits: StageRef, trained: StageRef) -> str:

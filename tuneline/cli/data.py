@@ -56,14 +56,20 @@ def inspect_command(
     file: Annotated[str, typer.Argument(help="Dataset file: local path or fsspec URL.")],
     format: FormatOption = None,
 ) -> None:
-    """Show a file's format, record and turn counts, and every unreadable record as FILE:LINE: reason."""
+    """Show a file's format, record and turn counts (document count for text), and every
+    unreadable record as FILE:LINE: reason."""
     try:
         result = read_records(file, format)
     except (FormatError, OSError) as error:
         _fail(_file_error(file, error))
-    typer.echo(f"format: {result.format or 'none (no JSON object in the file)'}")
-    typer.echo(f"records: {len(result.records)}")
-    typer.echo(f"turns: {sum(len(record['messages']) for record in result.records)}")
+    if result.format == Format.TEXT:
+        typer.echo("format: text (documents)")
+        typer.echo(f"documents: {len(result.documents)}")
+        typer.echo(f"characters: {sum(len(document['text']) for document in result.documents)}")
+    else:
+        typer.echo(f"format: {result.format or 'none (no JSON object in the file)'}")
+        typer.echo(f"records: {len(result.records)}")
+        typer.echo(f"turns: {sum(len(record['messages']) for record in result.records)}")
     typer.echo(f"unreadable: {len(result.rejects)}")
     for reject in result.rejects:
         typer.echo(reject)

@@ -1,7 +1,9 @@
 """Dataset formats: read files of known formats into canonical records, and write them back out.
 
 Five formats come in (alpaca, sharegpt in LLaMA-Factory's flavour, openai chat, prompt_completion
-and self_instruct); all but self_instruct go out again. Reading never stops at a bad record: each
+and self_instruct); all but self_instruct go out again. A sixth, `text`, holds documents rather than
+conversations (`{"text": ...}` JSON lines such as LLaMA-Factory's c4_demo, or a plain `.txt`/`.md`
+file): `iter_documents` reads it, `iter_file` refuses it. Reading never stops at a bad record: each
 becomes an `Item` with the line and the reason, so callers quarantine it. Only a whole file that
 cannot be read raises (`FormatError` for an unknown format, OSError for a missing file). Writing
 says what the target format cannot hold (`to_format` losses) and which records it could not
@@ -41,15 +43,21 @@ from tuneline.records import Record, RecordError, make_record
 
 __all__ = [
     "WRITABLE_FORMATS", "ConversionError", "Format", "FormatError", "Item", "ReadResult", "WriteResult",
-    "UnpackLimitError", "UnpackLimits", "detect_format", "detect_keys", "iter_file", "parse_object",
-    "read_records", "to_format", "write_records", "write_stream",
+    "UnpackLimitError", "UnpackLimits", "detect_format", "detect_keys", "iter_documents", "iter_file",
+    "parse_object", "peek_format", "read_records", "to_format", "write_records", "write_stream",
 ]  # fmt: skip
 
 
 FORMAT_KEYS = (
     "alpaca (instruction, input, output); sharegpt (conversations, tools); openai (messages); "
-    "prompt_completion (prompt, completion); self_instruct (instruction, instances)"
+    "prompt_completion (prompt, completion); self_instruct (instruction, instances); "
+    "text (text: documents)"
 )
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+PLAIN_TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
+# A plain text file becomes one document, cut at the first blank line past this many characters so
+# that a large file is never held whole (grounded rounds cut documents into chunks anyway).
+DOCUMENT_CHARS = 1 << 20
 BOM = b"\xef\xbb\xbf"
 # A line this long is rejected unread rather than held in memory; 64 MiB is far beyond any
 # sensible training example but small enough never to exhaust a worker.
@@ -63,10 +71,23 @@ def is_json_array_path(path: str) -> bool:
     return name.endswith(".json")
 
 
+def _bare_name(path: str) -> str:
+    """A file's name without folders and a compression suffix."""
+    name = PurePosixPath(str(path)).name
+    for suffix in COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def is_plain_text_path(path: str) -> bool:
+    """Whether a path names a plain text file (`.txt`, `.md`, also compressed): one document."""
+    return _bare_name(path).lower().endswith(PLAIN_TEXT_SUFFIXES)
+
+
 def source_name(path: str) -> str:
     """A file's name without folders and dataset suffixes: the default source name of its records."""
-    name = PurePosixPath(str(path)).name.removesuffix(".gz")
-    for suffix in (".jsonl", ".json"):
+    name = _bare_name(path)
+    for suffix in (".jsonl", ".json", *PLAIN_TEXT_SUFFIXES):
         name = name.removesuffix(suffix)
     return name
 
@@ -189,6 +210,8 @@ def detect_keys(obj: dict[str, Any]) -> Format | None:
         return Format.SELF_INSTRUCT if "instances" in obj else Format.ALPACA
     if "prompt" in obj:
         return Format.PROMPT_COMPLETION
+    if "text" in obj:
+        return Format.TEXT
     return None
 
 
@@ -199,16 +222,19 @@ class Item:
     line: int
     record: Record | None = None
     reason: str | None = None
+    document: dict[str, Any] | None = None  # from iter_documents: text, title and meta
 
 
 @dataclass
 class ReadResult:
-    """A whole file read: its format (None when it held no object), records and `file:line: reason`s."""
+    """A whole file read: its format (None when it held no object), records (or, for `text`,
+    documents) and `file:line: reason`s."""
 
     path: str
     format: Format | None
     records: list[Record] = field(default_factory=list)
     rejects: list[str] = field(default_factory=list)
+    documents: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -241,8 +267,16 @@ def detect_format(path: str | Path) -> Format:
     return fmt
 
 
+def peek_format(path: str | Path, limits: UnpackLimits = DEFAULT_LIMITS) -> Format | None:
+    """A file's format: `text` for a plain text file, else from the keys of its first readable
+    object; None when it holds no object at all. Unknown keys raise FormatError."""
+    return _detect(str(path), limits)
+
+
 def _detect(path: str, limits: UnpackLimits = DEFAULT_LIMITS) -> Format | None:
     """The format of the first readable object of a file; None when there is no object at all."""
+    if is_plain_text_path(path):
+        return Format.TEXT
     for raw in iter_json_values(path, limits):
         if raw.reason is None and isinstance(raw.value, dict):
             return _format_of(raw.value, path, raw.line)
@@ -275,8 +309,9 @@ def iter_file(
     index too, since one line may hold the whole array.
     """
     path = str(path)
-    fmt = as_format(format)
+    fmt = as_format(format) or (Format.TEXT if is_plain_text_path(path) else None)
     meta = {"source": source or source_name(path), "origin": "collected", "file": path}
+    _refuse_documents(path, fmt)
     for raw in iter_json_values(path, limits):
         where = "" if raw.element is None else f" (array element {raw.element})"
         if raw.reason is not None:
@@ -285,8 +320,19 @@ def iter_file(
             yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}{where}")
         else:
             fmt = fmt or _format_of(raw.value, path, raw.line)
+            _refuse_documents(path, fmt)
             for item in _read_object(raw.value, fmt, {**meta, "line": raw.line}):
                 yield item if item.record is not None else Item(item.line, reason=item.reason + where)
+
+
+def _refuse_documents(path: str, fmt: Format | None) -> None:
+    """A FormatError when a file holds documents where conversation records are needed."""
+    if fmt == Format.TEXT:
+        raise FormatError(
+            f"{path}: holds documents (format text), not conversation records; use it as a recipe source "
+            "(its documents go to the collect stage, for grounded augmentation and pre-training) "
+            "or pass --format if it is a dataset of another format"
+        )
 
 
 def _read_object(obj: dict[str, Any], fmt: Format, meta: dict[str, Any]) -> Iterator[Item]:
@@ -310,12 +356,100 @@ def read_records(
     """Read a whole file: its format, records and rejects as `file:line: reason`."""
     fmt = as_format(format) or _detect(str(path), limits)
     result = ReadResult(str(path), fmt)
-    for item in iter_file(path, fmt, source, limits):
+    items = iter_documents if fmt == Format.TEXT else iter_file
+    for item in items(path, fmt, source, limits):
         if item.record is not None:
             result.records.append(item.record)
+        elif item.document is not None:
+            result.documents.append(item.document)
         else:
             result.rejects.append(f"{path}:{item.line}: {item.reason}")
     return result
+
+
+def iter_documents(
+    path: str | Path,
+    format: Format | str | None = None,
+    source: str | None = None,
+    limits: UnpackLimits = DEFAULT_LIMITS,
+) -> Iterator[Item]:
+    """Stream a document source: each `{"text": ...}` object (JSON lines or array) is one document,
+    a plain `.txt`/`.md` file is one (cut at a blank line past DOCUMENT_CHARS). Documents carry
+    `text`, `title` (the object's, else the file name) and the meta records get; an unusable
+    object or line is an Item with a reason.
+    """
+    path = str(path)
+    meta = {"source": source or source_name(path), "origin": "collected", "file": path}
+    if is_plain_text_path(path) and as_format(format) in (None, Format.TEXT):
+        with fsspec.open(path, "rb") as raw:
+            yield from _plain_documents(open_content(raw, path, limits), PurePosixPath(path).name, meta)
+        return
+    for raw in iter_json_values(path, limits):
+        where = "" if raw.element is None else f" (array element {raw.element})"
+        if raw.reason is not None:
+            yield Item(raw.line, reason=raw.reason if "array element" in raw.reason else raw.reason + where)
+        elif not isinstance(raw.value, dict):
+            yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}{where}")
+        else:
+            yield _document_item(raw.value, raw.line, {**meta, "line": raw.line}, where)
+
+
+def _document_item(obj: dict[str, Any], line: int, meta: dict[str, Any], where: str) -> Item:
+    """One `{"text": ...}` object as a document (its title kept), or why it is none."""
+    text = obj.get("text")
+    if not isinstance(text, str):
+        got = "missing" if "text" not in obj else f"expected text, got {json_type(text)}"
+        return Item(line, reason=f"text: {got}{where}")
+    if not text.strip():
+        return Item(line, reason=f"text: empty, so there is no document{where}")
+    title = obj.get("title") if isinstance(obj.get("title"), str) else None
+    return Item(line, document={"text": text, "title": title, **meta})
+
+
+def _plain_documents(stream: BinaryIO, title: str, meta: dict[str, Any]) -> Iterator[Item]:
+    """A plain text file as documents of about DOCUMENT_CHARS at most, cut at blank lines; a line
+    that is not UTF-8 (or too long to hold) is left out with a reason."""
+    lines: list[str] = []
+    size, start = 0, 1
+    for line_no, raw in enumerate(_raw_lines(stream), 1):
+        if isinstance(raw, RawValue):
+            yield Item(line_no, reason=raw.reason)
+            continue
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff") if line_no == 1 else raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield Item(line_no, reason=f"invalid UTF-8 at byte {error.start} of the line; line left out")
+            continue
+        if not lines:
+            start = line_no
+        lines.append(text)
+        size += len(text)
+        if size >= DOCUMENT_CHARS and not text.strip():
+            yield from _plain_document(lines, start, title, meta)
+            lines, size = [], 0
+    yield from _plain_document(lines, start, title, meta)
+
+
+def _plain_document(lines: list[str], start: int, title: str, meta: dict[str, Any]) -> Iterator[Item]:
+    text = "".join(lines).strip()
+    if text:
+        yield Item(start, document={"text": text, "title": title, **meta, "line": start})
+
+
+def _raw_lines(stream: BinaryIO) -> Iterator[bytes | RawValue]:
+    """The lines of a stream as bytes; one over MAX_LINE_BYTES or a broken stream as a RawValue."""
+    while True:
+        try:
+            raw = stream.readline(MAX_LINE_BYTES + 1)
+        except READ_ERRORS as error:
+            yield RawValue(0, reason=f"file unreadable from here on: {error}")
+            return
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES:
+            yield _too_long(stream, 0, read_rest=not raw.endswith(b"\n"))
+        else:
+            yield raw
 
 
 def writable_format(value: Format | str) -> Format:

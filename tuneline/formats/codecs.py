@@ -28,6 +28,7 @@ class Format(StrEnum):
     OPENAI = "openai"
     PROMPT_COMPLETION = "prompt_completion"
     SELF_INSTRUCT = "self_instruct"
+    TEXT = "text"  # documents, not conversations: {"text": ...} objects or a plain .txt/.md file
 
 
 WRITABLE_FORMATS = (Format.ALPACA, Format.SHAREGPT, Format.OPENAI, Format.PROMPT_COMPLETION)
@@ -40,6 +41,8 @@ SHAREGPT_ROLES = {
 # `\ud800`-style escape: text that cannot be written as UTF-8 later.
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
+# OpenAI's per-message weight has no place in the other formats: say so rather than train on the turn.
+WEIGHT_LOST = "weight: {target} cannot hold per-turn weights; turns with weight 0 would be trained on"
 TEXT_BESIDE_CALL = "sharegpt function_call turns hold no text; assistant text beside a call dropped"
 
 
@@ -75,6 +78,8 @@ def parse_object(obj: dict[str, Any], fmt: Format) -> list[Conversation]:
             conversations = [_from_prompt_completion(obj)]
         case Format.SELF_INSTRUCT:
             conversations = _from_self_instruct(obj)
+        case Format.TEXT:
+            raise RecordError("a text object is a document, not a conversation; read it with iter_documents")
     for conversation in conversations:
         _check_unicode(conversation)
     return conversations
@@ -219,16 +224,22 @@ def _openai_content(message: dict[str, Any], where: str) -> str:
     if content is None and message.get("tool_calls"):
         return ""
     if isinstance(content, list):
-        texts = []
-        for index, part in enumerate(content):
-            if not (
-                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
-                kind = part.get("type") if isinstance(part, dict) else json_type(part)
-                raise RecordError(f"{where}.content[{index}]: only text parts are supported, got {kind!r}")
-            texts.append(part["text"])
-        return "".join(texts)
+        return "".join(_text_part(part, f"{where}.content[{index}]") for index, part in enumerate(content))
     return _text(message, "content", f"{where}.")
+
+
+def _text_part(part: Any, where: str) -> str:
+    """The text of one content part `{"type": "text", "text": ...}`; anything else names what is wrong."""
+    if not isinstance(part, dict):
+        raise RecordError(f"{where}: expected a part {{type: text, text: ...}}, got {json_type(part)}")
+    if part.get("type") != "text":
+        raise RecordError(f"{where}: only text parts are supported, got {part.get('type')!r}")
+    if "text" not in part:
+        others = [key for key in part if key != "type" and isinstance(part[key], str)]
+        fix = f'rename "{others[0]}" to "text"' if others else 'add "text" with the part\'s text'
+        seen = ", ".join(sorted(part)) or "no keys"
+        raise RecordError(f'{where}: a text part holds its text in "text"; this one has [{seen}]; {fix}')
+    return _text(part, "text", f"{where}.")
 
 
 def _openai_message(message: Any, where: str) -> Message:
@@ -236,6 +247,8 @@ def _openai_message(message: Any, where: str) -> Message:
     if not isinstance(message, dict):
         raise RecordError(f"{where}: expected an object, got {json_type(message)}")
     result: Message = {"role": message.get("role"), "content": _openai_content(message, where)}
+    if "weight" in message:
+        result["weight"] = _weight(message, where)
     calls = message.get("tool_calls")
     if calls:
         if not isinstance(calls, list):
@@ -250,6 +263,16 @@ def _openai_message(message: Any, where: str) -> Message:
             arguments = _arguments_text(function.get("arguments", "{}"), f"{where}.tool_calls[{index}].")
             result["tool_calls"].append({"name": function["name"], "arguments": arguments})
     return result
+
+
+def _weight(message: dict[str, Any], where: str) -> int:
+    """OpenAI's per-message `weight`: 0 (do not learn from this assistant turn) or 1 (learn)."""
+    weight = message["weight"]
+    if message.get("role") != "assistant":
+        raise RecordError(f"{where}.weight: only assistant messages carry a weight; remove it from this one")
+    if weight not in (0, 1) or isinstance(weight, bool):
+        raise RecordError(f"{where}.weight: expected 0 (do not learn from this turn) or 1, got {weight!r}")
+    return int(weight)
 
 
 def _from_openai(obj: dict[str, Any]) -> Conversation:
@@ -297,6 +320,13 @@ def _split_system(messages: list[Message], target: str) -> tuple[str, list[Messa
     return system, body
 
 
+def _weight_losses(record: Record, target: str) -> list[str]:
+    """The loss of per-turn weights in a target without them, when a turn says not to learn from it."""
+    if any(message.get("weight") == 0 for message in record["messages"]):
+        return [WEIGHT_LOST.format(target=target)]
+    return []
+
+
 def _split_input(user: str, input_chars: Any) -> tuple[str, str]:
     """Alpaca instruction and input from a user turn, using the `input_chars` hint the reader left.
 
@@ -316,6 +346,7 @@ def _to_alpaca(record: Record) -> tuple[dict[str, Any], list[str]]:
     if any(message["role"] == "tool" or message.get("tool_calls") for message in body):
         raise ConversionError("alpaca cannot hold tool calls or tool results")
     losses = ["tools: alpaca cannot hold tool schemas; dropped"] if record.get("tools") else []
+    losses += _weight_losses(record, "alpaca")
     answers = [index for index, message in enumerate(body) if message["role"] == "assistant"]
     if answers and answers[-1] < len(body) - 1:
         losses.append("alpaca ends on the answer; turns after the last assistant turn dropped")
@@ -349,7 +380,7 @@ def _call_value(calls: list[dict[str, str]], losses: list[str]) -> str:
 def _to_sharegpt(record: Record) -> tuple[dict[str, Any], list[str]]:
     """LLaMA-Factory sharegpt: conversations of {from, value}, system and tools at the top."""
     system, body = _split_system(record["messages"], "sharegpt")
-    losses: list[str] = []
+    losses = _weight_losses(record, "sharegpt")
     conversations = []
     for message in body:
         if message.get("tool_calls"):
@@ -376,6 +407,8 @@ def _to_openai(record: Record) -> tuple[dict[str, Any], list[str]]:
     issued, pending = 0, []
     for message in record["messages"]:
         item: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if "weight" in message:
+            item["weight"] = message["weight"]
         if message.get("tool_calls"):
             item["tool_calls"] = []
             for call in message["tool_calls"]:
@@ -403,6 +436,7 @@ def _to_prompt_completion(record: Record) -> tuple[dict[str, Any], list[str]]:
     losses = ["system: prompt_completion has no place for a system prompt; dropped"] if system else []
     if record.get("tools"):
         losses.append("tools: prompt_completion cannot hold tool schemas; dropped")
+    losses += _weight_losses(record, "prompt_completion")
     if [message["role"] for message in body] != ["user", "assistant"] or body[1].get("tool_calls"):
         raise ConversionError(
             f"prompt_completion holds one user turn and one answer; this record has {len(body)} turns"

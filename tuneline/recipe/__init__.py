@@ -31,6 +31,7 @@ from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tunelin
     SeedsSpec,
     TeacherSpec,
 )
+from tuneline.recipe.pretrain import PretrainSpec  # noqa: F401 - re-exported
 from tuneline.recipe.section import Format, Section  # noqa: F401 - re-exported
 from tuneline.recipe.train import (  # noqa: F401 - re-exported
     METHOD_SECTIONS,
@@ -348,6 +349,9 @@ class Recipe(Section):
     gate: GateSpec = GateSpec()
     split: SplitSpec = SplitSpec()
     model: ModelSpec
+    pretrain: PretrainSpec | None = Field(
+        None, description="Continued pre-training on documents before `train`, which then starts from it."
+    )
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     register: RegisterSpec = Field(...)

@@ -2,8 +2,9 @@
 
 Each source was fetched into a stage of its own (tuneline.sources.fetch); collect reads them in recipe
 order. Files, downloads and Hugging Face rows go through the format readers; crawled FAQ pairs
-become two-turn conversations; crawled pages become documents (`documents.jsonl`: title, text,
-URL) that later stages can ground generation on. Every record carries its source, URL and fetch
+become two-turn conversations; crawled pages and text files (format `text`: `{"text": ...}` lines,
+plain `.txt`/`.md`) become documents (`documents.jsonl`: title, text, URL) that later stages can
+ground generation and pre-train on. Every record carries its source, URL and fetch
 time in meta. Nothing disappears: an unreadable record goes to rejects with `file:line: reason`,
 a crawl's drops are carried over with their reasons. The manifest's ledger counts conversation
 records; documents keep a ledger of their own in stats.json, so the next stage's intake still
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tuneline.formats import FormatError, UnpackLimits, iter_file
+from tuneline.formats import Format, FormatError, UnpackLimits, iter_documents, iter_file, peek_format
 from tuneline.pipeline import COLLECT
 from tuneline.recipe import CrawlSource, FileSource, HfSource, Source, UrlSource
 from tuneline.records import RecordError, make_record
@@ -110,20 +112,19 @@ def run_collect(
             counts = SourceCounts(source.kind)
             match source:
                 case FileSource():
-                    read_files(
-                        writer, source, [source.path], source.path, now(), counts, unpack_limits(source)
-                    )
+                    sinks = Sinks(writer, documents, counts)
+                    read_files(sinks, source, [source.path], source.path, now(), unpack_limits(source))
                 case UrlSource():
                     stats = read_stats(ref)
                     paths = [str(ref.file(name)) for name in stats["files"]]
                     limits = unpack_limits(source)
-                    read_files(writer, source, paths, source.url, stats["fetched_at"], counts, limits)
+                    sinks = Sinks(writer, documents, counts)
+                    read_files(sinks, source, paths, source.url, stats["fetched_at"], limits)
                 case HfSource():
                     stats = read_stats(ref)
                     rows = [str(ref.file(ROWS))]  # written by the fetch stage: plain JSON lines
-                    read_files(
-                        writer, source, rows, source.dataset, stats["fetched_at"], counts, UnpackLimits()
-                    )
+                    sinks = Sinks(writer, documents, counts)
+                    read_files(sinks, source, rows, source.dataset, stats["fetched_at"], UnpackLimits())
                 case CrawlSource():
                     read_crawl(writer, documents, source, ref, counts)
             per_source[source.name] = {**counts.as_dict(), "fetch": ref.digest}
@@ -141,18 +142,26 @@ def unpack_limits(source: FileSource | UrlSource) -> UnpackLimits:
     return UnpackLimits(source.max_unpacked_bytes, source.max_ratio)
 
 
+@dataclass(frozen=True)
+class Sinks:
+    """Where one source's reading goes: records, documents, and the source's tally."""
+
+    records: StageWriter
+    documents: DocumentSink
+    counts: SourceCounts
+
+
 def read_files(
-    writer: StageWriter,
-    source: Source,
-    paths: list[str],
-    url: str,
-    fetched_at: str,
-    counts: SourceCounts,
-    limits: UnpackLimits,
+    sinks: Sinks, source: Source, paths: list[str], url: str, fetched_at: str, limits: UnpackLimits
 ) -> None:
-    """Records of dataset files; unreadable ones to rejects with `file:line: reason`."""
+    """Records of dataset files, or documents of text files; unreadable ones to rejects with
+    `file:line: reason`."""
+    writer, counts = sinks.records, sinks.counts
     for path in paths:
         try:
+            if (source.format or peek_format(path, limits)) == Format.TEXT:
+                read_documents(sinks.documents, source, path, url, fetched_at, counts, limits)
+                continue
             for item in iter_file(path, source.format, source.name, limits):
                 writer.count_in()
                 if item.record is None:
@@ -170,6 +179,26 @@ def read_files(
             raise SourceError(f"source {source.name!r}: {error}") from None
         except (OSError, TimeoutError) as error:
             raise source_os_error(source.name, path, error) from error
+
+
+def read_documents(
+    documents: DocumentSink,
+    source: Source,
+    path: str,
+    url: str,
+    fetched_at: str,
+    counts: SourceCounts,
+    limits: UnpackLimits,
+) -> None:
+    """A text file's documents (or its unusable objects and lines, with `file:line: reason`)."""
+    for item in iter_documents(path, source.format, source.name, limits):
+        if item.document is None:
+            where = {"source": source.name, "line": item.line}
+            documents.drop(where, "unreadable", f"{path}:{item.line}: {item.reason}")
+            counts.dropped["unreadable"] += 1
+        else:
+            documents.keep({**item.document, "url": url, "fetched_at": fetched_at})
+            counts.documents += 1
 
 
 def read_crawl(

@@ -150,13 +150,14 @@ def summarize_eval_history(history: list[dict[str, Any]]) -> list[dict[str, Any]
     ]
 
 
-def checkpoint_dir(artifacts_dir: str | Path, digest: str) -> Path:
-    """Where a training keeps its checkpoints and log until its stage is written.
+def checkpoint_dir(artifacts_dir: str | Path, digest: str, stage: str = TRAIN.name) -> Path:
+    """Where a training (of the train or pretrain `stage`) keeps its checkpoints and log until its
+    stage is written.
 
     Outside the stage's temporary folder (renamed away when the stage is written), keyed by the
     stage digest, so a killed run's checkpoints are found again by the same recipe.
     """
-    return Path(artifacts_dir) / "checkpoints" / TRAIN.name / digest
+    return Path(artifacts_dir) / "checkpoints" / stage / digest
 
 
 def last_complete_checkpoint(work_dir: Path, *, remove_partial: bool = True) -> Path | None:
@@ -186,15 +187,19 @@ def run_train(
     *,
     tracking: TrackingTarget | None = None,
     echo: Callable[[str], None] | None = None,
+    pretrained: StageRef | None = None,
 ) -> StageRef:
     """Fine-tune the base model on the train split; cached on recipe, data and code digests.
 
     A run killed mid-training resumes from its last complete checkpoint when called again with
     the same inputs (`train.resume: auto`). With `train.distributed`, `accelerate launch` workers
     train and this process waits (their output goes to `echo`). With `tracking`, the training
-    is an MLflow run whose id lands in the stage's stats.
+    is an MLflow run whose id lands in the stage's stats. With `pretrained` (a pretrain stage),
+    training starts from its model instead of the base, and the digest covers it.
     """
-    digest = train_key(model, train, splits)
+    digest = train_key(model, train, splits, pretrained)
+    if pretrained is not None:
+        model = model.model_copy(update={"name": str(pretrained.file("model")), "revision": None})
     if cached := find_stage(artifacts_dir, TRAIN.name, digest):
         return cached
     # The main node's launcher holds the stage lock for its workers, which write without it.

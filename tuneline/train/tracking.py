@@ -31,9 +31,10 @@ from tuneline.pipeline import TRAIN
 RUN_FILE = "mlflow_run.json"
 
 
-def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str:
-    """The MLflow run id for this training: the one a killed run left in `work_dir` when it still
-    exists in the store, else a new run (its id kept in `work_dir` for the next resume)."""
+def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path, stage: str = TRAIN.name) -> str:
+    """The MLflow run id for this training (tagged with its `stage`, train or pretrain): the one a
+    killed run left in `work_dir` when it still exists in the store, else a new run (its id kept
+    in `work_dir` for the next resume)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -51,7 +52,7 @@ def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path) -> str
         except MlflowException:
             pass  # the store was wiped since: start a new run
     run_id = client.create_run(
-        experiment_id, run_name=target.run_name, tags={"tuneline.stage": TRAIN.name}
+        experiment_id, run_name=target.run_name, tags={"tuneline.stage": stage}
     ).info.run_id
     saved.write_text(json.dumps({"run_id": run_id, "target": asdict(target)}), encoding="utf-8")
     return run_id
@@ -79,8 +80,10 @@ def log_params(target: TrackingTarget, run_id: str, params: dict[str, Any]) -> N
         client.log_batch(run_id, params=fresh[start : start + 100])
 
 
-def finish_run(target: TrackingTarget, run_id: str, files: list[Path], stats: dict[str, Any]) -> None:
-    """Attach the loss curve and training log, log the summary numbers and end the run.
+def finish_run(
+    target: TrackingTarget, run_id: str, files: list[Path], stats: dict[str, Any], stage: str = TRAIN.name
+) -> None:
+    """Attach the loss curve and training log, log the summary numbers (`<stage>_*`) and end the run.
 
     The register stage reopens the run to add evaluation metrics and the model.
     """
@@ -93,7 +96,7 @@ def finish_run(target: TrackingTarget, run_id: str, files: list[Path], stats: di
             client.log_artifact(run_id, str(path))
     now = int(time.time() * 1000)
     step = int(stats.get("steps") or 0)
-    numbers = prefixed_metrics(stats, TRAIN.name)
+    numbers = prefixed_metrics(stats, stage)
     client.log_batch(run_id, metrics=[Metric(key, value, now, step) for key, value in numbers.items()])
     client.set_terminated(run_id)
 
