@@ -23,7 +23,8 @@ with `concurrency=1` or script by content (`request.user_text`) when answers mus
 A `str` answer is the assistant's text with status 200. A `Reply` sets anything else:
 
     Reply(content="...", status=200, headers={}, delay_ms=None, raw_body=None,
-          prompt_tokens=None, completion_tokens=None, finish_reason="stop", model=None)
+          prompt_tokens=None, completion_tokens=None, finish_reason="stop", model=None,
+          reasoning=None)   # reasoning: the message's reasoning_content (a reasoning model's)
     rate_limited(retry_after=1)   -> 429 with a Retry-After header (seconds)
     server_error(status=500)      -> a 5xx with an OpenAI-style error body
     Reply(content="Sure! Here you go")   -> a malformed (non-JSON) answer the parser must reject
@@ -87,6 +88,7 @@ class Reply:
     completion_tokens: int | None = None
     finish_reason: str = "stop"
     model: str | None = None
+    reasoning: str | None = None  # sent as the message's reasoning_content, as reasoning models do
 
 
 Answer = str | Reply
@@ -248,7 +250,11 @@ def _response(request: Request, reply: Reply) -> web.Response:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": reply.content},
+                "message": {
+                    "role": "assistant",
+                    "content": reply.content,
+                    **({"reasoning_content": reply.reasoning} if reply.reasoning is not None else {}),
+                },
                 "finish_reason": reply.finish_reason,
             }
         ],

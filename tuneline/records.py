@@ -4,23 +4,34 @@ A record is a plain dict (fast to build, to hash and to write as JSON lines):
 
     {"id": "<content hash>",
      "messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str,
-                   "tool_calls": [{"name": str, "arguments": str}]   # assistant only, optional
+                   "tool_calls": [{"name": str, "arguments": str}],  # assistant only, optional
+                   "reasoning_content": str   # assistant only, optional: step-by-step reasoning
                   }, ...],
      "tools": None | str,          # JSON text of the tool schemas offered to the model
      "meta": {"source": ..., "origin": "collected", ...}}
 
 The id is a digest of the content (messages and tools), never of the meta, so the same
 conversation collected twice has the same id and exact dedup is a set lookup.
+
+`reasoning_content` is the field Qwen3/DeepSeek-R1 chat templates and OpenAI-compatible servers use
+for a reply's reasoning; `content` then holds the final answer alone. Where a template has no
+reasoning support the reasoning is written before the answer in <think>...</think> tags
+(`with_think`), and `split_think` takes such a block off a generated reply.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 Record = dict[str, Any]
 ROLES = ("system", "user", "assistant", "tool")
+REASONING = "reasoning_content"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# A leading think block; an opened block never closed (a reply cut off mid-reasoning) runs to the end.
+THINK_BLOCK = re.compile(r"^\s*<think>(.*?)(?:</think>|\Z)", re.DOTALL)
 
 
 class RecordError(ValueError):
@@ -55,6 +66,8 @@ def check_messages(messages: Any) -> None:
             raise RecordError(
                 f"messages[{index}].content: expected text, got {type(message.get('content')).__name__}"
             )
+        if REASONING in message:
+            _check_reasoning(message, index)
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("messages: no assistant turn to learn from")
 
@@ -68,3 +81,29 @@ def comparable_text(record: Record) -> str:
     """The text two records are compared on: every turn but the system prompt, which many
     records share on purpose and which would make them all look alike."""
     return "\n".join(m["content"] for m in record["messages"] if m["role"] != "system")
+
+
+def _check_reasoning(message: dict[str, Any], index: int) -> None:
+    """reasoning_content is text, and only an assistant turn reasons."""
+    if message["role"] != "assistant":
+        raise RecordError(
+            f"messages[{index}].{REASONING}: only assistant turns carry reasoning, not {message['role']}"
+        )
+    if not isinstance(message[REASONING], str):
+        raise RecordError(
+            f"messages[{index}].{REASONING}: expected text, got {type(message[REASONING]).__name__}"
+        )
+
+
+def split_think(text: str) -> tuple[str | None, str]:
+    """(reasoning, final answer) of a reply that may open with a <think>...</think> block; a reply
+    without one is (None, the text). A block never closed leaves no answer."""
+    found = THINK_BLOCK.match(text)
+    if found is None:
+        return None, text
+    return found.group(1).strip(), text[found.end() :].strip()
+
+
+def with_think(reasoning: str, answer: str) -> str:
+    """Reasoning and answer as one text, for chat templates without reasoning support."""
+    return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer}"

@@ -234,8 +234,9 @@ class CandidateChecks:
             return "too_short", f"{len(text)} characters < checks.min_chars {self.checks.min_chars}"
         if len(text) > self.checks.max_chars:
             return "too_long", f"{len(text)} characters > checks.max_chars {self.checks.max_chars}"
+        reasoning = "\n".join(m.get("reasoning_content", "") for m in record["messages"])
         for entry, pattern in self.blocklist:
-            if found := pattern.search(text):
+            if found := pattern.search(f"{text}\n{reasoning}"):
                 return (
                     "blocklisted",
                     f"blocklist entry {json.dumps(entry)} matched {json.dumps(found.group(0))}",
@@ -259,8 +260,13 @@ AUTO_MISTAKES = {
     "blocklisted": "an example used the blocked phrase {entry}",
     "near_duplicate_seed": "an example copied or closely paraphrased one of the given examples",
     "near_duplicate_pool": "an example repeated one written before",
+    "missing_answer": 'a reply left "answer" empty (the final answer must be stated there)',
+    "missing_reasoning": 'a reply left "reasoning" empty',
+    "reasoning_too_short": "the reasoning was shorter than {bound} characters",
+    "answer_refers_to_reasoning": 'an answer pointed at the reasoning ("see above") instead of stating it',
+    "reasoning_in_answer": "an answer repeated the reasoning; the answer must hold the final answer alone",
 }
-BOUND = re.compile(r"checks\.m(?:in|ax)_chars (\d+)$")
+BOUND = re.compile(r"checks\.m(?:in|ax)_(?:reasoning_)?chars (\d+)$")
 BLOCKED_ENTRY = re.compile(r'^blocklist entry ("(?:[^"\\]|\\.)*")')
 
 
@@ -290,6 +296,7 @@ class RoundRequest:
     messages: list[dict[str, str]]
     n: int
     meta: dict[str, Any] = field(default_factory=dict)
+    turns: list[dict[str, Any]] | None = None  # cot mode: the question the answer completes
 
 
 # ---------------------------------------------------------------- material and prompts
@@ -377,7 +384,12 @@ def build_round_prompt(
         examples = "\n".join(json.dumps(example_object(r), ensure_ascii=False) for r in material)
         document = ""
     user = spec.prompt_template().format(
-        examples=examples, document=document, n=n, mistakes=mistakes or NO_MISTAKES, round=round_no
+        examples=examples,
+        document=document,
+        question="",
+        n=n,
+        mistakes=mistakes or NO_MISTAKES,
+        round=round_no,
     )
     system = f"You write training examples for fine-tuning a language model.\n{ANSWER_FORMAT}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]

@@ -39,6 +39,7 @@ from tuneline.augment.checks import (
     plan_round,
     shared_system,
 )
+from tuneline.augment.cot import cot_candidate, plan_cot_round
 from tuneline.augment.teacher import ask_teacher, parse_json_reply
 from tuneline.pipeline import AUGMENT, AUGMENT_ROUND
 from tuneline.recipe import AugmentSpec
@@ -96,13 +97,18 @@ def run_generate_round(
     Raises TeacherError (replay miss, bad key) and TeacherUnreachable (retry the task).
     """
     seeds, unreadable = load_seeds(spec, source_ref)  # documents mode: the collected records
-    if spec.mode == "seeds" and not seeds:
-        raise AugmentError("augment.mode seeds: no seed records; set augment.seeds.path or add a source")
+    if spec.mode != "documents" and not seeds:
+        raise AugmentError(
+            f"augment.mode {spec.mode}: no seed records; set augment.seeds.path or add a source"
+        )
     chunks = document_chunks(source_ref, spec.chunk_chars) if spec.mode == "documents" else []
     mistakes = summarize_mistakes(history)
     pool = [record for reviewed in history for record in apply_round(reviewed)[0]]
     system = shared_system(spec, seeds if spec.mode == "seeds" else [])
-    requests = plan_round(spec, seeds, chunks, mistakes, round_no)
+    if spec.mode == "cot":
+        requests = plan_cot_round(spec, seeds, mistakes, round_no)
+    else:
+        requests = plan_round(spec, seeds, chunks, mistakes, round_no)
     teacher = spec.teacher.model_dump(include={"model", "temperature", "max_tokens", "seed", "json_mode"})
     digest = stage_key(
         AUGMENT_ROUND, teacher, spec.checks, system, round_no, [r.messages for r in requests],
@@ -111,19 +117,13 @@ def run_generate_round(
 
     def write(writer: StageWriter) -> None:
         replies = ask_teacher(spec.teacher, [r.messages for r in requests], api_key=api_key)
-        checks = CandidateChecks(spec.checks, seeds, pool)
+        # cot answers the seeds' own questions: only the pool (questions answered before) is a duplicate.
+        checks = CandidateChecks(spec.checks, [] if spec.mode == "cot" else seeds, pool)
         for index, (request, reply) in enumerate(zip(requests, replies, strict=True)):
             where = {"round": round_no, "request": index, "request_digest": reply.request_digest}
             if reply.error is not None:
                 writer.count_in()
                 writer.drop(where, "teacher_error", reply.error)
-                continue
-            batch, problem = parse_json_reply(reply.text, TeacherBatch)
-            if batch is None or not batch.candidates:
-                writer.count_in()
-                writer.drop(
-                    {**where, "reply": reply.text}, "parse_error", problem or "no candidates in the reply"
-                )
                 continue
             meta = {
                 "source": "augment",
@@ -133,6 +133,24 @@ def run_generate_round(
                 "prompt_digest": reply.request_digest[:16],
                 **request.meta,
             }
+            if spec.mode == "cot":
+                writer.count_in()
+                verdict = cot_candidate(reply, request, spec.checks, meta)
+                if verdict.record is None:
+                    raw = {**where, "reply": reply.text, "server_reasoning": reply.reasoning}
+                    writer.drop(raw, verdict.reason, verdict.detail)
+                elif failed := checks.check(verdict.record):
+                    writer.drop(verdict.record, *failed)
+                else:
+                    writer.keep(verdict.record, CANDIDATES)
+                continue
+            batch, problem = parse_json_reply(reply.text, TeacherBatch)
+            if batch is None or not batch.candidates:
+                writer.count_in()
+                writer.drop(
+                    {**where, "reply": reply.text}, "parse_error", problem or "no candidates in the reply"
+                )
+                continue
             for raw in batch.candidates:
                 writer.count_in()
                 verdict = candidate_record(raw, system, meta)

@@ -65,6 +65,8 @@ class TeacherReply:
     """One answer: the reply text, or why there is none (`error`), with its token counts.
 
     `recorded` is true when the reply was served from a recording (no tokens were spent on it now).
+    `reasoning` is the server's own reasoning field (`reasoning_content`, or `reasoning`), which
+    reasoning models served by vLLM, SGLang or DeepSeek's API return beside the answer.
     """
 
     request_digest: str
@@ -73,6 +75,7 @@ class TeacherReply:
     prompt_tokens: int
     completion_tokens: int
     recorded: bool
+    reasoning: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ async def _ask_one(
     completion_tokens = usage.completion_tokens if usage else 0
     choice = response.choices[0] if response.choices else None
     text = choice.message.content if choice else None
+    reasoning = _server_reasoning(choice.message) if choice else None
     problem = None
     if not text:
         problem = "empty reply"
@@ -280,13 +284,25 @@ async def _ask_one(
             "digest": digest,
             "request": _request_body(spec, messages),
             "text": text,
+            **({"reasoning": reasoning} if reasoning else {}),
             "model": response.model,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
             "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         _write_recording(Path(spec.recordings), digest, recording)
-    reply = TeacherReply(digest, text or None, problem, prompt_tokens, completion_tokens, recorded=False)
+    reply = TeacherReply(
+        digest, text or None, problem, prompt_tokens, completion_tokens, recorded=False, reasoning=reasoning
+    )
     return reply, False
+
+
+def _server_reasoning(message: Any) -> str | None:
+    """The reasoning a server returned beside the answer (extra fields the SDK keeps), if any."""
+    for name in ("reasoning_content", "reasoning"):
+        value = getattr(message, name, None)
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 def _status_failure(spec: TeacherSpec, error: Any) -> tuple[str, bool]:
@@ -343,6 +359,7 @@ def _read_recording(recordings_dir: Path, digest: str) -> TeacherReply | None:
             int(usage.get("prompt_tokens", 0)),
             int(usage.get("completion_tokens", 0)),
             recorded=True,
+            reasoning=str(data["reasoning"]) if data.get("reasoning") else None,
         )
     except FileNotFoundError:
         return None

@@ -122,7 +122,10 @@ class AugmentChecks(Section):
     blocklist: list[str] = Field(
         default_factory=list,
         description="Case-insensitive words or phrases (matched as whole words) or regular expressions; "
-        "a candidate containing one is rejected.",
+        "a candidate containing one (in its turns or its reasoning) is rejected.",
+    )
+    min_reasoning_chars: int = Field(
+        40, ge=1, description="cot mode: shortest step-by-step reasoning, characters (shorter is rejected)."
     )
 
     @model_validator(mode="after")
@@ -161,7 +164,19 @@ document". Ask about different facts.
 Common mistakes to avoid:
 {mistakes}"""
 
-PROMPT_PLACEHOLDERS = {"examples", "document", "n", "mistakes", "round"}
+COT_PROMPT = """Solve this task. Think it through step by step first, then give the final answer alone, \
+in the form the task asks for (a label, a number, a sentence...).
+
+<task>
+{question}
+</task>
+
+Common mistakes to avoid:
+{mistakes}"""
+
+PROMPT_PLACEHOLDERS = {"examples", "document", "question", "n", "mistakes", "round"}
+MATERIAL = {"seeds": "examples", "documents": "document", "cot": "question"}
+DEFAULT_PROMPTS = {"seeds": SEED_PROMPT, "documents": DOCUMENT_PROMPT, "cot": COT_PROMPT}
 
 
 class AugmentSpec(Section):
@@ -173,15 +188,19 @@ class AugmentSpec(Section):
     `max_rounds`, or when a round's acceptance falls below `min_acceptance_rate`.
     """
 
-    mode: Literal["seeds", "documents"] = Field(
+    mode: Literal["seeds", "documents", "cot"] = Field(
         "seeds",
         description="seeds: new examples like the seeds; documents: question/answer pairs grounded in "
-        "the collected documents (crawl sources in documents mode), each keeping its URL.",
+        "the collected documents (crawl sources in documents mode), each keeping its URL; cot "
+        "(chain-of-thought distillation): the teacher answers each seed's question with step-by-step "
+        "reasoning and a final answer, kept as the assistant turn's reasoning_content and content.",
     )
     teacher: TeacherSpec
     review: ReviewSpec = ReviewSpec()
     seeds: SeedsSpec | None = Field(
-        None, description="seeds mode: seed file; when empty, the collected records are the seeds."
+        None,
+        description="seeds and cot modes: seed file (cot: the questions to answer); when empty, the "
+        "collected records are the seeds.",
     )
     system: str | None = Field(
         None,
@@ -189,13 +208,16 @@ class AugmentSpec(Section):
     )
     prompt: str | None = Field(
         None,
-        description="User prompt template with {examples} (seeds mode) or {document} (documents mode), "
-        "{mistakes}, and optionally {n} and {round}; literal braces are doubled. Empty: a default per mode.",
+        description="User prompt template with {examples} (seeds mode), {document} (documents mode) or "
+        "{question} (cot mode), {mistakes}, and optionally {n} and {round}; literal braces are doubled. "
+        "Empty: a default per mode.",
     )
     examples_per_request: int = Field(5, ge=1, le=50, description="seeds mode: seeds shown in each request.")
     chunk_chars: int = Field(2000, ge=200, description="documents mode: largest document chunk, characters.")
     per_round: int = Field(20, ge=1, le=1000, description="Candidates asked for in one round.")
-    per_request: int = Field(5, ge=1, le=100, description="Candidates asked for in one teacher request.")
+    per_request: int = Field(
+        5, ge=1, le=100, description="Candidates asked for in one teacher request (cot mode: always one)."
+    )
     max_rounds: int = Field(5, ge=1, description="Rounds at most.")
     target_accepted: int = Field(100, ge=1, description="Stop once this many candidates were accepted.")
     min_acceptance_rate: float = Field(
@@ -207,7 +229,7 @@ class AugmentSpec(Section):
         """The user prompt template in force: the recipe's, or the default for the mode."""
         if self.prompt is not None:
             return self.prompt
-        return SEED_PROMPT if self.mode == "seeds" else DOCUMENT_PROMPT
+        return DEFAULT_PROMPTS[self.mode]
 
     @model_validator(mode="after")
     def _prompt_fits_mode(self) -> AugmentSpec:
@@ -222,7 +244,7 @@ class AugmentSpec(Section):
                 f"prompt: unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; use "
                 f"{', '.join('{' + n + '}' for n in sorted(PROMPT_PLACEHOLDERS))}, and double literal braces"
             )
-        needed = {"mistakes", "examples" if self.mode == "seeds" else "document"}
+        needed = {"mistakes", MATERIAL[self.mode]}
         if missing := sorted(needed - fields):
             raise ValueError(
                 f"prompt: mode {self.mode} needs the placeholder(s) "
