@@ -43,6 +43,7 @@ LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
 # OpenAI's per-message weight has no place in the other formats: say so rather than train on the turn.
 WEIGHT_LOST = "weight: {target} cannot hold per-turn weights; turns with weight 0 would be trained on"
+REASONING_LOST = "reasoning_content: {target} cannot hold an answer's reasoning; dropped"
 TEXT_BESIDE_CALL = "sharegpt function_call turns hold no text; assistant text beside a call dropped"
 
 
@@ -203,7 +204,18 @@ def _sharegpt_turn(turn: Any, where: str) -> Message:
     if tag not in SHAREGPT_ROLES:
         known = ", ".join([*SHAREGPT_ROLES, "function_call"])
         raise RecordError(f"{where}.{tag_key}: {tag!r} is not one of {known}")
-    return {"role": SHAREGPT_ROLES[tag], "content": value}
+    return _with_reasoning({"role": SHAREGPT_ROLES[tag], "content": value}, turn, where)
+
+
+def _with_reasoning(message: Message, source: dict[str, Any], where: str) -> Message:
+    """An assistant turn keeps the `reasoning_content` its source carries (reasoning before the answer)."""
+    reasoning = source.get("reasoning_content")
+    if reasoning is None:
+        return message
+    if not isinstance(reasoning, str) or message["role"] != "assistant":
+        what = json_type(reasoning) if not isinstance(reasoning, str) else f"a {message['role']} turn"
+        raise RecordError(f"{where}.reasoning_content: expected text on an assistant turn, got {what}")
+    return {**message, "reasoning_content": reasoning}
 
 
 def _from_sharegpt(obj: dict[str, Any]) -> Conversation:
@@ -262,7 +274,7 @@ def _openai_message(message: Any, where: str) -> Message:
                 )
             arguments = _arguments_text(function.get("arguments", "{}"), f"{where}.tool_calls[{index}].")
             result["tool_calls"].append({"name": function["name"], "arguments": arguments})
-    return result
+    return _with_reasoning(result, message, where)
 
 
 def _weight(message: dict[str, Any], where: str) -> int:
@@ -346,6 +358,7 @@ def _to_alpaca(record: Record) -> tuple[dict[str, Any], list[str]]:
     if any(message["role"] == "tool" or message.get("tool_calls") for message in body):
         raise ConversionError("alpaca cannot hold tool calls or tool results")
     losses = ["tools: alpaca cannot hold tool schemas; dropped"] if record.get("tools") else []
+    losses += _reasoning_losses(record, "alpaca")
     losses += _weight_losses(record, "alpaca")
     answers = [index for index, message in enumerate(body) if message["role"] == "assistant"]
     if answers and answers[-1] < len(body) - 1:
@@ -362,6 +375,13 @@ def _to_alpaca(record: Record) -> tuple[dict[str, Any], list[str]]:
     if history:
         result["history"] = history
     return result, losses
+
+
+def _reasoning_losses(record: Record, target: str) -> list[str]:
+    """The loss to report when a record's reasoning has no place in `target` (once per record)."""
+    if any("reasoning_content" in message for message in record["messages"]):
+        return [REASONING_LOST.format(target=target)]
+    return []
 
 
 def _call_value(calls: list[dict[str, str]], losses: list[str]) -> str:
@@ -390,6 +410,8 @@ def _to_sharegpt(record: Record) -> tuple[dict[str, Any], list[str]]:
             conversations.append({"from": "function_call", "value": value})
         else:
             conversations.append({"from": SHAREGPT_TAGS[message["role"]], "value": message["content"]})
+        if "reasoning_content" in message:
+            conversations[-1]["reasoning_content"] = message["reasoning_content"]
     result: dict[str, Any] = {"conversations": conversations}
     if system:
         result["system"] = system
@@ -407,6 +429,8 @@ def _to_openai(record: Record) -> tuple[dict[str, Any], list[str]]:
     issued, pending = 0, []
     for message in record["messages"]:
         item: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+        if "reasoning_content" in message:
+            item["reasoning_content"] = message["reasoning_content"]
         if "weight" in message:
             item["weight"] = message["weight"]
         if message.get("tool_calls"):
@@ -436,6 +460,7 @@ def _to_prompt_completion(record: Record) -> tuple[dict[str, Any], list[str]]:
     losses = ["system: prompt_completion has no place for a system prompt; dropped"] if system else []
     if record.get("tools"):
         losses.append("tools: prompt_completion cannot hold tool schemas; dropped")
+    losses += _reasoning_losses(record, "prompt_completion")
     losses += _weight_losses(record, "prompt_completion")
     if [message["role"] for message in body] != ["user", "assistant"] or body[1].get("tool_calls"):
         raise ConversionError(
