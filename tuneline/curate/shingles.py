@@ -1,12 +1,24 @@
-"""Word n-gram hashes for a whole batch of texts at once, the input of near-dedup and decontamination.
+"""Token n-gram hashes for a whole batch of texts at once, the input of near-dedup and decontamination.
 
-Words are runs of letters and digits (ASCII is lower-cased; any non-ASCII byte counts as a letter),
-so punctuation and spacing do not hide a copy. Hashing is vectorized over the batch's UTF-8 bytes
-with numpy and does not depend on Python's per-process string hash seed: the same text gives the
-same hashes in every run, so near-dedup and decontamination are reproducible.
+Tokens are words where a script separates words with spaces and single characters where it does
+not. A word is a run of ASCII letters and digits (lower-cased) and of non-ASCII characters, so
+punctuation and spacing do not hide a copy. Each character of Han, Hiragana, Katakana, Hangul,
+Thai, Lao, Khmer and Myanmar (found by Unicode script with `regex`) is a token of its own, and
+those scripts' punctuation (、。「」，！ ...) separates like ASCII punctuation: a one-character edit
+in Chinese then changes n shingles, as a one-word edit does in English, instead of the whole
+sentence. Hangul is split too although Korean uses spaces: its particles and endings are glued to
+the word, so a changed ending would otherwise change the whole word. Mixed text (Chinese with
+English words or code) gives both kinds of tokens in order; text without those scripts gives the
+same tokens, hence the same hashes, as before.
+
+Hashing is vectorized over the batch's UTF-8 bytes with numpy and does not depend on Python's
+per-process string hash seed: the same text gives the same hashes in every run, so near-dedup and
+decontamination are reproducible.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import numpy as np
 
@@ -35,6 +47,39 @@ def _byte_tables() -> tuple[np.ndarray, np.ndarray]:
 _INSIDE_WORD, _BYTE_VALUE = _byte_tables()
 
 
+# Scripts written without spaces between words (and Hangul, see above): one token per character.
+# U+30FC and U+FF70 (the prolonged sound mark ー) are script Common but only occur in kana words.
+_CHARACTER_TOKENS = (
+    r"[\p{sc=Han}\p{sc=Hiragana}\p{sc=Katakana}\p{sc=Hangul}"
+    r"\p{sc=Thai}\p{sc=Lao}\p{sc=Khmer}\p{sc=Myanmar}\u30fc\uff70]"
+)
+# Their punctuation, and the CJK and fullwidth punctuation blocks, separate tokens. Punctuation
+# elsewhere (curly quotes, dashes) stays part of a word as before, so English shingles do not move.
+_SEPARATORS = (
+    r"[[\p{P}\p{S}\p{Z}]&&[\u3000-\u303f\u30fb\ufe10-\ufe1f\ufe30-\ufe6f\uff00-\uffef"
+    r"\p{sc=Thai}\p{sc=Lao}\p{sc=Khmer}\p{sc=Myanmar}]]"
+)
+# Their combining vowel and tone marks stay with the character before them (one grapheme).
+_MARKS = r"[\p{M}&&[\p{sc=Thai}\p{sc=Lao}\p{sc=Khmer}\p{sc=Myanmar}]]"
+_WORD, _SEPARATOR, _CHARACTER, _MARK = 0, 1, 2, 3
+_TABLE_SIZE = 0x40000  # through the Supplementary and Tertiary Ideographic Planes (all Han)
+
+
+@cache
+def _code_point_classes() -> np.ndarray:
+    """Per non-ASCII code point below _TABLE_SIZE: word character, separator, character token or
+    combining mark.
+    Built on first use (~0.2 s), not at import, so commands that never hash do not pay for it."""
+    import regex
+
+    text = "".join(map(chr, range(_TABLE_SIZE)))  # position i holds code point i
+    classes = np.full(_TABLE_SIZE, _WORD, dtype=np.uint8)
+    for pattern, value in ((_CHARACTER_TOKENS, _CHARACTER), (_MARKS, _MARK), (_SEPARATORS, _SEPARATOR)):
+        found = [m.start() for m in regex.finditer(pattern, text, flags=regex.V1)]
+        classes[np.array(found, dtype=np.int64)] = value
+    return classes
+
+
 def _powers(base: int, size: int) -> np.ndarray:
     powers = np.full(size, base, dtype=np.uint64)
     powers[0] = 1
@@ -43,6 +88,43 @@ def _powers(base: int, size: int) -> np.ndarray:
 
 _POWERS = _powers(_PRIME, CHUNK_BYTES + 1)
 _INVERSE_POWERS = _powers(_PRIME_INVERSE, CHUNK_BYTES + 1)
+
+
+def _token_bounds(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Byte offsets where each token starts and ends (exclusive), in order."""
+    inside = _INSIDE_WORD[data]
+    leads = np.flatnonzero(data >= 0xC0)  # first bytes of multi-byte characters
+    if leads.size:
+        classes, lengths = _lead_classes(data, leads)
+        for k in range(4):  # a separator's bytes are outside every token
+            separator = (classes == _SEPARATOR) & (lengths > k)
+            inside[leads[separator] + k] = False
+        single = classes >= _CHARACTER
+        if single.any():  # a token ends before and after each character token and its marks
+            cut = np.zeros(data.size + 1, dtype=bool)
+            cut[leads[single]] = True
+            cut[leads[single] + lengths[single]] = True
+            cut[leads[classes == _MARK]] = False
+            before = np.concatenate(([False], inside))  # before[i]: byte i - 1 is inside
+            after = np.concatenate((inside, [False]))  # after[i]: byte i is inside
+            return np.flatnonzero(after & (~before | cut)), np.flatnonzero(before & (~after | cut))
+    edges = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
+def _lead_classes(data: np.ndarray, leads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The class (word, separator, character token) and byte length of each multi-byte
+    character, from its decoded code point."""
+    padded = np.concatenate((data, np.zeros(3, dtype=np.uint8)))
+    first = padded[leads].astype(np.int64)
+    lengths = 2 + (first >= 0xE0) + (first >= 0xF0)
+    code = first & (0xFF >> (lengths + 1))
+    for k in range(1, 4):
+        following = padded[leads + k].astype(np.int64) & 0x3F
+        code = np.where(lengths > k, (code << 6) | following, code)
+    table = _code_point_classes()
+    classes = np.where(code < _TABLE_SIZE, table[np.minimum(code, _TABLE_SIZE - 1)], _WORD)
+    return classes, lengths
 
 
 def _chunk_word_hashes(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -55,10 +137,7 @@ def _chunk_word_hashes(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         else (_powers(_PRIME, data.size + 1), _powers(_PRIME_INVERSE, data.size + 1))
     )  # a single text longer than a chunk gets its own tables
     text_ends = np.cumsum([len(chunk) for chunk in encoded], dtype=np.int64)
-    inside = _INSIDE_WORD[data]
-    edges = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
+    starts, ends = _token_bounds(data)
     with np.errstate(over="ignore"):
         prefix = np.zeros(data.size + 1, dtype=np.uint64)
         np.cumsum(_BYTE_VALUE[data] * powers[: data.size], dtype=np.uint64, out=prefix[1:])
