@@ -192,3 +192,86 @@ def test_split_think():
     assert split_think("<think>\nadd 17 and 25\n</think>\n\n42") == ("add 17 and 25", "42")
     assert split_think("42") == (None, "42")
     assert split_think("<think>cut off mid-way") == ("cut off mid-way", "")
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+NATIVE_TEMPLATE = (  # a template with its own reasoning support, as Qwen3's and DeepSeek-R1's
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}"
+    "{% if m['reasoning_content'] %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tuneline import models
+
+    corpus = [STEPS, *QUESTIONS, *QUESTIONS.values()] * 5
+    base = models.make_tiny_model(tmp_path_factory.mktemp("cot"), corpus, vocab_size=300, hidden_size=32,
+                                  num_layers=2, num_heads=2)  # fmt: skip
+    return AutoTokenizer.from_pretrained(base)
+
+
+def learned_text(tokenizer, record, reasoning: str) -> tuple[str, str]:
+    """What a training row of the record puts under the loss (decoded), and its assistant content."""
+    from tuneline.train.sft_data import choose_loss_mode, training_row, with_reasoning
+
+    row, reason, detail = training_row(
+        with_reasoning(record, tokenizer, reasoning), tokenizer, choose_loss_mode(tokenizer), 512
+    )
+    assert row is not None, detail
+    encoded = tokenizer.apply_chat_template(
+        row["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids = [t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m]
+    return tokenizer.decode(ids), row["messages"][-1]["content"]
+
+
+COT_RECORD = make_record(
+    [
+        {"role": "user", "content": "What is 17 + 25?"},
+        {"role": "assistant", "content": "42", "reasoning_content": STEPS},
+    ]
+)
+
+
+def test_training_includes_the_reasoning_in_think_tags_or_drops_it(tokenizer):
+    assert "reasoning_content" not in (tokenizer.chat_template or "")  # the tiny model's ChatML
+    learned, content = learned_text(tokenizer, COT_RECORD, "include")
+    assert content == f"<think>\n{STEPS}\n</think>\n\n42"
+    assert learned == f"{content}<|im_end|>"  # the loss covers reasoning, then answer, then end of turn
+    learned, content = learned_text(tokenizer, COT_RECORD, "drop")
+    assert (learned, content) == ("42<|im_end|>", "42")
+
+
+def test_training_leaves_reasoning_to_a_template_that_renders_it(tokenizer):
+    from tuneline.train.sft_data import with_reasoning
+
+    native = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    native.chat_template = NATIVE_TEMPLATE
+    turn = with_reasoning(COT_RECORD, native, "include")["messages"][-1]
+    assert turn == {"role": "assistant", "content": "42", "reasoning_content": STEPS}
+    learned, _ = learned_text(native, COT_RECORD, "include")
+    assert learned == f"<think>{STEPS}</think>42<|im_end|>"
+    assert "reasoning_content" not in with_reasoning(COT_RECORD, native, "drop")["messages"][-1]
+
+
+@pytest.mark.parametrize(
+    ("reply", "hit"),
+    [
+        (f"<think>\n{STEPS}\n</think>\n\n42", True),
+        ("<think>17 + 25 = 42</think> 42", True),
+        ("<think>17 + 25 is 42, so the answer", False),  # cut off before the answer
+        ("The answer is 42", False),
+        ("42", True),
+    ],
+)
+def test_exact_match_compares_the_final_answer_not_the_reasoning(reply, hit):
+    from tuneline.evaluate.stage import exact_match
+
+    assert exact_match([reply], ["42"]) == float(hit)

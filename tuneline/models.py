@@ -357,10 +357,13 @@ def last_assistant_index(messages: list[dict[str, Any]]) -> int | None:
 
 
 def clean_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A turn as the chat template reads it: role, content and tool calls when there are some."""
+    """A turn as the chat template reads it: role, content, and tool calls and reasoning_content
+    when there are some."""
     turn = {"role": message["role"], "content": message["content"]}
     if message.get("tool_calls"):
         turn["tool_calls"] = message["tool_calls"]
+    if message.get("reasoning_content"):
+        turn["reasoning_content"] = message["reasoning_content"]
     return turn
 
 

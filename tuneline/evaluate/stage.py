@@ -4,7 +4,10 @@ For every test conversation the reference is its last assistant turn and the pro
 turn before it. Each model is scored on:
 - `loss` (and `perplexity = exp(loss)`): mean cross-entropy on the reference's tokens, masked
   the way training masks them;
-- `exact_match`: share of greedy replies equal to the reference after strip + casefold.
+- `exact_match`: share of greedy replies equal to the reference after strip + casefold. Only the
+  final answer counts: a reply that opens with a <think>...</think> block (a model trained on
+  chain-of-thought records) is compared without it, as is the reference, whose reasoning lives
+  in `reasoning_content`, not in its content.
 
 `generate_replies` is standalone on purpose: the registry reuses it to serve the registered model.
 """
@@ -21,6 +24,7 @@ import torch
 from tuneline import models
 from tuneline.pipeline import EVALUATE, evaluate_key
 from tuneline.recipe import EvaluateSpec, ModelSpec
+from tuneline.records import split_think
 from tuneline.store import StageRef, StageWriter, iter_records, reuse_or_write
 
 
@@ -138,8 +142,9 @@ def assistant_loss(
 
 
 def normalize_answer(text: str) -> str:
-    """What exact match compares: the text stripped and casefolded."""
-    return text.strip().casefold()
+    """What exact match compares: the final answer (after any leading think block; none when the
+    block was never closed) stripped and casefolded."""
+    return split_think(text)[1].strip().casefold()
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:

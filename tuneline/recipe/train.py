@@ -198,6 +198,12 @@ class TrainSpec(Section):
             "other attention (CPU, SDPA, eager) each row stays separate, padded to the batch's longest."
         ),
     )
+    reasoning: Literal["include", "drop"] = Field(
+        "include",
+        description="Assistant turns with reasoning_content (chain-of-thought records): include trains "
+        "on the reasoning and then the answer (rendered by the chat template when it knows "
+        "reasoning_content, else as <think>...</think> before the answer); drop trains on the answer alone.",
+    )
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate on the validation split every N steps (loss, exact match)."
     )

@@ -47,6 +47,7 @@ from tuneline.train.sft_data import (
     choose_loss_mode,
     make_training_rows,
     validation_conversations,
+    with_reasoning,
 )
 from tuneline.train.tracking import TrackingCallback
 
@@ -272,6 +273,7 @@ def train_here(
         writer.count_in(len(records))
         tokenizer = models.load_tokenizer(model)
         loss_mode = choose_loss_mode(tokenizer)
+        records = [with_reasoning(record, tokenizer, train.reasoning) for record in records]
         rows = make_training_rows(records, tokenizer, loss_mode, train.max_length, writer)
         if not rows:
             raise TrainDataError(
