@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from tuneline import models
 from tuneline.errors import UserError
 from tuneline.recipe import TrainSpec
+from tuneline.records import REASONING, with_think
 from tuneline.store import StageRef, StageWriter, iter_records
 
 LossMode = Literal["assistant_only", "completion_only"]
@@ -66,6 +67,28 @@ def training_row(
     return {"prompt": messages[:last], "completion": [messages[last]]}, "", ""
 
 
+def with_reasoning(
+    record: dict[str, Any], tokenizer: Any, reasoning: Literal["include", "drop"]
+) -> dict[str, Any]:
+    """The record as training sees it under `train.reasoning`: `drop` removes each assistant turn's
+    reasoning_content; `include` keeps it for a chat template that renders reasoning_content
+    (Qwen3, DeepSeek-R1) and otherwise writes it before the answer as <think>...</think>, so the
+    loss covers the reasoning and then the answer either way."""
+    if not any(m.get(REASONING) for m in record["messages"]):
+        return record
+    native = REASONING in (tokenizer.chat_template or "")
+    messages = []
+    for original in record["messages"]:
+        message = {key: value for key, value in original.items() if key != REASONING}
+        thought = original.get(REASONING)
+        if thought and reasoning == "include":
+            message.update(
+                {REASONING: thought} if native else {"content": with_think(thought, message["content"])}
+            )
+        messages.append(message)
+    return {**record, "messages": messages}
+
+
 def make_training_rows(
     records: list[dict[str, Any]], tokenizer: Any, loss_mode: LossMode, max_length: int, writer: StageWriter
 ) -> list[dict[str, Any]]:
@@ -88,7 +111,9 @@ def validation_conversations(
     the conversation exact match. Raises TrainDataError when evaluation has nothing to score."""
     pairs = []
     for record in iter_records(splits, "validation.jsonl"):
-        row, _, _ = training_row(record, tokenizer, loss_mode, train.max_length)
+        row, _, _ = training_row(
+            with_reasoning(record, tokenizer, train.reasoning), tokenizer, loss_mode, train.max_length
+        )
         if row is not None:
             pairs.append((row, [models.clean_message(m) for m in record["messages"]]))
     if not pairs:
