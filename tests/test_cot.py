@@ -275,3 +275,13 @@ def test_exact_match_compares_the_final_answer_not_the_reasoning(reply, hit):
     from tuneline.evaluate.stage import exact_match
 
     assert exact_match([reply], ["42"]) == float(hit)
+
+
+def test_review_sees_the_reasoning():
+    from tuneline.augment.review import reasoning_of
+    from tuneline.recipe import AutoPolicy
+
+    policy = AutoPolicy(default="accept", reject_if=[{"pattern": "carry the ten", "reason": "no carrying"}])
+    (decision,) = auto_decide(policy, [COT_RECORD])
+    assert (decision.decision, decision.reason) == ("reject", "no carrying")
+    assert reasoning_of(COT_RECORD) == STEPS

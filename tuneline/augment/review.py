@@ -104,6 +104,14 @@ def answer_of(candidate: dict[str, Any]) -> str:
     return ""
 
 
+def reasoning_of(candidate: dict[str, Any]) -> str:
+    """The last assistant turn's reasoning_content (cot mode), shown beside the answer; "" if none."""
+    for message in reversed(candidate["messages"]):
+        if message["role"] == "assistant":
+            return message.get("reasoning_content", "")
+    return ""
+
+
 def prompt_of(candidate: dict[str, Any]) -> str:
     """The user turns before the answer, joined: the question the candidate answers."""
     return "\n".join(m["content"] for m in candidate["messages"] if m["role"] == "user")
@@ -267,7 +275,7 @@ def auto_decide(policy: AutoPolicy, candidates: list[dict[str, Any]]) -> list[De
     rules = [(re.compile(rule.pattern), rule.reason) for rule in policy.reject_if]
     decisions = []
     for candidate in candidates:
-        text = "\n".join(m["content"] for m in candidate["messages"])
+        text = "\n".join(m["content"] + "\n" + m.get("reasoning_content", "") for m in candidate["messages"])
         reason = next((why for pattern, why in rules if pattern.search(text)), None)
         if reason is None and policy.default == "reject":
             reason = "rejected by the auto policy's default"
@@ -328,7 +336,7 @@ def _first_message(error: ValidationError) -> str:
     return error.errors()[0]["msg"].removeprefix("Value error, ")
 
 
-EXPORT_COLUMNS = ["batch", "id", "question", "answer", "decision", "reason", "edited_answer"]
+EXPORT_COLUMNS = ["batch", "id", "question", "reasoning", "answer", "decision", "reason", "edited_answer"]
 
 
 def export_batch(artifacts_dir: str | Path, pending: PendingBatch, path: str | Path) -> int:
@@ -346,6 +354,7 @@ def export_batch(artifacts_dir: str | Path, pending: PendingBatch, path: str | P
                 "batch": pending.batch,
                 "id": candidate["id"],
                 "question": prompt_of(candidate),
+                "reasoning": reasoning_of(candidate),  # cot mode; edits change the answer only
                 "answer": answer_of(candidate),
                 "decision": decision.decision if decision else "",
                 "reason": (decision.reason if decision else None) or "",
