@@ -285,3 +285,39 @@ def test_review_sees_the_reasoning():
     (decision,) = auto_decide(policy, [COT_RECORD])
     assert (decision.decision, decision.reason) == ("reject", "no carrying")
     assert reasoning_of(COT_RECORD) == STEPS
+
+
+def test_clean_gate_and_split_carry_the_reasoning(tmp_path):
+    from tuneline.curate.clean import run_clean
+    from tuneline.curate.gate import run_gate
+    from tuneline.curate.split import run_split
+    from tuneline.recipe import CleanSpec, GateSpec, SplitSpec
+
+    path = tmp_path / "cot.jsonl"
+    lines = [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"What is {a} + {b}? Show the sum."},
+                {
+                    "role": "assistant",
+                    "content": str(a + b),
+                    "reasoning_content": f"{STEPS} Here {a} plus {b}.",
+                },
+            ]
+        }
+        for a in range(10, 50, 3)
+        for b in (7, 19)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    collected = run_collect(tmp_path / "art", [FileSource(name="cot", path=str(path))])
+    stage = run_split(
+        tmp_path / "art",
+        run_gate(tmp_path / "art", run_clean(tmp_path / "art", collected, CleanSpec()), GateSpec()),
+        SplitSpec(),
+    )
+    kept = [
+        r for name in ("train.jsonl", "validation.jsonl", "test.jsonl") for r in iter_records(stage, name)
+    ]
+    assert len(kept) == len(lines)
+    assert all(r["messages"][-1]["reasoning_content"].startswith(STEPS) for r in kept)
