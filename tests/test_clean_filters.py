@@ -44,6 +44,24 @@ def test_structure_and_length_filters_name_their_reason(record, reason):
     assert reasons([record], min_chars=5) == [reason]
 
 
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (".", "punctuation_answer"),
+        (" ? ", "punctuation_answer"),
+        ("…", "punctuation_answer"),
+        ("", "empty_turn"),
+        ("A", None),  # a multiple-choice letter
+        ("3", None),  # a classification label (alpaca_en_demo: 1 true, 2 false, 3 uncertain)
+        ("好", None),
+        ("+", None),  # a symbol can answer: "which operator adds?"
+        ("...", None),  # longer punctuation may be code or an ellipsis asked for
+    ],
+)
+def test_one_character_answers_are_kept_unless_punctuation(answer, reason):
+    assert reasons([conv("Which option is right?", answer)]) == [reason]
+
+
 def test_tool_call_with_bad_arguments_is_malformed():
     record = msgs(("user", "weather?"), ("assistant", ""), ("tool", "sunny"), ("assistant", "It is sunny."))
     record["messages"][1]["tool_calls"] = [{"name": "weather", "arguments": "{not json"}]

@@ -54,14 +54,14 @@ def test_passing_data_goes_through_with_validation_result_and_docs(tmp_path):
     assert len(stats["expectations"]) == 12 and all(row["success"] for row in stats["expectations"])
     assert stats["parameters"] == {
         "min_records": 10,
-        "min_chars": 2,
+        "min_chars": 1,
         "max_chars": 20_000,
         "max_tokens": None,
         "min_unique_share": 1.0,
         "languages": [],
         "min_language_share": 0.95,
         "max_label_share": 1.0,
-        "mostly": 1.0,
+        "mostly": 0.99,
     }
     validation = json.loads(gated.file("validation.json").read_text())
     assert validation["success"] is True
@@ -121,7 +121,7 @@ def test_failing_data_lists_each_failed_expectation_with_sample_ids_and_leaves_n
     }
     assert blank_answer["id"] in message and blank_question["id"] in message and ends_on_user["id"] in message
     assert '"Hello! Are you there?"' in message  # a short excerpt of the failing record
-    assert "expected mostly=1.0, min_value=2" in message
+    assert "expected mostly=0.99, min_value=1" in message
     assert gate_dirs(tmp_path) == []  # neither a stage nor a temporary folder
 
 
@@ -245,3 +245,49 @@ def test_duplicate_rate_bound_and_documents_suite(tmp_path):
         run_gate(tmp_path, cleaned_stage(tmp_path, records, "c2"), GateSpec(mostly=0.9))
     docs = run_gate(tmp_path, cleaned_stage(tmp_path, good_records(12), "c3"), GateSpec(suite="documents"))
     assert read_stats(docs)["suite"] == "documents" and read_manifest(docs)["ledger"]["out"] == 12
+
+
+def test_the_gate_judges_shares_not_single_records(tmp_path):
+    """One blank answer in 150 records is clean's to drop; the gate stops data bad in bulk."""
+    one_bad = [*good_records(150), conversation("What are your opening hours?", " ")]
+    run_gate(tmp_path, cleaned_stage(tmp_path, one_bad), GateSpec())
+    with pytest.raises(GateFailed, match="assistant_text: 1 of 151 rows"):  # a recipe may still be strict
+        run_gate(tmp_path, cleaned_stage(tmp_path, one_bad, "c2"), GateSpec(mostly=1.0))
+    many_bad = [*good_records(150), *(conversation(f"Opening hours on day {i}?", " ") for i in range(10))]
+    with pytest.raises(GateFailed) as caught:
+        run_gate(tmp_path, cleaned_stage(tmp_path, many_bad, "c3"), GateSpec())
+    assert "expect_column_values_to_not_match_regex on assistant_text: 10 of 160 rows" in str(caught.value)
+    assert "expected mostly=0.99" in str(caught.value)
+
+
+def test_one_character_labels_and_words_pass_the_default_gate(tmp_path):
+    """Multiple-choice letters, digit labels and a one-character greeting (嗨) are real turns."""
+    records = [conversation(f"Question {i}: which option, A to D?", "ABCD"[i % 4]) for i in range(40)]
+    records += [conversation(f"Rate review {i} from 1 to 5", str(1 + i % 5)) for i in range(20)]
+    records.append(conversation("嗨", "嗨！很高兴与您相遇。"))
+    gated = run_gate(tmp_path, cleaned_stage(tmp_path, records), GateSpec())
+    assert read_manifest(gated)["ledger"]["out"] == 61
+
+
+def tool_calling(i: int) -> dict:
+    """A LLaMA-Factory glaive-style record: the first answer only calls a tool."""
+    call = {"name": "search_recipes", "arguments": json.dumps({"ingredients": [f"item {i}"]})}
+    return make_record(
+        [
+            {"role": "user", "content": f"Find me a recipe with item {i}."},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": json.dumps({"recipes": [f"Stir fry {i}"]})},
+            {"role": "assistant", "content": f"I found one recipe for you: Stir fry with item {i}."},
+        ],
+        tools=json.dumps([{"name": "search_recipes", "parameters": {"type": "object"}}]),
+    )
+
+
+def test_a_turn_that_only_calls_a_tool_is_content(tmp_path):
+    row = gate.conversation_row(tool_calling(0))
+    assert row["assistant_text"] == 'search_recipes({"ingredients": ["item 0"]})'
+    assert row["assistant_chars"] == len(row["assistant_text"])
+    records = [*good_records(10), *(tool_calling(i) for i in range(10))]
+    strict = GateSpec(mostly=1.0, min_chars=2)  # passes on its merit, not by tolerance
+    gated = run_gate(tmp_path, cleaned_stage(tmp_path, records), strict)
+    assert all(row["success"] for row in read_stats(gated)["expectations"])

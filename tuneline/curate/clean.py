@@ -111,6 +111,17 @@ def empty_turn(record: Record) -> str | None:
     return None
 
 
+def punctuation_answer(record: Record) -> str | None:
+    """An answer that is one punctuation mark ('.', '?', '-', '…') says nothing: a cut-off or broken
+    generation. One letter or digit ('A', '5', '好') is kept: classification labels and multiple-
+    choice answers are that short; so is one symbol ('+', '$', an emoji), which can answer too."""
+    for message in record["messages"]:
+        text = message["content"].strip() if message["role"] == "assistant" else ""
+        if len(text) == 1 and not message.get("tool_calls") and unicodedata.category(text)[0] == "P":
+            return "punctuation_answer"
+    return None
+
+
 def _tool_calls_ok(calls: Any) -> bool:
     if not isinstance(calls, list) or not calls:
         return False
@@ -269,7 +280,7 @@ def batches(items: Iterable[Record], size: int) -> Iterator[list[Record]]:
 def record_filters(spec: CleanSpec) -> list[Filter]:
     """The per-record filters the recipe turns on, in the order they are tried."""
     filters: list[Filter] = [conversation_structure] if spec.check_structure else []
-    filters.append(empty_turn)
+    filters += [empty_turn, punctuation_answer]
     if spec.html == "drop":
         filters.append(html_remnants)
     return filters

@@ -4,11 +4,16 @@ The suite is a reviewable file in `expectations/` (`gate.suite`); its thresholds
 parameters (`{"$PARAMETER": "min_chars"}`) filled from the recipe's `gate` section when the
 suite runs, so the file never repeats numbers the recipe owns. Each record becomes one compact
 row (`conversation_row` or `document_row`, as the suite's `meta.rows` says): lengths, counts,
-role, language, a short excerpt of the weakest turn, never the whole text, so 1M records fit in a
-few hundred MB; rows are built while the records stream by and the records themselves are copied
-through as a file, never held in memory. On success the records pass through unchanged, with GE's
-validation result (`validation.json`) and Data Docs (`data_docs/index.html`) beside them; on
-failure `GateFailed` lists every failed expectation with sample ids, and no stage is left.
+role, language, a short excerpt of the weakest turn (a tool call counts as text), never the whole
+text, so 1M records fit in a few hundred MB; rows are built while the records stream by and the
+records themselves are copied through as a file, never held in memory. On success the records
+pass through unchanged, with GE's validation result (`validation.json`) and Data Docs
+(`data_docs/index.html`) beside them; on failure `GateFailed` lists every failed expectation
+with sample ids, and no stage is left.
+
+The gate judges the dataset, not single records: a row-level check passes when a share
+`gate.mostly` of the rows pass it (shares, rates and counts otherwise). Dropping one bad record,
+with its reason, is the clean stage's job; the gate stops data that is bad in bulk.
 
 Great Expectations costs seconds and ~200 MB to import, so it is imported inside `validate_frame`.
 """
@@ -85,24 +90,32 @@ def suite_parameters(spec: GateSpec) -> dict[str, Any]:
     }
 
 
+def turn_text(message: dict[str, Any]) -> str:
+    """What a turn says, stripped: its text, then one `name(arguments)` line per tool call. A call
+    is content: an assistant turn that only calls a tool is not an empty answer."""
+    calls = message.get("tool_calls") or []
+    parts = [message["content"].strip(), *(f"{c.get('name')}({c.get('arguments') or ''})" for c in calls)]
+    return "\n".join(part for part in parts if part)
+
+
 def _meta_columns(record: Record) -> dict[str, Any]:
     """What the clean stage measured (tokens, language) and the final answer, the label if any."""
     meta = record.get("meta") or {}
-    answers = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    answers = [turn_text(m) for m in record["messages"] if m["role"] == "assistant"]
     return {
         "tokens": meta.get("tokens"),
         "language": meta.get("language", "und"),
-        "answer": answers[-1].strip()[:ROW_TEXT_CHARS] if answers else "",
+        "answer": answers[-1][:ROW_TEXT_CHARS] if answers else "",
     }
 
 
 def conversation_row(record: Record) -> dict[str, Any]:
     """One record as a compact row. Per role, the *weakest* turn stands for the record: the
-    emptiest turn's text (stripped, first 80 characters) and the shortest turn's length, so one
-    blank turn anywhere fails it."""
+    emptiest turn's text (stripped, first 80 characters; tool calls count as text) and the
+    shortest turn's length, so one blank turn anywhere marks the row."""
     messages = record["messages"]
-    user = sorted((m["content"].strip() for m in messages if m["role"] == "user"), key=len)
-    assistant = sorted((m["content"].strip() for m in messages if m["role"] == "assistant"), key=len)
+    user = sorted((turn_text(m) for m in messages if m["role"] == "user"), key=len)
+    assistant = sorted((turn_text(m) for m in messages if m["role"] == "assistant"), key=len)
     return {
         "id": record["id"],
         "n_turns": len(messages),

@@ -248,7 +248,12 @@ class GateSpec(Section):
 
     suite: str = Field("conversations", description="Suite file name in expectations/ (without .json).")
     min_records: int = Field(10, ge=1, description="Fewer records than this fail the gate.")
-    min_chars: int = Field(2, ge=0, description="Shortest allowed user and assistant turn.")
+    min_chars: int = Field(
+        1,
+        ge=0,
+        description="Shortest allowed user and assistant turn (stripped; a tool call counts as text). "
+        "1 lets one-character labels ('A', '5') and words ('嗨') through; raise it for free-text answers.",
+    )
     max_chars: int = Field(20_000, ge=1, description="Longest allowed user and assistant turn.")
     max_tokens: int | None = Field(
         None, ge=1, description="Most base-model tokens per record (counted by clean when it tokenizes)."
@@ -261,7 +266,13 @@ class GateSpec(Section):
     max_label_share: float = Field(
         1.0, gt=0, le=1, description="Highest share of the most common final assistant answer (labels)."
     )
-    mostly: float = Field(1.0, gt=0, le=1, description="Share of rows each row-level check must pass.")
+    mostly: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Share of rows each row-level check must pass. The gate judges the dataset: one bad "
+        "record is for clean to drop with its reason; 1.0 fails the run on a single row.",
+    )
     examples: int = Field(3, ge=0, le=50, description="Failing rows shown per failed expectation.")
 
 
