@@ -10,9 +10,8 @@ from typer.testing import CliRunner
 
 from tuneline.cli.data import data_app
 from tuneline.curate.clean import run_clean
-from tuneline.curate.gate import GateFailed, run_gate
-from tuneline.recipe import CleanSpec, FileSource, GateSpec
-from tuneline.sources.collect import run_collect
+from tuneline.recipe import CleanSpec, FileSource
+from tuneline.sources.collect import SourceError, run_collect
 from tuneline.store import iter_records, read_manifest, read_stats
 
 SECRET = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0" * 2
@@ -89,8 +88,6 @@ CASES = [
         alpaca(f"My key {SECRET} fails, mail me at a@b.io", "Rotate it."),
         {"pii": "secret"},
     ),
-    ("empty_file", b"", {"empty": True}),
-    ("only_blank_lines", b"\n\n   \n", {"empty": True}),
 ]
 
 
@@ -123,31 +120,34 @@ def test_hostile_input_ends_in_a_reason_never_a_crash_or_a_loss(tmp_path, name, 
         assert stats["repaired"][expected["repaired"]] >= 1 and clean_ledger["out"] == 1
         text = json.dumps(list(iter_records(cleaned)))
         assert "\\u200b" not in text and "\\u0000" not in text and "<p>" not in text and "\\u00c3" not in text
-    elif "pii" in expected:
+    else:
         assert stats["pii_redacted"] == {"email": 1, "phone": 0, "ip": 0, "card": 0, "secret": 1}
         (record,) = iter_records(cleaned)
         assert SECRET not in json.dumps(record) and "<SECRET>" in record["messages"][0]["content"]
-    else:
-        assert collect_ledger == clean_ledger == {"in": 0, "out": 0, "dropped": {}}
-        with pytest.raises(GateFailed, match="row_count.*observed 0"):
-            run_gate(tmp_path / "store", cleaned, GateSpec())
+
+
+@pytest.mark.parametrize("data", [b"", b"\n\n   \n"], ids=["empty_file", "only_blank_lines"])
+def test_input_without_records_stops_at_collect_naming_source_and_file(tmp_path, data):
+    with pytest.raises(SourceError, match=rf"source 'hostile': {tmp_path / 'empty.jsonl'} holds no records"):
+        run_case(tmp_path, "empty", data)
 
 
 def test_data_check_names_file_and_line_and_reports_the_funnel(tmp_path):
     path = tmp_path / "mixed.jsonl"
     good = [alpaca(f"Question number {i} about the product?", f"Answer {i}.") for i in range(12)]
     path.write_bytes(
-        b"".join(good) + b'{"instruction": "trunc' + b"\n" + good[0] + alpaca("q", f"key {SECRET}")
+        b"".join(good[:7]) + b'{"instruction": "trunc' + b"\n" + good[0] + alpaca("q", f"key {SECRET}")
     )
     result = CliRunner().invoke(data_app, ["check", str(path)])
-    assert result.exit_code == 1, result.output  # the one-letter question fails the gate
-    assert f"{path}:13: invalid JSON" in result.output
+    assert result.exit_code == 1, result.output  # 8 records out: too few for the gate
+    assert f"{path}:8: invalid JSON" in result.output
     assert (
         "1 × duplicate" in result.output
         and "secret: 1" in result.output
-        and "records out: 13" in result.output
+        and "records out: 8" in result.output
     )
-    assert "quality gate (conversations): FAILED" in result.output and "on user_chars" in result.output
+    assert "quality gate (conversations): FAILED" in result.output
+    assert "expect_table_row_count_to_be_between: observed 8; expected min_value=10" in result.output
     good_path = tmp_path / "good.jsonl"
     good_path.write_bytes(b"".join(good))
     passed = CliRunner().invoke(data_app, ["check", str(good_path)])

@@ -77,3 +77,18 @@ def test_recipe_schema_describes_the_model_loading_switches():
     assert "safetensors" in model["allow_pickle_weights"]["description"]
     assert model["allow_pickle_weights"]["default"] is False
     assert "code" in model["trust_remote_code"]["description"]
+
+
+def test_data_commands_refuse_a_file_without_records(tmp_path):
+    """An empty file, blank lines or `[]` is not a dataset: exit 1 naming the file, not `format: none`."""
+    for name, content in [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]")]:
+        path = tmp_path / name
+        path.write_text(content)
+        out = tmp_path / f"out-{name}"
+        for command in (["inspect", str(path)], ["check", str(path)], ["convert", str(path), str(out)]):
+            extra = ["--to", "openai"] if command[0] == "convert" else []
+            result = CliRunner().invoke(app, ["data", *command, *extra])
+            assert result.exit_code == 1, (command, result.output)
+            assert f"error: {path}: holds no records" in result.output
+            assert "format: none" not in result.output and "quality gate" not in result.output
+        assert not out.exists()  # no empty "converted" file left behind

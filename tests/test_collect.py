@@ -113,3 +113,13 @@ def test_collect_task_retries_a_failing_source_then_succeeds(tmp_path, web, pref
 
     ref = collect_only()
     assert read_manifest(ref)["ledger"]["out"] == 1
+
+
+@pytest.mark.parametrize("content", ["", "\n \n", "[]"])
+def test_a_source_without_records_is_an_error_naming_source_and_file(tmp_path, content):
+    empty = tmp_path / "empty.json"
+    empty.write_text(content)
+    good = alpaca_file(tmp_path / "a.jsonl", [("q1", "a1")])
+    sources = [FileSource(name="good", path=str(good)), FileSource(name="blank", path=str(empty))]
+    with pytest.raises(SourceError, match=rf"source 'blank': {empty} holds no records"):
+        run_collect(tmp_path / "store", sources)

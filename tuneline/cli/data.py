@@ -2,7 +2,8 @@
 
 Both commands print plain lines a person can grep: every unreadable record as `FILE:LINE: reason`.
 Exit codes: 0 when everything was read (and held by the target), 1 when some record was
-unreadable or could not be held, 2 when the file itself cannot be used (missing, unknown format).
+unreadable or could not be held, or the file holds no record at all (empty, blank, `[]`), 2 when
+the file itself cannot be used (missing, unknown format).
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
+def _fail_empty(path: str) -> NoReturn:
+    """Print the error for a file that holds no record at all and exit 1, like unreadable records."""
+    typer.echo(
+        f"error: {path}: holds no records (the file is empty, blank or an empty JSON array); "
+        "a dataset file needs at least one JSON object: one per line, or a JSON array of them",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
 def _file_error(path: str, error: Exception) -> str:
     """One line for an error that stops a whole file: the file, what is wrong, and the fix."""
     if isinstance(error, FileNotFoundError):
@@ -62,6 +73,8 @@ def inspect_command(
         result = read_records(file, format)
     except (FormatError, OSError) as error:
         _fail(_file_error(file, error))
+    if not result.records and not result.documents and not result.rejects:
+        _fail_empty(file)
     if result.format == Format.TEXT:
         typer.echo("format: text (documents)")
         typer.echo(f"documents: {len(result.documents)}")
@@ -119,6 +132,9 @@ def convert_command(
         _fail(_file_error(in_path, error))
     finally:
         tmp_path.unlink(missing_ok=True)
+    if not result.written and not rejects and not result.unconverted:
+        out_path.unlink()  # nothing was converted: no empty file left to mistake for a dataset
+        _fail_empty(in_path)
     typer.echo(f"wrote {result.written} records to {out_path} as {to}")
     # Records that could not be read are not converted either: one list, read reasons first.
     unconverted = [*rejects, *result.unconverted]
@@ -155,6 +171,8 @@ def check_command(
         report = check_file(file, clean, gate, loaded.model if loaded else None, format)
     except (FormatError, OSError, UserError) as error:
         _fail(_file_error(file, error))
+    if not report.records_in:
+        _fail_empty(file)
     dropped = sum(report.dropped.values())
     typer.echo(f"records in: {report.records_in}")
     typer.echo(f"unreadable: {len(report.unreadable)}")

@@ -179,6 +179,17 @@ def read_files(
             raise SourceError(f"source {source.name!r}: {error}") from None
         except (OSError, TimeoutError) as error:
             raise source_os_error(source.name, path, error) from error
+    if not (counts.records or counts.documents or counts.dropped):
+        raise SourceError(empty_source_message(source.name, url, paths))
+
+
+def empty_source_message(name: str, url: str, paths: list[str]) -> str:
+    """The error for a source whose files hold nothing at all: naming the source and its files."""
+    read_from = "" if paths == [url] else f" (read from {', '.join(paths)})"
+    return (
+        f"source {name!r}: {url}{read_from} holds no records (the file is empty, blank or an empty "
+        "JSON array); check the file, or remove the source from the recipe"
+    )
 
 
 def read_documents(
