@@ -1,10 +1,11 @@
 """Near-duplicate detection with MinHash LSH, streamed batch by batch, first occurrence kept.
 
-Signatures come from rensa (Rust MinHash over the batch's word n-gram hashes, see
-`tuneline.curate.shingles`). The LSH index is a set of band hashes: a record whose band collides with a
-band of any earlier kept record is a near duplicate. Bands and rows per band are chosen so that
-the S-curve's midpoint `(1/bands)**(1/rows)` sits at the recipe's threshold. Memory grows with
-the number of kept records times bands (about 8 ints per record), not with their text.
+Signatures come from rensa (Rust MinHash over the batch's token n-gram hashes, see
+`tuneline.curate.shingles`: words, or single characters in Chinese, Japanese, Korean, Thai...).
+The LSH index is a set of band hashes: a record whose band collides with a band of any earlier
+kept record is a near duplicate. Bands and rows per band are chosen so that the S-curve's
+midpoint `(1/bands)**(1/rows)` sits at the recipe's threshold. Memory grows with the number of
+kept records times bands (about 8 ints per record), not with their text.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ A record's split depends only on its content and the seed, never on file order o
 other records exist, so adding data does not move old test records into training.
 
 Decontamination needs the held-out splits, so it happens here: a first pass deals the records
-and collects the word n-gram hashes (`split.decontaminate_ngram` words) of validation, test and
+and collects the token n-gram hashes (`split.decontaminate_ngram` words, or characters in
+scripts written without spaces, see `tuneline.curate.shingles`) of validation, test and
 the recipe's benchmark prompt files; a second pass drops every training record that shares one
 of them (`contaminated`, in the ledger and rejects). The held-out n-grams are kept as one sorted
 numpy array of uint64 (8 bytes each), so memory follows the held-out size, not the training size.
