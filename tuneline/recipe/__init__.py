@@ -233,9 +233,11 @@ class CleanSpec(Section):
     dedup: bool = Field(True, description="Drop exact duplicates of normalized conversations.")
     near_dedup: bool = Field(True, description="Drop near duplicates found by MinHash LSH.")
     near_dedup_threshold: float = Field(
-        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of word n-grams that counts as near."
+        0.8, gt=0, lt=1, description="Estimated Jaccard similarity of token n-grams that counts as near."
     )
-    near_dedup_ngram: int = Field(5, ge=1, description="Words per shingle for near-dedup.")
+    near_dedup_ngram: int = Field(
+        5, ge=1, description="Tokens per shingle: words, or characters in Chinese, Japanese, Korean, Thai."
+    )
     near_dedup_permutations: int = Field(64, ge=8, le=512, description="MinHash permutations.")
     batch_size: int = Field(10_000, ge=1, description="Records processed per batch (memory stays flat).")
     workers: int = Field(
@@ -285,7 +287,9 @@ class SplitSpec(Section):
     decontaminate: bool = Field(
         True, description="Drop training records sharing a long n-gram with validation, test or benchmarks."
     )
-    decontaminate_ngram: int = Field(13, ge=3, description="Words per n-gram for decontamination.")
+    decontaminate_ngram: int = Field(
+        13, ge=3, description="Tokens per n-gram for decontamination (words, or characters as in near-dedup)."
+    )
     benchmarks: list[str] = Field(
         default_factory=list,
         description="Benchmark prompt files (dataset files, or .txt: one prompt a line) kept out.",
