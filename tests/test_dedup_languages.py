@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from tuneline.curate.clean import run_clean
 from tuneline.curate.dedup import NearDedup
 from tuneline.curate.shingles import ngram_hashes, word_hashes
 from tuneline.curate.split import run_split
@@ -112,3 +113,16 @@ def test_chinese_training_record_sharing_a_passage_with_a_held_out_one_is_decont
     assert read_manifest(ref)["ledger"]["dropped"] == {"contaminated": len(near_in_train)}
     assert train == {r["id"] for r in distinct} - held_out
     assert "contaminated" in ref.file("rejects.jsonl").read_text()
+
+
+def test_clean_drops_the_edited_chinese_copy_as_near_duplicate(tmp_path):
+    original, edited, distinct = CASES["chinese"]
+    records = [conversation("介绍一下长城。", original), conversation("介绍一下熊猫。", distinct)]
+    records.append(conversation("介绍一下长城。", edited))
+    with write_stage(tmp_path, "collect", "in") as writer:
+        for record in records:
+            writer.count_in()
+            writer.keep(record)
+    ref = run_clean(tmp_path, find_stage(tmp_path, "collect", "in"), CleanSpec())
+    assert read_manifest(ref)["ledger"] == {"in": 3, "out": 2, "dropped": {"near_duplicate": 1}}
+    assert "两千多公里" in ref.file("rejects.jsonl").read_text()
