@@ -20,8 +20,9 @@ from tuneline.augment.rounds import (
     run_generate_round,
     summarize_mistakes,
 )
+from tuneline.curate.clean import run_clean
 from tuneline.formats.codecs import Format, parse_object, to_format
-from tuneline.recipe import AugmentSpec, FileSource
+from tuneline.recipe import AugmentSpec, CleanSpec, FileSource
 from tuneline.records import RecordError, make_record, split_think
 from tuneline.sources.collect import run_collect
 from tuneline.store import REJECTS, check_ledger, iter_records, read_stats
@@ -123,7 +124,17 @@ def test_cot_round_keeps_reasoning_and_rejects_replies_without_a_final_answer(tm
     merged = run_augment_merge(tmp_path / "art", collected, history)
     generated = [r for r in iter_records(merged) if r["meta"]["origin"] == "generated"]
     assert len(generated) == 3 and all("reasoning_content" in r["messages"][-1] for r in generated)
-    assert check_ledger(merged)["dropped"] == stats["rejected"]
+    # Each answered seed is replaced by its record with reasoning (else clean keeps one of the two).
+    assert check_ledger(merged) == {
+        "in": 12,
+        "out": 6,
+        "dropped": {**stats["rejected"], "replaced_by_reasoning": 3},
+    }
+    replaced = [r for r in iter_records(merged, REJECTS) if r["reason"] == "replaced_by_reasoning"]
+    assert {r["record"]["messages"][1]["content"] for r in replaced} == set(candidates)
+    assert replaced[0]["detail"].startswith("answered step by step by the teacher as record ")
+    cleaned = run_clean(tmp_path / "art", merged, CleanSpec())
+    assert sum("reasoning_content" in r["messages"][-1] for r in iter_records(cleaned)) == 3
     mistakes = summarize_mistakes(history)
     assert 'left "answer" empty' in mistakes and "shorter than 40 characters" in mistakes
 
@@ -288,10 +299,9 @@ def test_review_sees_the_reasoning():
 
 
 def test_clean_gate_and_split_carry_the_reasoning(tmp_path):
-    from tuneline.curate.clean import run_clean
     from tuneline.curate.gate import run_gate
     from tuneline.curate.split import run_split
-    from tuneline.recipe import CleanSpec, GateSpec, SplitSpec
+    from tuneline.recipe import GateSpec, SplitSpec
 
     path = tmp_path / "cot.jsonl"
     lines = [

@@ -64,6 +64,7 @@ CANDIDATES = "candidates.jsonl"
 PROMPT = "prompt.json"
 REVIEW_REJECT = "rejected_in_review"
 NOT_REVIEWED = "not_reviewed"
+REPLACED = "replaced_by_reasoning"
 EDITS_SHOWN = 5
 SHOWN_CHARS = 160
 
@@ -347,22 +348,33 @@ def run_augment_merge(
     """The `augment` stage clean reads: the collected records plus every accepted or edited one.
 
     Its ledger takes in the collected records and every item the teacher produced; each rejected
-    one (automatic check or review) is in rejects.jsonl with its reason. stats.json says how many
-    came from collect (`collected`) and from the teacher (`generated`), and each round's summary.
+    one (automatic check or review) is in rejects.jsonl with its reason. A collected record that
+    cot mode answered with reasoning (an accepted record's `meta.seed_id`) is replaced by that
+    record (`replaced_by_reasoning`): the two share question and answer, so clean would otherwise
+    keep only the first as a near duplicate, and training would see both targets. stats.json says
+    how many came from collect (`collected`), were replaced, came from the teacher (`generated`)
+    and were accepted, and each round's summary.
     """
     decided = [(r.round_no, r.generated.digest, r.decisions) for r in rounds]
     digest = stage_key(AUGMENT, collected_ref.digest, decided)
 
     def write(writer: StageWriter) -> None:
+        applied = [(reviewed, *apply_round(reviewed)) for reviewed in rounds]
+        replaced = {
+            r["meta"]["seed_id"]: r["id"] for _, kept, _ in applied for r in kept if "seed_id" in r["meta"]
+        }
         for record in iter_records(collected_ref):
             writer.count_in()
-            writer.keep(record)
+            if record["id"] in replaced:
+                detail = f"answered step by step by the teacher as record {replaced[record['id']]}"
+                writer.drop(record, REPLACED, detail)
+            else:
+                writer.keep(record)
         collected = writer.records_in
-        for reviewed in rounds:
+        for reviewed, accepted, rejected in applied:
             for reject in iter_records(reviewed.generated, REJECTS):
                 writer.count_in()
                 writer.drop(reject["record"], reject["reason"], reject["detail"])
-            accepted, rejected = apply_round(reviewed)
             for record in accepted:
                 writer.count_in()
                 writer.keep(record)
@@ -371,8 +383,9 @@ def run_augment_merge(
                 writer.drop(row["record"], row["reason"], row["detail"])
         writer.stats = {
             "collected": collected,
+            "replaced_by_reasoning": writer.dropped.get(REPLACED, 0),
             "generated": writer.records_in - collected,
-            "accepted": writer.records_out - collected,
+            "accepted": sum(len(accepted) for _, accepted, _ in applied),
             "rounds": [round_summary(reviewed) for reviewed in rounds],
         }
 
