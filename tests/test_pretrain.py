@@ -4,8 +4,10 @@ split's text) then the train stage from its model, each cached, with its ledger 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from test_flow import project, recipe_for  # noqa: F401 - the flow test's project fixture and recipe
 from train_fixtures import make_split_and_model, small_spec
 
 from tuneline.experiment import TrackingTarget
@@ -178,4 +180,34 @@ def test_too_little_text_names_the_fields_to_change(pipeline, tmp_path):
     assert (
         "not one block of pretrain.block_size 16" in message and "pretrain.include_records: true" in message
     )
-    assert find_stage(tmp_path / "art", "pretrain", "x") is None
+    assert not list((tmp_path / "art").glob("stages/pretrain/*/manifest.json"))  # no stage written
+
+
+@pytest.mark.slow
+def test_the_flow_pretrains_then_trains_reuses_both_and_a_train_change_reruns_train_only(
+    project,  # noqa: F811 - the fixture imported from test_flow
+    prefect_server,
+):
+    from tuneline.flows.finetune import finetune
+
+    pretrain = {
+        "include_records": True,
+        "block_size": 32,
+        "max_steps": 4,
+        "batch_size": 4,
+        "logging_steps": 2,
+    }
+    first = finetune(recipe_for(project, pretrain=pretrain))
+    funnel = {row["stage"]: row for row in first["funnel"]}
+    assert [row["stage"] for row in first["funnel"]][-3:] == ["pretrain", "train", "evaluate"]
+    assert funnel["pretrain"]["in"] == first["splits"]["train"] == funnel["train"]["in"]  # no documents here
+    assert first["pretraining"]["steps"] == 4
+    trained = json.loads((Path(first["stage_dirs"]["train"]) / "adapter/adapter_config.json").read_text())
+    assert trained["base_model_name_or_path"] == str(Path(first["stage_dirs"]["pretrain"]) / "model")
+
+    again = finetune(recipe_for(project, pretrain=pretrain))
+    assert again["stage_dirs"] == first["stage_dirs"] and {"pretrain", "train"} <= set(again["reused"])
+
+    changed = finetune(recipe_for(project, pretrain=pretrain, train={"learning_rate": 0.002}))
+    assert changed["stage_dirs"]["pretrain"] == first["stage_dirs"]["pretrain"]
+    assert changed["stage_dirs"]["train"] != first["stage_dirs"]["train"]

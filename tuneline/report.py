@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuneline.pipeline import AUGMENT, CLEAN, COLLECT, EVALUATE, GATE, REGISTER, SPLIT, TRAIN
+from tuneline.pipeline import AUGMENT, CLEAN, COLLECT, EVALUATE, GATE, PRETRAIN, REGISTER, SPLIT, TRAIN
 from tuneline.recipe import Recipe, dump_recipe
 from tuneline.store import LedgerError, StageRef, check_ledger, read_manifest, read_stats, stage_dir
 
@@ -108,6 +108,11 @@ def build_report(stages: dict[str, StageRef], started_at: str | None = None) -> 
     }
     if EVALUATE.name in stages:
         report["evaluation"] = read_stats(stages[EVALUATE.name])
+    if PRETRAIN.name in stages:
+        pretrained = read_stats(stages[PRETRAIN.name])
+        report["pretraining"] = {
+            key: pretrained.get(key) for key in ("blocks", "steps", "train_loss", "seconds")
+        }
     if TRAIN.name in stages:
         trained = read_stats(stages[TRAIN.name])
         report["training"] = {key: trained.get(key) for key in ("steps", "train_loss", "seconds", "device")}
