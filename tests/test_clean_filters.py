@@ -1,5 +1,6 @@
 """Clean filters, repairs, PII redaction and near-dedup: each drop asserts its reason."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -73,10 +74,70 @@ def test_tool_call_with_bad_arguments_is_malformed():
 def test_repairs_mojibake_control_chars_and_html():
     repairs = Counter()
     text = repair_text(
-        "Caf\u00c3\u00a9 <b>open</b> &amp; ready\u200b\x07  \n\n\n\nnext", CleanSpec(), repairs
+        "Caf\u00c3\u00a9 <b>open</b> &amp; ready\u200b\x07  \n\n\n\nnext", CleanSpec(), repairs, True
     )
     assert text == "Café open & ready\n\nnext"
-    assert repairs == Counter({"mojibake": 1, "control_chars": 1, "html": 1})
+    assert repairs == Counter({"mojibake": 1, "control_chars": 1, "html": 1, "whitespace": 1})
+
+
+def test_whitespace_inside_code_blocks_is_kept():
+    code = "```python\ndef a():  \n    pass\n\n\n\ndef b():\n    pass\n```"
+    repairs = Counter()
+    assert repair_text(f"Here:  \n\n\n\n{code}", CleanSpec(), repairs) == f"Here:\n\n{code}"
+    assert repairs == Counter(whitespace=1)
+
+
+# Answers that ARE markup (as in LLaMA-Factory's alpaca_en_demo), and text that only looks like tags.
+MARKUP_IS_CONTENT = [
+    ("Parse this JSON into an HTML table.", "<table>\n  <tr><th>Name</th></tr>\n</table>"),
+    ("Create a web page for a bakery.", "<!DOCTYPE html>\n<html><body><h1>Bread</h1></body></html>"),
+    ("Create a divider line using CSS.", 'Use the `<hr>` element:\n\n```html\n<hr class="x">\n```'),
+    ("Write a C program summing an array.", "```\n#include <stdio.h>\nint main() { return 0; }\n```"),
+    ("Replace the <analogy> token: sea is to fish as sky is to <analogy>", "bird"),
+    ("Select the chorus of the following song.\n\n<Song>", "The chorus is the repeated part."),
+    ("What does this snippet print?", "It prints `<b>bold</b> &amp;` as it stands."),
+]
+
+
+def test_html_default_leaves_markup_in_conversation_records_byte_identical():
+    records = [conv(q, a) for q, a in MARKUP_IS_CONTENT]
+    cleaner = Cleaner(CleanSpec(near_dedup=False))
+    cleaned = cleaner.clean_batch(records)
+    assert [reason for _, reason in cleaned] == [None] * len(records)
+    assert [record for record, _ in cleaned] == records
+    assert "html" not in cleaner.stats()["repaired"]
+
+
+def web(question, answer):
+    record = conv(question, answer)
+    record["meta"] = {"source": "site", "source_kind": "crawl", "url": "http://127.0.0.1/faq"}
+    return record
+
+
+def test_html_auto_strips_web_page_text_but_never_code_or_asked_for_markup():
+    remnant = web("<p>Opening&nbsp;hours?</p>", "<b>From nine</b> to five.<br>")
+    code = web(
+        "How do I print a bold word?", "<div>Print:</div>\n```\nprint('<b>x</b>')\n```\nor `<b>x</b>`."
+    )
+    asked = web("How do I make a table in HTML?", "Use <table> with <tr> rows.")
+    cleaner = Cleaner(CleanSpec(near_dedup=False))
+    (stripped, _), (kept_code, _), (kept_asked, _) = cleaner.clean_batch([remnant, code, asked])
+    assert [m["content"] for m in stripped["messages"]] == ["Opening\u00a0hours?", "From nine to five."]
+    assert kept_code["messages"][1]["content"] == "Print:\n```\nprint('<b>x</b>')\n```\nor `<b>x</b>`."
+    assert kept_asked == asked
+    assert cleaner.stats()["repaired"]["html"] == 3
+
+
+def test_html_strip_and_drop_modes_spare_markup_that_is_content():
+    leftover = conv("Opening hours?", "<span>From nine.</span>")
+    content = [conv(q, a) for q, a in MARKUP_IS_CONTENT]
+    cleaner = Cleaner(CleanSpec(html="strip", near_dedup=False))
+    [(stripped, _), *kept] = cleaner.clean_batch([leftover, *content])
+    assert stripped["messages"][1]["content"] == "From nine."
+    assert [record for record, _ in kept] == content
+    dropped = reasons([leftover, *content], html="drop", near_dedup=False)
+    assert dropped == ["html_remnants"] + [None] * len(content)
+    assert reasons([web("Opening hours?", "<i>Nine</i>")], html="keep") == [None]
 
 
 def test_html_drop_mode_and_over_length_truncation():
@@ -88,16 +149,91 @@ def test_html_drop_mode_and_over_length_truncation():
     assert reasons([conv("q" * 50, "a")], max_chars=30, over_length="truncate") == ["too_long"]
 
 
-def test_pii_is_redacted_with_counts_by_kind():
+def test_pii_is_redacted_with_documentation_values_and_counts_by_kind():
     counts = Counter()
     text = redact_text(
-        "mail bob@example.com, call +1 415-555-0132, host 10.0.0.12, card 4111 1111 1111 1111, "
-        "order 1234567890123, key sk-proj-abcdefghijklmnopqrstuvwxyz123456",
+        "mail bob@mailhost.io, call +1 415-867-5309, host 81.2.69.160, card 4111 1111 1111 1111, "
+        "order 1234567890123, key sk-proj-abcdefghijklmnopqrstuvwxyz123456, again bob@mailhost.io",
         ["email", "phone", "ip", "card", "secret"],
         counts,
     )
-    assert text == ("mail <EMAIL>, call <PHONE>, host <IP>, card <CARD>, order 1234567890123, key <SECRET>")
-    assert counts == Counter(email=1, phone=1, ip=1, card=1, secret=1)
+    assert text == (
+        "mail user1@example.com, call 555-0100, host 192.0.2.1, card <CARD>, order 1234567890123, "
+        "key <SECRET>, again user1@example.com"
+    )
+    assert counts == Counter(email=2, phone=1, ip=1, card=1, secret=1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "write to bob@example.com, ann@example.org, ops@mail.example.net",
+        "or to a@host.example, b@ci.test, c@nowhere.invalid",
+        "servers 192.0.2.7, 198.51.100.23, 203.0.113.250 and 2001:db8:0:0:0:0:0:1",
+        "private 10.0.0.12, loopback 127.0.0.1, mask 255.255.255.0",
+        "call (555) 555-0123 or +1 202-555-0175",
+        "again user1@example.com, 555-0100, 192.0.2.1",  # what redaction writes is not redacted again
+    ],
+)
+def test_documentation_values_are_not_pii(text):
+    counts = Counter()
+    assert redact_text(text, ["email", "phone", "ip", "card", "secret"], counts) == text
+    assert counts == Counter()
+
+
+def tool_record(address="boss@company.com"):
+    """A LLaMA-Factory glaive-style send_email exchange in canonical form."""
+    tools = json.dumps([{"name": "send_email", "parameters": {"type": "object", "properties": {
+        "recipient": {"type": "string", "format": "email"}, "subject": {"type": "string"}}}}])  # fmt: skip
+    arguments = json.dumps({"recipient": address, "cc": ["ann@example.org"], "subject": "Update", "n": 1})
+    messages = [
+        {"role": "user", "content": f"Mail {address} and cc ann@example.org, subject Update."},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "send_email", "arguments": arguments}]},
+        {"role": "tool", "content": json.dumps({"status": "sent", "to": address, "line": "to\n" + address})},
+        {"role": "assistant", "content": f"Sent to {address}."},
+    ]
+    return make_record(messages, tools)
+
+
+def test_pii_in_tool_calls_is_redacted_consistently_and_arguments_stay_valid_json():
+    record = tool_record()
+    cleaner = Cleaner(CleanSpec())
+    [(cleaned, reason)] = cleaner.clean_batch([record])
+    assert reason is None and cleaned["tools"] == record["tools"]
+    arguments = json.loads(cleaned["messages"][1]["tool_calls"][0]["arguments"])
+    assert arguments == {"recipient": "user1@example.com", "cc": ["ann@example.org"], "subject": "Update",
+                         "n": 1}  # fmt: skip
+    assert json.loads(cleaned["messages"][2]["content"]) == {
+        "status": "sent", "to": "user1@example.com", "line": "to\nuser1@example.com"}  # fmt: skip
+    assert "user1@example.com" in cleaned["messages"][0]["content"] and "boss@" not in json.dumps(cleaned)
+    assert cleaned["messages"][3]["content"] == "Sent to user1@example.com."
+    assert cleaner.stats()["pii_redacted"]["email"] == 5
+
+
+def test_pii_action_per_kind_redact_drop_or_report():
+    record = tool_record()
+    cleaner = Cleaner(CleanSpec(pii={"email": "report"}))
+    [(reported, reason)] = cleaner.clean_batch([record])
+    assert reason is None and reported == record
+    assert cleaner.stats()["pii_reported"] == {"email": 5}
+    assert reasons([record], pii={"email": "drop"}) == ["pii_email"]
+    assert reasons([tool_record("bob@example.com")], pii={"email": "drop"}) == [None]
+
+
+def test_old_redact_pii_list_still_loads_with_a_message():
+    with pytest.warns(FutureWarning, match="clean.redact_pii is now clean.pii"):
+        spec = CleanSpec(redact_pii=["email"])
+    assert spec.pii.model_dump() == {"email": "redact", "phone": "report", "ip": "report", "card": "report",
+                                     "secret": "report"}  # fmt: skip
+
+
+def test_recipe_schema_says_what_each_html_and_pii_value_does():
+    from tuneline.recipe import Recipe
+
+    schema = json.dumps(Recipe.model_json_schema())
+    for phrase in ("auto: strip them only in records taken from web pages", "drop: drop every record",
+                   "keep: never look", "report: count it, change nothing", "user1@example.com"):  # fmt: skip
+        assert phrase in schema
 
 
 def test_language_filter_keeps_allowed_languages():
@@ -131,7 +267,7 @@ def test_near_dedup_is_deterministic_and_pairs_are_found():
 
 def test_stage_ledger_and_stats(tmp_path):
     records = [conv(f"question {i} about things", f"answer {i} with detail") for i in range(25)]
-    records += [records[0], conv("mail me at bob@example.com please", "sure thing")]
+    records += [records[0], conv("mail me at bob@mailhost.io please", "sure thing")]
     with write_stage(tmp_path, "collect", "in") as writer:
         for record in records:
             writer.count_in()
@@ -141,7 +277,7 @@ def test_stage_ledger_and_stats(tmp_path):
     )
     assert read_manifest(ref)["ledger"] == {"in": 27, "out": 26, "dropped": {"duplicate": 1}}
     assert read_stats(ref)["pii_redacted"]["email"] == 1
-    assert any("<EMAIL>" in r["messages"][0]["content"] for r in iter_records(ref))
+    assert any("user1@example.com" in r["messages"][0]["content"] for r in iter_records(ref))
 
 
 def test_split_drops_training_records_overlapping_held_out_and_benchmarks(tmp_path):

@@ -82,7 +82,8 @@ CASES = [
     ),
     ("null_bytes", alpaca("a\u0000b question", "fine answer"), {"repaired": "control_chars"}),
     ("mojibake", alpaca("Caf\u00c3\u00a9 opening hours?", "From nine."), {"repaired": "mojibake"}),
-    ("html_remnants", alpaca("<p>Opening&nbsp;hours?</p>", "<b>From nine.</b>"), {"repaired": "html"}),
+    # Markup in a dataset file is the record's content by default (clean.html: auto strips web pages only).
+    ("markup_in_a_file", alpaca("<p>Opening&nbsp;hours?</p>", "<b>From nine.</b>"), {"unchanged": True}),
     (
         "secret_in_prompt",
         alpaca(f"My key {SECRET} fails, mail me at a@b.io", "Rotate it."),
@@ -116,6 +117,9 @@ def test_hostile_input_ends_in_a_reason_never_a_crash_or_a_loss(tmp_path, name, 
         assert collect_rejects[0]["detail"].startswith(f"{path}{expected['collect']}")
     elif "clean" in expected:
         assert clean_reasons[expected["clean"]] == 1 and not collect_rejects
+    elif "unchanged" in expected:
+        (record,) = iter_records(cleaned)
+        assert record == next(iter_records(collected)) and stats["repaired"] == {}
     elif "repaired" in expected:
         assert stats["repaired"][expected["repaired"]] >= 1 and clean_ledger["out"] == 1
         text = json.dumps(list(iter_records(cleaned)))

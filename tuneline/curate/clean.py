@@ -1,7 +1,9 @@
 """The clean stage: repair text, then drop what cannot train well, each drop with its reason.
 
 Repairs keep the record and are counted in stats: mojibake (ftfy), control and zero-width
-characters, HTML tags and entities, PII replaced by placeholders (counts by kind). Filters are
+characters, whitespace normalization, HTML tags and entities in text from web pages (markup that
+is content never: code, or an instruction that asks for markup), PII per the recipe's action per
+kind (tuneline.curate.pii: redact, drop, report; counts by kind). Filters are
 small functions `record -> reason | None`; the stage counts drops by reason in the ledger and
 quarantines each dropped record in rejects.jsonl. Then exact dedup (normalized content id) and
 near-dedup (MinHash LSH), first occurrence kept.
@@ -26,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import ftfy
+from lxml.html.defs import html5_tags, tags
 
 from tuneline.curate.dedup import NearDedup, choose_bands, lsh_keys
-from tuneline.curate.pii import redact_text
+from tuneline.curate.pii import Redactor
 from tuneline.errors import UserError
 from tuneline.pipeline import CLEAN
-from tuneline.recipe import CleanSpec, ModelSpec
+from tuneline.recipe import PII_KINDS, CleanSpec, ModelSpec
 from tuneline.records import Record, comparable_text, content_digest, record_text
 from tuneline.store import RECORDS, StageRef, StageWriter, reuse_or_write, stage_key
 
@@ -44,9 +47,24 @@ TRAILING_SPACE = re.compile(r"[ \t]+\n")
 BLANK_LINES = re.compile(r"\n{3,}")
 HTML_TAG = re.compile(
     r"<(?:script|style)\b[^>]{0,500}>.{0,100000}?</(?:script|style)>|<!--.{0,100000}?-->"
-    r"|</?[A-Za-z][A-Za-z0-9]{0,20}\b[^<>]{0,500}>",
+    r"|</?([A-Za-z][A-Za-z0-9]{0,20})\b[^<>]{0,500}>",
     re.DOTALL | re.IGNORECASE,
 )
+# Only real element names (lxml's lists) are tags: `<analogy>`, `<Song>`, `<stdio.h>` are text.
+HTML_ELEMENTS = frozenset(tags | html5_tags)
+# Markdown code: fenced blocks (to their closing fence, or the end) and inline code spans.
+CODE_SPAN = re.compile(
+    r"^[ \t]{0,3}(`{3,}|~{3,})[^\n]*\n.*?(?:^[ \t]{0,3}\1[ \t]*$|\Z)"
+    r"|(?<!`)(`{1,3})(?!`)[^\n]{1,2000}?(?<!`)\2(?!`)",
+    re.DOTALL | re.MULTILINE,
+)
+# An instruction that names markup asks for it: then the answer's tags are the content.
+ASKS_FOR_MARKUP = re.compile(
+    r"\b(?:x?html5?|xml|svg|css|markup|markdown|jsx|tsx|dom|tags?|web ?pages?|websites?|doctype)\b",
+    re.IGNORECASE,
+)
+# `meta.source_kind` of records taken from web pages (set by collect), the ones `html: auto` strips.
+WEB_SOURCE_KINDS = frozenset({"crawl"})
 # Characters that UTF-8 read as Latin-1/Windows-1252 leaves behind; ftfy runs only where they occur.
 MOJIBAKE_HINT = re.compile("[\u00c2\u00c3\u00c5\u00c4\u00ce\u00cf\u00d0\u00d1\u00d8\u00d9\u00e2\u00ef\ufffd]")
 HTML_ENTITY = re.compile(r"&(?:[A-Za-z]{2,8}|#\d{1,7}|#[xX][0-9A-Fa-f]{1,6});")
@@ -57,8 +75,12 @@ class CleanConfigError(UserError, ValueError):
     """The clean section asks for something the rest of the recipe does not provide."""
 
 
-def repair_text(text: str, spec: CleanSpec, repairs: Counter[str]) -> str:
-    """One turn's text after the repairs the recipe turns on; `repairs` counts each kind."""
+def repair_text(
+    text: str, spec: CleanSpec, repairs: Counter[str], strip_html: bool = False, keep_layout: bool = False
+) -> str:
+    """One turn's text after the repairs the recipe turns on; `repairs` counts each kind. Whether
+    markup is content is the record's call: HTML is stripped (outside code) only when `strip_html`,
+    and with `keep_layout` (markup asked for) spaces and blank lines inside the text stay as in code."""
     if spec.fix_mojibake and not text.isascii() and MOJIBAKE_HINT.search(text):
         fixed = ftfy.fix_encoding(text)
         if fixed != text:
@@ -67,38 +89,112 @@ def repair_text(text: str, spec: CleanSpec, repairs: Counter[str]) -> str:
     if spec.strip_control and CONTROL.search(text):
         text = CONTROL.sub("", text)
         repairs["control_chars"] += 1
-    if spec.html == "strip" and ("<" in text or "&" in text):
-        stripped = html.unescape(HTML_TAG.sub("", text)) if HTML_TAG.search(text) else text
-        stripped = html.unescape(stripped) if HTML_ENTITY.search(stripped) else stripped
+    if strip_html and ("<" in text or "&" in text):
+        stripped = outside_code(text, strip_markup)
         if stripped != text:
             repairs["html"] += 1
             text = stripped
     if spec.normalize_text:
+        before = text
         if not text.isascii():
             text = unicodedata.normalize("NFC", text)
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
-        if " \n" in text or "\t\n" in text:
-            text = TRAILING_SPACE.sub("\n", text)
-        if "\n\n\n" in text:
-            text = BLANK_LINES.sub("\n\n", text)
+        if not keep_layout and (" \n" in text or "\t\n" in text or "\n\n\n" in text):
+            text = outside_code(text, squeeze_whitespace)  # blank lines in code are the code's
         text = text.strip()
-    if spec.redact_pii:
-        text = redact_text(text, spec.redact_pii, repairs)
+        if text != before:
+            repairs["whitespace"] += 1
     return text
 
 
+def squeeze_whitespace(text: str) -> str:
+    """No spaces or tabs at line ends, at most one blank line in a row."""
+    return BLANK_LINES.sub("\n\n", TRAILING_SPACE.sub("\n", text))
+
+
+def _strip_tag(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return "" if name is None or name.lower() in HTML_ELEMENTS else match.group()
+
+
+def strip_markup(text: str) -> str:
+    """Text without HTML element tags, script/style blocks and comments, entities decoded."""
+    if "<" in text and HTML_TAG.search(text):
+        text = HTML_TAG.sub(_strip_tag, text)
+    return html.unescape(text) if "&" in text and HTML_ENTITY.search(text) else text
+
+
+def outside_code(text: str, change: Callable[[str], str]) -> str:
+    """The text with `change` applied everywhere but inside Markdown code fences and inline code."""
+    if "`" not in text and "~~~" not in text:
+        return change(text)
+    parts, start = [], 0
+    for match in CODE_SPAN.finditer(text):
+        parts += [change(text[start : match.start()]), match.group()]
+        start = match.end()
+    return "".join([*parts, change(text[start:])])
+
+
+def markup_is_content(record: Record) -> bool:
+    """A user or system turn asks for markup (HTML, XML, CSS, tags...): the answer's tags are the content."""
+    return any(
+        m["role"] in ("user", "system") and ASKS_FOR_MARKUP.search(m["content"]) for m in record["messages"]
+    )
+
+
+def strips_html(record: Record, spec: CleanSpec) -> bool:
+    """Whether `clean.html` strips this record's tags: `strip` in every record, `auto` only in text
+    taken from web pages (meta.source_kind, set by collect)."""
+    if spec.html == "auto":
+        return (record.get("meta") or {}).get("source_kind") in WEB_SOURCE_KINDS
+    return spec.html == "strip"
+
+
 def repair_record(record: Record, spec: CleanSpec, repairs: Counter[str]) -> Record:
-    """The record with every turn repaired; the id follows the new content."""
-    messages = [{**m, "content": repair_text(m["content"], spec, repairs)} for m in record["messages"]]
+    """The record with every turn repaired; the id follows the new content. Where markup is the
+    content, no tag is stripped and the layout stays."""
+    markup = markup_is_content(record)
+    strip_html = not markup and strips_html(record, spec)
+    messages = [
+        {**m, "content": repair_text(m["content"], spec, repairs, strip_html, markup)}
+        for m in record["messages"]
+    ]
     return {**record, "messages": messages, "id": content_digest(messages, record.get("tools"))}
+
+
+def handle_pii(record: Record, spec: CleanSpec, counts: Counter[str]) -> tuple[Record, str | None]:
+    """The record with PII handled as `clean.pii` says per kind: redacted in every turn and tool-call
+    argument (still valid JSON), or the record dropped as `pii_<kind>`; `counts` gains
+    `redact:<kind>` / `report:<kind>` per find."""
+    actions = spec.pii.model_dump()
+    redactor = Redactor(actions, lambda: json.dumps(record["messages"], ensure_ascii=False))
+    messages = []
+    for message in record["messages"]:
+        content = message["content"]
+        new = {**message, "content": redactor.json_text(content) if message["role"] == "tool" else
+               redactor.text(content)}  # fmt: skip
+        if isinstance(message.get("tool_calls"), list):
+            new["tool_calls"] = [
+                {**call, "arguments": redactor.json_text(call["arguments"])}
+                if isinstance(call, dict) and isinstance(call.get("arguments"), str)
+                else call
+                for call in message["tool_calls"]
+            ]
+        messages.append(new)
+    dropped = [kind for kind in PII_KINDS if redactor.found[kind] and actions[kind] == "drop"]
+    if dropped:
+        return record, f"pii_{dropped[0]}"
+    for kind, found in redactor.found.items():
+        counts[f"{actions[kind]}:{kind}"] += found
+    if messages == record["messages"]:
+        return record, None
+    return {**record, "messages": messages, "id": content_digest(messages, record.get("tools"))}, None
 
 
 def normalize_record(record: Record) -> Record:
     """NFC-normalize and trim every turn, unify newlines; the id follows the new content."""
-    return repair_record(
-        record, CleanSpec(fix_mojibake=False, strip_control=False, html="keep", redact_pii=[]), Counter()
-    )
+    return repair_record(record, CleanSpec(fix_mojibake=False, strip_control=False, html="keep"), Counter())
 
 
 def empty_turn(record: Record) -> str | None:
@@ -170,10 +266,14 @@ def conversation_structure(record: Record) -> str | None:
 
 
 def html_remnants(record: Record) -> str | None:
-    """With `clean.html: drop`: a record that still holds HTML tags or entities."""
-    text = record_text(record)
-    if ("<" in text and HTML_TAG.search(text)) or ("&" in text and HTML_ENTITY.search(text)):
-        return "html_remnants"
+    """With `clean.html: drop`: a record that holds HTML tags or entities outside code, unless
+    its instruction asks for markup."""
+    if markup_is_content(record):
+        return None
+    for message in record["messages"]:
+        text = message["content"]
+        if ("<" in text or "&" in text) and outside_code(text, strip_markup) != text:
+            return "html_remnants"
     return None
 
 
@@ -298,7 +398,8 @@ def prepare_batch(
     results: list[list[Any]] = []
     for item in items:
         record = repair_record(json.loads(item) if isinstance(item, str) else item, spec, repairs)
-        reason = next((r for f in filters if (r := f(record))), None)
+        record, reason = handle_pii(record, spec, repairs)
+        reason = reason or next((r for f in filters if (r := f(record))), None)
         if reason is None:
             record, reason = lengths(record)
         results.append([record, reason])
@@ -376,9 +477,15 @@ class Cleaner:
             item[1] = self.language.reason(language, confidence)
 
     def stats(self) -> dict[str, Any]:
-        pii = {kind: self.repairs[kind] for kind in self.spec.redact_pii}
-        repaired = {k: v for k, v in self.repairs.items() if k not in pii}
-        return {"repaired": dict(sorted(repaired.items())), "pii_redacted": pii}
+        """Repairs by kind, and PII finds by kind: redacted, and only reported (records dropped
+        for PII are in the ledger as pii_<kind>)."""
+        actions = self.spec.pii.model_dump()
+        repaired = {k: v for k, v in self.repairs.items() if ":" not in k}
+        return {
+            "repaired": dict(sorted(repaired.items())),
+            "pii_redacted": {k: self.repairs[f"redact:{k}"] for k in PII_KINDS if actions[k] == "redact"},
+            "pii_reported": {k: self.repairs[f"report:{k}"] for k in PII_KINDS if actions[k] == "report"},
+        }
 
 
 def line_batches(path: Path, size: int) -> Iterator[list[str]]:

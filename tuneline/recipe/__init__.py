@@ -195,6 +195,36 @@ Source = Annotated[
 
 
 PiiKind = Literal["email", "phone", "ip", "card", "secret"]
+PII_KINDS: tuple[PiiKind, ...] = ("email", "phone", "ip", "card", "secret")
+PiiAction = Literal["redact", "drop", "report"]
+PII_ACTION_HELP = (
+    "redact: replace each value in every turn and tool-call argument (the same value, the same "
+    "placeholder within a record); drop: drop the record as pii_{kind}; report: count it, change nothing."
+)
+
+
+class PiiSpec(Section):
+    """What clean does with each kind of personal data it finds. Documentation values are not PII:
+    example.com/.org/.net and *.example/*.test/*.invalid addresses, IPs that route nowhere public
+    (RFC 5737/3849 documentation ranges, private, loopback), 555-01xx phone numbers."""
+
+    email: PiiAction = Field(
+        "redact", description=f"E-mail addresses; redact gives user1@example.com, user2@... {PII_ACTION_HELP}"
+    )
+    phone: PiiAction = Field(
+        "redact", description=f"Phone numbers; redact gives 555-0100, 555-0101... {PII_ACTION_HELP}"
+    )
+    ip: PiiAction = Field(
+        "redact",
+        description=f"Public IP addresses; redact gives 192.0.2.1 or 2001:db8::1... {PII_ACTION_HELP}",
+    )
+    card: PiiAction = Field(
+        "redact", description=f"Payment card numbers (Luhn-checked); redact gives <CARD>. {PII_ACTION_HELP}"
+    )
+    secret: PiiAction = Field(
+        "redact",
+        description=f"API keys, tokens, private keys, passwords; redact gives <SECRET>. {PII_ACTION_HELP}",
+    )
 
 
 class CleanSpec(Section):
@@ -205,8 +235,12 @@ class CleanSpec(Section):
     strip_control: bool = Field(
         True, description="Remove control and zero-width characters; collapse runs of spaces."
     )
-    html: Literal["strip", "drop", "keep"] = Field(
-        "strip", description="HTML tags and entities: strip them, drop the record, or keep them."
+    html: Literal["auto", "strip", "drop", "keep"] = Field(
+        "auto",
+        description="HTML tags and entities. Markup that is content is never touched: inside code fences "
+        "or inline code, or in a record whose user/system turns ask for markup (HTML, XML, CSS, tags...). "
+        "auto: strip them only in records taken from web pages (a crawl source); strip: strip them in "
+        "every record; drop: drop every record that holds them as html_remnants; keep: never look.",
     )
     check_structure: bool = Field(
         True, description="Roles alternate, the last turn is the assistant's, tool turns are well formed."
@@ -226,9 +260,9 @@ class CleanSpec(Section):
     min_language_confidence: float = Field(
         0.5, ge=0, le=1, description="Lowest language-identification confidence kept."
     )
-    redact_pii: list[PiiKind] = Field(
-        default_factory=lambda: ["email", "phone", "ip", "card", "secret"],
-        description="PII kinds replaced by a placeholder such as <EMAIL>; empty turns redaction off.",
+    pii: PiiSpec = Field(
+        PiiSpec(),
+        description="Per kind of personal data (email, phone, ip, card, secret): redact, drop or report.",
     )
     dedup: bool = Field(True, description="Drop exact duplicates of normalized conversations.")
     near_dedup: bool = Field(True, description="Drop near duplicates found by MinHash LSH.")
@@ -243,6 +277,25 @@ class CleanSpec(Section):
     workers: int = Field(
         2, ge=1, le=64, description="Processes repairing and hashing batches in parallel (1: none)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _redact_pii_list(cls, data: Any) -> Any:
+        """The old `redact_pii: [kinds]` still loads: listed kinds redact, the others report."""
+        if not isinstance(data, dict) or "redact_pii" not in data:
+            return data
+        if "pii" in data:
+            raise ValueError("clean.redact_pii: replaced by clean.pii, and both are set; keep only `pii`")
+        kinds = data["redact_pii"]
+        warnings.warn(
+            "recipe: clean.redact_pii is now clean.pii (per kind: redact, drop or report); "
+            f"{kinds!r} still loads as listed kinds redact, the others report",
+            FutureWarning,
+            stacklevel=2,
+        )
+        listed = set(kinds) if isinstance(kinds, list) else set()
+        rest = {key: value for key, value in data.items() if key != "redact_pii"}
+        return {**rest, "pii": {kind: "redact" if kind in listed else "report" for kind in PII_KINDS}}
 
 
 class GateSpec(Section):

@@ -225,7 +225,7 @@ def read_crawl(
             writer.drop(row, reject["reason"], reject["detail"])
         counts.dropped[reject["reason"]] += 1
     for item in iter_records(ref, ITEMS):
-        meta = {"source": source.name, "origin": "collected", "url": item["url"],
+        meta = {"source": source.name, "source_kind": "crawl", "origin": "collected", "url": item["url"],
                 "fetched_at": item["fetched_at"], "title": item.get("title")}  # fmt: skip
         if source.mode == "documents":
             documents.keep({"text": item["text"], **meta, "fetch": ref.digest})
