@@ -47,7 +47,8 @@ def _fail_empty(path: str) -> NoReturn:
     """Print the error for a file that holds no record at all and exit 1, like unreadable records."""
     typer.echo(
         f"error: {path}: holds no records (the file is empty, blank or an empty JSON array); "
-        "a dataset file needs at least one JSON object: one per line, or a JSON array of them",
+        "give it at least one record (a JSON object per line, or a JSON array of them) or, in a "
+        ".txt/.md file, some text",
         err=True,
     )
     raise typer.Exit(1)
