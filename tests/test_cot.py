@@ -331,3 +331,28 @@ def test_clean_gate_and_split_carry_the_reasoning(tmp_path):
     ]
     assert len(kept) == len(lines)
     assert all(r["messages"][-1]["reasoning_content"].startswith(STEPS) for r in kept)
+
+
+def test_the_cot_demo_recipe_replays_its_shipped_recording_offline(tmp_path, monkeypatch):
+    """recipes/cot_demo.yaml runs on a fresh machine (re-record with recipes/data/record_cot_demo.py
+    when the prompts change); its rounds stop once every question has an accepted answer."""
+    from tuneline.augment.rounds import next_round_or_stop
+    from tuneline.recipe import load_recipe
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    recipe = load_recipe("recipes/cot_demo.yaml")
+    spec = recipe.augment
+    assert (spec.mode, spec.teacher.mode, recipe.train.reasoning) == ("cot", "replay", "include")
+    collected = run_collect(tmp_path, recipe.sources)
+    history: list[ReviewedRound] = []
+    stop = None
+    while stop is None:
+        generated = run_generate_round(tmp_path, spec, collected, len(history) + 1, history)
+        decisions = [d.model_dump() for d in auto_decide(spec.review.auto, read_candidates(generated))]
+        history.append(ReviewedRound(round_no=len(history) + 1, generated=generated, decisions=decisions))
+        stop = next_round_or_stop(history, spec)
+    assert stop == "every seed question has an accepted answer (40 accepted)"
+    assert 'left "answer" empty' in json.loads(history[1].generated.file(PROMPT).read_text())["mistakes"]
+    merged = run_augment_merge(tmp_path, collected, history)
+    assert check_ledger(merged)["dropped"]["replaced_by_reasoning"] == 40
+    assert all(r["messages"][-1].get("reasoning_content") for r in iter_records(merged))

@@ -1,8 +1,10 @@
 """Chain-of-thought distillation (`augment.mode: cot`): the teacher answers each seed's question
 with step-by-step reasoning, then a final answer.
 
-A round takes the next `per_round` seed questions in order (wrapping round), one request each: the
-seed's turns before its last answer, shown to the teacher in the recipe's template as {question}.
+A round takes the first `per_round` seed questions that have no accepted answer yet (so one
+rejected in a round is asked again, with the mistakes, in the next), one request each: the seed's
+turns before its last answer, shown to the teacher in the recipe's template as {question}. When
+every question has one, the round asks nothing and the rounds stop.
 The teacher answers one JSON object `{"reasoning": ..., "answer": ...}`. A reasoning model whose
 server returns its thinking in the message's own field (`reasoning_content`, as DeepSeek-R1 and
 Qwen3 behind vLLM or SGLang do) may put the final answer alone in the content, and a reply that
@@ -75,18 +77,18 @@ def question_text(turns: list[dict[str, Any]]) -> str:
 
 
 def plan_cot_round(
-    spec: AugmentSpec, seeds: list[Record], mistakes: str, round_no: int
+    spec: AugmentSpec, seeds: list[Record], mistakes: str, round_no: int, answered: set[str]
 ) -> list[RoundRequest]:
-    """One request per question: the round's share of the seed questions, taken in order across
-    rounds; each request's meta names its seed and keeps the seed's answer as `reference`."""
+    """One request per question: the first `per_round` seed questions whose seed id is not in
+    `answered` (seeds of records accepted in earlier rounds); each request's meta names its seed
+    and keeps the seed's answer as `reference`."""
     questions = [(seed, turns) for seed in seeds if (turns := question_turns(seed, spec.system))]
     if not questions:
         raise AugmentError("augment.mode cot: no seed has a user question; check augment.seeds.path")
-    count = min(spec.per_round, len(questions))
+    questions = [(seed, turns) for seed, turns in questions if seed["id"] not in answered]
     system = f"You solve tasks step by step; your answers teach a smaller model.\n{COT_FORMAT}"
     requests = []
-    for index in range(count):
-        seed, turns = questions[((round_no - 1) * count + index) % len(questions)]
+    for seed, turns in questions[: spec.per_round]:
         user = spec.prompt_template().format(
             question=question_text(turns), examples="", document="", n=1,
             mistakes=mistakes or NO_MISTAKES, round=round_no,

@@ -107,7 +107,8 @@ def run_generate_round(
     pool = [record for reviewed in history for record in apply_round(reviewed)[0]]
     system = shared_system(spec, seeds if spec.mode == "seeds" else [])
     if spec.mode == "cot":
-        requests = plan_cot_round(spec, seeds, mistakes, round_no)
+        answered = {r["meta"]["seed_id"] for r in pool if "seed_id" in r["meta"]}
+        requests = plan_cot_round(spec, seeds, mistakes, round_no, answered)
     else:
         requests = plan_round(spec, seeds, chunks, mistakes, round_no)
     teacher = spec.teacher.model_dump(include={"model", "temperature", "max_tokens", "seed", "json_mode"})
@@ -319,14 +320,16 @@ def round_summary(reviewed: ReviewedRound) -> dict[str, Any]:
 
 
 def next_round_or_stop(history: list[ReviewedRound], spec: AugmentSpec) -> str | None:
-    """Why to stop after the rounds so far (target reached, acceptance below the floor, round
-    limit), or None to go on with another round."""
+    """Why to stop after the rounds so far (target reached, every question answered in cot mode,
+    acceptance below the floor, round limit), or None to go on with another round."""
     if not history:
         return None
     summaries = [round_summary(reviewed) for reviewed in history]
     total = sum(s["accepted"] + s["edited"] for s in summaries)
     if total >= spec.target_accepted:
         return f"target reached: {total} accepted (augment.target_accepted {spec.target_accepted})"
+    if spec.mode == "cot" and read_stats(history[-1].generated)["requests"] == 0:
+        return f"every seed question has an accepted answer ({total} accepted)"
     last = summaries[-1]
     if last["acceptance_rate"] < spec.min_acceptance_rate:
         return (
