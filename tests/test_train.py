@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +28,9 @@ from tuneline.store import (
     sha256_file,
     write_stage,
 )
+from tuneline.train import sft_data as train_data
 from tuneline.train import stage as train
+from tuneline.train import tracking
 
 QUESTIONS = {
     "refund": ["I want my money back", "refund the lamp please", "can I get a refund"],
@@ -47,8 +53,10 @@ def setup(tmp_path_factory):
     records = [make_record(conversation(q, label)) for label, qs in QUESTIONS.items() for q in qs]
     no_reply = {"id": "no-reply", "messages": conversation("hello", "x")[:2], "tools": None, "meta": {}}
     too_long = make_record(conversation("where is my order " * 40, "shipping_status"))
+    weighted = make_record(weighted_conversation(0, 1))  # OpenAI's weight: learn the second turn only
+    unweighted = make_record(weighted_conversation(0, 0))  # nothing to learn
     with write_stage(root / "art", "split", "s0") as writer:
-        for record in [*records, no_reply, too_long]:
+        for record in [*records, weighted, unweighted, no_reply, too_long]:
             writer.count_in()
             writer.keep(record, "train.jsonl")
         for record in records[:4]:
@@ -79,7 +87,18 @@ def setup(tmp_path_factory):
         "model": model_spec,
         "ref": ref,
         "records": records,
+        "weighted": weighted,
     }
+
+
+def weighted_conversation(first: int, second: int) -> list[dict]:
+    """Two assistant turns with OpenAI's per-message weight: a wrong label, then the right one."""
+    return [
+        {"role": "user", "content": "can I get a refund"},
+        {"role": "assistant", "content": "cancel_order", "weight": first},
+        {"role": "user", "content": "I want my money back"},
+        {"role": "assistant", "content": "refund", "weight": second},
+    ]
 
 
 def test_loss_is_finite_and_logged(setup):
@@ -96,16 +115,59 @@ def test_loss_is_finite_and_logged(setup):
 def test_ledger_holds_with_reasons(setup):
     ledger = check_ledger(setup["ref"])
     assert ledger == {
-        "in": len(setup["records"]) + 2,
-        "out": len(setup["records"]),
-        "dropped": {"no_assistant_turn": 1, "prompt_exceeds_max_length": 1},
+        "in": len(setup["records"]) + 4,
+        "out": len(setup["records"]) + 1,
+        "dropped": {"no_assistant_turn": 1, "nothing_to_learn": 1, "prompt_exceeds_max_length": 1},
     }
     trained = {row["id"] for row in iter_records(setup["ref"], "trained.jsonl")}
-    assert trained == {r["id"] for r in setup["records"]}
-    reasons = [
-        json.loads(line)["reason"] for line in setup["ref"].file("rejects.jsonl").read_text().splitlines()
+    assert trained == {r["id"] for r in [*setup["records"], setup["weighted"]]}
+    rejects = [json.loads(line) for line in setup["ref"].file("rejects.jsonl").read_text().splitlines()]
+    assert sorted(reject["reason"] for reject in rejects) == [
+        "no_assistant_turn",
+        "nothing_to_learn",
+        "prompt_exceeds_max_length",
     ]
-    assert sorted(reasons) == ["no_assistant_turn", "prompt_exceeds_max_length"]
+    [nothing] = [reject for reject in rejects if reject["reason"] == "nothing_to_learn"]
+    assert (
+        nothing["detail"] == "every assistant turn has weight 0 (messages[1], messages[3]); nothing to learn"
+    )
+
+
+def test_a_turn_with_weight_0_has_no_loss_and_the_next_turn_has(setup, tmp_path):
+    from trl import SFTTrainer
+
+    tokenizer = models.load_tokenizer(setup["model"])
+    record = {"messages": weighted_conversation(0, 1)}
+    row, reason, _ = train_data.training_row(record, tokenizer, "assistant_only", 64)
+    assert reason == ""
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(setup["base_dir"]),
+        args=train.build_sft_config(setup["spec"], tmp_path),
+        train_dataset=train._to_dataset([row]),
+        processing_class=tokenizer,
+    )
+    example = trainer.train_dataset[0]
+    learned = [
+        token for token, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100
+    ]
+    assert tokenizer.decode(learned) == "refund<|im_end|>"
+    # Without the weight both answers are learned, as before.
+    record["messages"][1].pop("weight")
+    row, _, _ = train_data.training_row(record, tokenizer, "assistant_only", 64)
+    spans = train_data.mask_spans(row["assistant_masks"])
+    assert [tokenizer.decode(row["input_ids"][start:end]) for start, end in spans] == [
+        "cancel_order<|im_end|>",
+        "refund<|im_end|>",
+    ]
+
+
+def test_completion_only_learns_the_last_turn_with_weight(setup):
+    tokenizer = models.load_tokenizer(setup["model"].model_copy(update={"chat_template": PLAIN_CHATML}))
+    row, _, _ = train_data.training_row(
+        {"messages": weighted_conversation(1, 0)}, tokenizer, "completion_only", 64
+    )
+    assert row["completion"] == [{"role": "assistant", "content": "cancel_order"}]
+    assert [m["content"] for m in row["prompt"]] == ["can I get a refund"]
 
 
 def test_lora_weights_trained_and_base_untouched(setup):
@@ -262,3 +324,64 @@ def test_no_checkpoint_at_the_last_step_unless_due_or_evaluating(setup, monkeypa
     spec = setup["spec"].model_copy(update={"save_steps": 2, "eval_steps": eval_steps})
     stats = read_stats(train.run_train(setup["root"] / "art", setup["splits"], setup["model"], spec))
     assert stats["steps"] == 3 and steps == saved
+
+
+class FakeTerminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class Collected(logging.Handler):
+    """A handler that is not a console (like Prefect's API log): keeps every message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def run_fake_training(tmp_path, monkeypatch, terminal: io.StringIO) -> Collected:
+    """Three logging steps through the tracking callback with the task's logger as its echo."""
+    monkeypatch.setattr(sys, "stderr", terminal)
+    logger = logging.getLogger("prefect.task_runs")
+    console, collected = logging.StreamHandler(terminal), Collected()
+    for handler in (console, collected):
+        logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        callback = tracking.TrackingCallback(tmp_path / "train.log", echo=logger.info)
+        state = SimpleNamespace(global_step=0, max_steps=3, is_world_process_zero=True, log_history=[])
+        control = SimpleNamespace(should_save=False, should_log=False)
+        callback.on_train_begin(None, state, control)
+        for step in (1, 2, 3):
+            state.global_step = step
+            callback.on_step_end(None, state, control)
+            callback.on_log(None, state, control, logs={"loss": 2.0 / step, "num_tokens": 100.0 * step})
+        callback.on_train_end(None, state, control)
+    finally:
+        for handler in (console, collected):
+            logger.removeHandler(handler)
+    return collected
+
+
+def test_a_terminal_shows_one_progress_bar_and_the_prefect_log_one_line_per_step(tmp_path, monkeypatch):
+    terminal = FakeTerminal()
+    collected = run_fake_training(tmp_path, monkeypatch, terminal)
+    shown = terminal.getvalue()
+    assert "training step" not in shown  # no line per step on the console...
+    assert "3/3" in shown and "loss 0.6667" in shown and "tokens/s" in shown  # ...one bar instead
+    assert "{" not in shown  # no raw log dict
+    steps = [line for line in collected.messages if line.startswith("training step")]
+    assert len(steps) == 3 and steps[0].startswith("training step 1/3, loss 2, ")
+    assert "left" in steps[0]
+
+
+def test_without_a_terminal_the_console_gets_the_concise_lines(tmp_path, monkeypatch):
+    pipe = io.StringIO()  # CI, a pipe, a launched worker
+    run_fake_training(tmp_path, monkeypatch, pipe)
+    lines = [line for line in pipe.getvalue().splitlines() if line.startswith("training step")]
+    assert len(lines) == 3 and "\r" not in pipe.getvalue()

@@ -2,10 +2,14 @@
 
 Two ways to keep the loss on what the assistant says, picked from the chat template:
 - `assistant_only`: the template marks assistant output with `{% generation %}` (the tiny model's
-  ChatML does, end-of-turn token included); records train as whole conversations.
+  ChatML does, end-of-turn token included); records train as whole conversations, tokenized here
+  with the template's assistant mask (what TRL would compute) so that a turn with OpenAI's
+  `weight: 0` can be taken out of the loss.
 - `completion_only`: most hub templates have no markers; each record becomes a conversational
-  prompt (every turn before the last assistant turn) and completion (that turn, rendered by the
-  template with its end-of-turn token).
+  prompt (every turn before the last assistant turn to learn from) and completion (that turn,
+  rendered by the template with its end-of-turn token).
+
+A record whose assistant turns all have `weight: 0` has nothing to learn and is dropped with a reason.
 
 Validation records score the loss and, through `ExactMatchCallback`, the task metric (greedy
 answers compared with the reference), which can pick the best checkpoint and stop training early.
@@ -49,22 +53,66 @@ def training_row(
 ) -> tuple[dict[str, Any] | None, str, str]:
     """A record as an SFT row, or (None, reason, detail) when it cannot be learned from.
 
-    A record without an assistant turn has nothing to learn; one whose prompt alone fills
-    `max_length` would be truncated to no trainable token (TRL would silently skip it).
+    A record without an assistant turn, or whose assistant turns all have `weight: 0`, has nothing
+    to learn; one whose prompt alone fills `max_length` would be truncated to no trainable token
+    (TRL would silently skip it).
     """
-    messages = [models.clean_message(m) for m in record["messages"]]
-    last = models.last_assistant_index(messages)
-    if last is None:
+    answers = [i for i, m in enumerate(record["messages"]) if m["role"] == "assistant"]
+    if not answers:
         return None, "no_assistant_turn", "messages: no assistant turn to learn from"
-    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    prompt_end = first if loss_mode == "assistant_only" else last
+    learned = [i for i in answers if record["messages"][i].get("weight", 1) != 0]
+    if not learned:
+        turns = ", ".join(f"messages[{i}]" for i in answers)
+        return None, "nothing_to_learn", f"every assistant turn has weight 0 ({turns}); nothing to learn"
+    messages = [models.clean_message(m) for m in record["messages"]]
+    prompt_end = learned[0] if loss_mode == "assistant_only" else learned[-1]
     length = prompt_length(tokenizer, messages[:prompt_end]) if prompt_end else 0
     if length >= max_length:
         detail = f"prompt is {length} tokens, train.max_length is {max_length}; raise train.max_length"
         return None, "prompt_exceeds_max_length", detail
     if loss_mode == "assistant_only":
-        return {"messages": messages}, "", ""
-    return {"prompt": messages[:last], "completion": [messages[last]]}, "", ""
+        return assistant_row(tokenizer, messages, answers, learned)
+    return {"prompt": messages[:prompt_end], "completion": [messages[prompt_end]]}, "", ""
+
+
+def assistant_row(
+    tokenizer: Any, messages: list[dict[str, Any]], answers: list[int], learned: list[int]
+) -> tuple[dict[str, Any] | None, str, str]:
+    """A conversation tokenized with its assistant mask, turns of weight 0 masked out.
+
+    TRL takes `input_ids` + `assistant_masks` as they are (labels are -100 where the mask is 0);
+    `messages` stays so that TRL still sees a conversational dataset. Each `{% generation %}` span
+    of the template is one assistant turn, in order; a template that marks fewer (only the last
+    turn, say) cannot take one turn out, and the record is dropped rather than trained on it.
+    """
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    mask = list(encoded["assistant_masks"])
+    if learned != answers:
+        spans = mask_spans(mask)
+        if len(spans) != len(answers):
+            detail = (
+                f"the chat template marks {len(spans)} assistant spans for {len(answers)} assistant turns, "
+                "so a turn with weight 0 cannot be left out of the loss; drop the weights or use a template "
+                "whose {% generation %} wraps every assistant turn"
+            )
+            return None, "weight_not_applicable", detail
+        for turn, (start, end) in zip(answers, spans, strict=True):
+            if turn not in learned:
+                mask[start:end] = [0] * (end - start)
+    return {"messages": messages, "input_ids": list(encoded["input_ids"]), "assistant_masks": mask}, "", ""
+
+
+def mask_spans(mask: list[int]) -> list[tuple[int, int]]:
+    """The (start, end) of each run of 1s in a token mask."""
+    spans: list[tuple[int, int]] = []
+    for index, bit in enumerate(mask):
+        if bit and (index == 0 or not mask[index - 1]):
+            spans.append((index, index + 1))
+        elif bit:
+            spans[-1] = (spans[-1][0], index + 1)
+    return spans
 
 
 def with_reasoning(

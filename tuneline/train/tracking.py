@@ -11,11 +11,17 @@ logging step (so the checkpoint's log history ends exactly where training resume
 gets each logging step once (steps the killed attempt already logged are not logged again, steps
 of the checkpoint's history the run lacks are logged first), and the trainer's end-of-run summary,
 which covers this process only, stays out of the run (the train stage logs whole-run figures).
+
+What a person sees: with `echo` (the task's Prefect log), one concise line per logging step
+(`progress_line`). When stderr is a terminal, a single tqdm bar there (steps, loss, tokens/s, time
+left) takes the place of those lines on the console; the Prefect log still gets them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -29,6 +35,9 @@ from tuneline.experiment import TrackingTarget, is_number, open_experiment, pref
 from tuneline.pipeline import TRAIN
 
 RUN_FILE = "mlflow_run.json"
+PROGRESS_PREFIX = "training step "  # how progress_line starts: the lines a terminal bar replaces
+BAR_FIGURES = {"loss": "loss {:.4g}", "eval_loss": "eval_loss {:.4g}", "tokens_per_second": "{:.0f} tokens/s"}
+CONSOLE_LOGGERS = ("", "prefect", "prefect.task_runs", "prefect.flow_runs")  # where console handlers sit
 
 
 def open_run(target: TrackingTarget, artifacts_dir: Path, work_dir: Path, stage: str = TRAIN.name) -> str:
@@ -137,6 +146,7 @@ class TrackingCallback(TrainerCallback):
         self._last_time = 0.0
         self._last_tokens: float | None = None
         self._in_run: dict[str, set[int]] = {"loss": set(), "eval_loss": set()}  # steps the run holds
+        self.bar = TerminalProgress() if TerminalProgress.wanted() else None
 
     def write(self, line: str, echo: bool = False) -> None:
         """Append one timestamped line to the training log (and, with `echo`, to the console)."""
@@ -155,6 +165,8 @@ class TrackingCallback(TrainerCallback):
         if state.is_world_process_zero:
             where = f"resumed from step {state.global_step}" if state.global_step else "started"
             self.write(f"training {where}; {state.max_steps} steps in all", echo=True)
+            if self.bar:
+                self.bar.start(state.global_step, state.max_steps)
             if self.target and self.run_id:
                 self._catch_up_run(state.log_history)
 
@@ -165,6 +177,8 @@ class TrackingCallback(TrainerCallback):
         the whole training's loss and token count from that history (tuneline/train/stage.py).
         """
         self.steps_run += 1
+        if self.bar:
+            self.bar.step()
         if control.should_save:
             control.should_log = True
 
@@ -191,8 +205,11 @@ class TrackingCallback(TrainerCallback):
             numbers["memory_mb"] = memory_bytes() / 2**20
         shown = " ".join(f"{key}={value:.6g}" for key, value in sorted(numbers.items()))
         self.write(f"step {state.global_step}: {shown}")
-        if self.echo and ("loss" in numbers or "eval_loss" in numbers):
-            self.echo(self.progress_line(state, numbers, now))
+        if "loss" in numbers or "eval_loss" in numbers:
+            if self.echo:
+                self.echo(self.progress_line(state, numbers, now))
+            if self.bar:
+                self.bar.show(numbers)
         kind = _log_kind(numbers)  # None: the trainer's end-of-run summary, of this process's steps only
         if self.target and self.run_id and kind and state.global_step not in self._in_run[kind]:
             self._log_metrics(numbers, state.global_step)
@@ -200,6 +217,8 @@ class TrackingCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Close the log with the step reached and the measured rate."""
+        if self.bar:
+            self.bar.close()
         if state.is_world_process_zero:
             self.write(
                 f"training ended at step {state.global_step}: {self.steps_run} steps run by this process, "
@@ -243,11 +262,76 @@ class TrackingCallback(TrainerCallback):
         if done > 0 and state.max_steps > state.global_step:
             left = (now - self._started) / done * (state.max_steps - state.global_step)
             parts.append(f"{int(left // 60)}:{int(left % 60):02d} left")
-        return "training " + ", ".join(parts)
+        return "training " + ", ".join(parts)  # "training step ...": PROGRESS_PREFIX
 
     def tokens_per_second(self) -> float | None:
         """Real (non-padding) tokens per second over this process's training."""
         return self.tokens_run / self.seconds if self.tokens_run and self.seconds else None
+
+
+class TerminalProgress:
+    """One tqdm bar on stderr for a person at a terminal: steps, loss, tokens/s and time left.
+
+    While it shows, console handlers writing to a terminal skip the per-step progress lines (the
+    bar says the same in place); handlers that are not consoles, such as Prefect's API log, keep them.
+    """
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.hide = _HideProgressLines()
+        self.handlers: list[logging.Handler] = []
+
+    @staticmethod
+    def wanted() -> bool:
+        """Whether a person watches: stderr is a terminal (not CI, a pipe or a launched worker)."""
+        return sys.stderr.isatty()
+
+    def start(self, step: int, total: int) -> None:
+        from tqdm import tqdm
+
+        # disable=False: `tuneline run` sets TQDM_DISABLE to keep library bars out of the logs.
+        self.bar = tqdm(total=total, initial=step, desc="training", unit="step", file=sys.stderr,
+                        disable=False, dynamic_ncols=True)  # fmt: skip
+        self.handlers = [handler for handler in _console_handlers() if self.hide not in handler.filters]
+        for handler in self.handlers:
+            handler.addFilter(self.hide)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def show(self, numbers: dict[str, float]) -> None:
+        """The latest loss (and validation loss) and rate beside the bar."""
+        if self.bar is None:
+            return
+        parts = [form.format(numbers[key]) for key, form in BAR_FIGURES.items() if key in numbers]
+        self.bar.set_postfix_str(", ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        for handler in self.handlers:
+            handler.removeFilter(self.hide)
+        self.handlers = []
+
+
+class _HideProgressLines(logging.Filter):
+    """Drops the per-step progress lines (a terminal bar shows them) and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(PROGRESS_PREFIX)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    """The logging handlers that write to a terminal: Prefect's console and the root's."""
+    handlers = []
+    for name in CONSOLE_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and getattr(stream, "isatty", lambda: False)():
+                handlers.append(handler)
+    return handlers
 
 
 def _log_kind(numbers: dict[str, float]) -> str | None:
