@@ -30,7 +30,7 @@ from prefect.runtime import deployment, flow_run
 from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel, Field
 from tuneline.tasks.augment import augment_merge, augment_round, report_rounds, show_review_request
-from tuneline.tasks.stages import collect, fetch
+from tuneline.tasks.stages import collect, fetch, tidy_store
 
 from tuneline.augment.checkpoint import review_instructions, review_round, review_timeout
 from tuneline.augment.review import PendingBatch
@@ -68,6 +68,7 @@ def augment(recipe: Recipe) -> dict:
             "recipe", ["augment: the augment flow needs this section (see recipes/augment_demo.yaml)"]
         )
     artifacts_dir = Path(recipe.artifacts_dir).resolve()
+    tidy_store(artifacts_dir)  # a killed run's temporary stage folders
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()
     collected = collect(artifacts_dir, recipe.sources, fetched)
     augmented, rounds = augment_rounds(artifacts_dir, recipe.augment, collected, recipe.register)
