@@ -15,6 +15,7 @@ indexes (a set of ids and of LSH band hashes), whatever the input size. Language
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import multiprocessing
@@ -34,7 +35,7 @@ from tuneline.curate.dedup import NearDedup, choose_bands, lsh_keys
 from tuneline.curate.pii import Redactor
 from tuneline.errors import UserError
 from tuneline.pipeline import CLEAN
-from tuneline.recipe import PII_KINDS, CleanSpec, ModelSpec
+from tuneline.recipe import PII_KINDS, CleanSpec, ModelSpec, PiiSpec
 from tuneline.records import Record, comparable_text, content_digest, record_text
 from tuneline.store import RECORDS, StageRef, StageWriter, reuse_or_write, stage_key
 
@@ -154,8 +155,11 @@ def strips_html(record: Record, spec: CleanSpec) -> bool:
 def repair_record(record: Record, spec: CleanSpec, repairs: Counter[str]) -> Record:
     """The record with every turn repaired; the id follows the new content. Where markup is the
     content, no tag is stripped and the layout stays."""
-    markup = markup_is_content(record)
-    strip_html = not markup and strips_html(record, spec)
+    contents = [m["content"] for m in record["messages"]]
+    layout = spec.normalize_text and any(" \n" in c or "\t\n" in c or "\n\n\n" in c for c in contents)
+    web = strips_html(record, spec)
+    markup = (layout or web) and markup_is_content(record)  # the regex only where it decides something
+    strip_html = web and not markup
     messages = [
         {**m, "content": repair_text(m["content"], spec, repairs, strip_html, markup)}
         for m in record["messages"]
@@ -163,33 +167,43 @@ def repair_record(record: Record, spec: CleanSpec, repairs: Counter[str]) -> Rec
     return {**record, "messages": messages, "id": content_digest(messages, record.get("tools"))}
 
 
+@functools.lru_cache(maxsize=8)
+def pii_actions(pii: PiiSpec) -> dict[str, str]:
+    """`clean.pii` as {kind: action}, computed once per spec rather than once per record."""
+    return pii.model_dump()
+
+
 def handle_pii(record: Record, spec: CleanSpec, counts: Counter[str]) -> tuple[Record, str | None]:
     """The record with PII handled as `clean.pii` says per kind: redacted in every turn and tool-call
     argument (still valid JSON), or the record dropped as `pii_<kind>`; `counts` gains
     `redact:<kind>` / `report:<kind>` per find."""
-    actions = spec.pii.model_dump()
+    actions = pii_actions(spec.pii)
     redactor = Redactor(actions, lambda: json.dumps(record["messages"], ensure_ascii=False))
-    messages = []
+    messages, changed = [], False
     for message in record["messages"]:
         content = message["content"]
-        new = {**message, "content": redactor.json_text(content) if message["role"] == "tool" else
-               redactor.text(content)}  # fmt: skip
-        if isinstance(message.get("tool_calls"), list):
-            new["tool_calls"] = [
-                {**call, "arguments": redactor.json_text(call["arguments"])}
-                if isinstance(call, dict) and isinstance(call.get("arguments"), str)
-                else call
-                for call in message["tool_calls"]
-            ]
-        messages.append(new)
+        new = redactor.json_text(content) if message["role"] == "tool" else redactor.text(content)
+        calls = message.get("tool_calls")
+        new_calls = [_redact_call(call, redactor) for call in calls] if isinstance(calls, list) else calls
+        if new != content or new_calls != calls:
+            changed = True
+            message = {**message, "content": new, **({"tool_calls": new_calls} if calls is not None else {})}
+        messages.append(message)
     dropped = [kind for kind in PII_KINDS if redactor.found[kind] and actions[kind] == "drop"]
     if dropped:
         return record, f"pii_{dropped[0]}"
     for kind, found in redactor.found.items():
         counts[f"{actions[kind]}:{kind}"] += found
-    if messages == record["messages"]:
+    if not changed:
         return record, None
     return {**record, "messages": messages, "id": content_digest(messages, record.get("tools"))}, None
+
+
+def _redact_call(call: Any, redactor: Redactor) -> Any:
+    if isinstance(call, dict) and isinstance(call.get("arguments"), str):
+        arguments = redactor.json_text(call["arguments"])
+        return call if arguments == call["arguments"] else {**call, "arguments": arguments}
+    return call
 
 
 def normalize_record(record: Record) -> Record:
@@ -479,7 +493,7 @@ class Cleaner:
     def stats(self) -> dict[str, Any]:
         """Repairs by kind, and PII finds by kind: redacted, and only reported (records dropped
         for PII are in the ledger as pii_<kind>)."""
-        actions = self.spec.pii.model_dump()
+        actions = pii_actions(self.spec.pii)
         repaired = {k: v for k, v in self.repairs.items() if ":" not in k}
         return {
             "repaired": dict(sorted(repaired.items())),
