@@ -358,3 +358,22 @@ def test_worker_processes_give_the_same_stage(tmp_path):
     assert read_manifest(inline)["ledger"] == read_manifest(parallel)["ledger"]
     assert read_manifest(inline)["ledger"]["dropped"]["near_duplicate"] > 0
     assert inline.file("records.jsonl").read_text() == parallel.file("records.jsonl").read_text()
+
+
+def test_crawled_pairs_are_marked_as_web_text_so_html_auto_strips_their_leftover_tags(tmp_path):
+    from tuneline.recipe import CrawlSource
+    from tuneline.sources.collect import run_collect
+    from tuneline.sources.crawl import ITEMS
+
+    item = {"url": "https://faq.test/hours", "fetched_at": "2026-01-01T00:00:00Z", "title": "FAQ",
+            "question": "Opening&nbsp;hours?", "answer": "<b>From nine</b> to five."}  # fmt: skip
+    with write_stage(tmp_path, "fetch", "crawl") as writer:
+        writer.count_in()
+        writer.keep(item, ITEMS)
+    source = CrawlSource(
+        name="faq", mode="pairs", start_urls=["https://faq.test/"], pair="div", question="h3", answer="p"
+    )
+    collected = run_collect(tmp_path, [source], [find_stage(tmp_path, "fetch", "crawl")])
+    [record] = iter_records(run_clean(tmp_path, collected, CleanSpec()))
+    assert record["meta"]["source_kind"] == "crawl"
+    assert [m["content"] for m in record["messages"]] == ["Opening\u00a0hours?", "From nine to five."]
