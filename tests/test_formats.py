@@ -731,3 +731,24 @@ def test_collect_puts_text_sources_in_the_documents_file_and_counts_them(tmp_pat
     [reject] = list(iter_jsonl(ref.file(DOCUMENT_REJECTS)))
     assert reject["detail"] == f"{pages}:2: text: empty, so there is no document"
     assert len(list(iter_records(ref))) == 1
+
+
+@pytest.mark.parametrize(
+    ("source", "ok"),
+    [
+        ({"name": "notes", "path": "docs/notes.md"}, True),
+        ({"name": "pages", "path": "pages.jsonl", "format": "text"}, True),
+        ({"name": "pairs", "path": "pairs.jsonl"}, False),
+    ],
+)
+def test_a_text_source_grounds_augmentation_in_a_recipe(source, ok):
+    from tuneline.recipe import RecipeError, validate_recipe
+
+    teacher = {"base_url": "http://127.0.0.1:9/v1", "model": "t", "recordings": "recordings"}
+    data = {"name": "d", "sources": [source], "model": {"name": "m"}, "register": {"model_name": "m"},
+            "augment": {"mode": "documents", "teacher": teacher}}  # fmt: skip
+    if ok:
+        assert validate_recipe(data).sources[0].name == source["name"]
+    else:
+        with pytest.raises(RecipeError, match=r"or a text source \(a .txt/.md file, or format: text\)"):
+            validate_recipe(data)

@@ -68,3 +68,14 @@ def test_round_trip_through_canonical_records_is_lossless(tmp_path, name):
     assert json.loads((tmp_path / path.name).read_text(encoding="utf-8")) == rows
     again = read_records(tmp_path / path.name, fmt).records
     assert [record["id"] for record in again] == [record["id"] for record in records]
+
+
+@pytest.mark.parametrize("name", ["c4_demo.jsonl", "wiki_demo.txt"])
+def test_llamafactory_pretraining_text_reads_as_documents(name):
+    path = LLAMAFACTORY / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found: LLaMA-Factory's pre-training demo is not in the shared data")
+    assert detect_format(path) == "text"
+    result = read_records(path)
+    assert result.rejects == [] and result.records == []
+    assert result.documents and all(document["text"].strip() for document in result.documents)

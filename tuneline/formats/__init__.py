@@ -43,8 +43,9 @@ from tuneline.records import Record, RecordError, make_record
 
 __all__ = [
     "WRITABLE_FORMATS", "ConversionError", "Format", "FormatError", "Item", "ReadResult", "WriteResult",
-    "UnpackLimitError", "UnpackLimits", "detect_format", "detect_keys", "iter_documents", "iter_file",
-    "parse_object", "peek_format", "read_records", "to_format", "write_records", "write_stream",
+    "UnpackLimitError", "UnpackLimits", "detect_format", "detect_keys", "is_plain_text_path",
+    "iter_documents", "iter_file", "parse_object", "peek_format", "read_records", "to_format",
+    "write_records", "write_stream",
 ]  # fmt: skip
 
 

@@ -68,7 +68,7 @@ class FileSource(Section):
     kind: Literal["file"] = "file"
     name: str = Field(description="Source name, kept in every record's meta.source.")
     path: str = Field(description="Local path (relative to the project) or fsspec URL.")
-    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+    format: Format | None = Field(None, description="Record format (text: documents); detected when empty.")
     max_unpacked_bytes: int = Field(MAX_UNPACKED_BYTES, ge=1, description=UNPACKED_BYTES_HELP)
     max_ratio: float = Field(MAX_RATIO, gt=1, description=RATIO_HELP)
 
@@ -87,7 +87,7 @@ class UrlSource(Section):
     sha256: str | None = Field(
         None, pattern=r"^[0-9a-fA-F]{64}$", description="Expected sha256 of the downloaded file."
     )
-    format: Format | None = Field(None, description="Record format; detected from the file when empty.")
+    format: Format | None = Field(None, description="Record format (text: documents); detected when empty.")
     retries: int = Field(4, ge=0, le=20, description="Retries on 5xx, timeouts and dropped connections.")
     timeout_s: float = Field(30.0, gt=0, description="Seconds without data before a try fails.")
     max_unpacked_bytes: int = Field(MAX_UNPACKED_BYTES, ge=1, description=UNPACKED_BYTES_HELP)
@@ -453,11 +453,26 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _augment_has_documents(self) -> Recipe:
         grounded = self.augment is not None and self.augment.mode == "documents"
-        if grounded and not any(s.kind == "crawl" and s.mode == "documents" for s in self.sources):
+        if grounded and not any(_holds_documents(source) for source in self.sources):
             raise ValueError(
-                "augment.mode documents needs collected documents: add a crawl source with mode: documents"
+                "augment.mode documents needs collected documents: add a crawl source with mode: documents, "
+                "or a text source (a .txt/.md file, or format: text)"
             )
         return self
+
+
+def _holds_documents(source: Source) -> bool:
+    """Whether a source yields documents: a crawl in documents mode, or text (format or file name)."""
+    from tuneline.formats import is_plain_text_path  # here: tuneline.formats imports this module
+
+    match source:
+        case CrawlSource():
+            return source.mode == "documents"
+        case FileSource():
+            return source.format == "text" or is_plain_text_path(source.path)
+        case UrlSource():
+            return source.format == "text" or is_plain_text_path(source.url)
+    return source.format == "text"
 
 
 class RecipeError(UserError, ValueError):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Format = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "self_instruct"]
+Format = Literal["alpaca", "sharegpt", "openai", "prompt_completion", "self_instruct", "text"]
 
 
 class Section(BaseModel):
