@@ -85,7 +85,7 @@ def test_english_shingles_are_unchanged():
         12630194143097082991, 14958284276721229367, 6662317291147308245, 4540544474241085856,
         56075093038814, 121,
     ]
-    trigrams, _ = ngram_hashes(["Hello, World! It’s “café”—time 42."], 3, short_texts_as_words=False)
+    trigrams, _ = ngram_hashes(["Hello, World! It’s “café”—time 42."], 3, False, 2)
     assert trigrams.tolist() == [7670728958929624907, 17459919564900420240, 11826815428126780191]
 
 
@@ -97,10 +97,11 @@ def random_chinese(rng, length):
     return "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(length))
 
 
-def test_chinese_training_record_sharing_a_passage_with_a_held_out_one_is_decontaminated(tmp_path):
+def test_chinese_record_sharing_a_passage_with_a_held_out_one_is_decontaminated_boilerplate_is_not(tmp_path):
     rng = random.Random(0)
-    near = [conversation(f"第{i}个问题：介绍一下长城。", CHINESE) for i in range(30)]
-    distinct = [conversation(f"第{i}个问题：随便说点什么。", random_chinese(rng, 60)) for i in range(30)]
+    greeting = "您好，我是一个由小明开发的人工智能助手。"  # shared boilerplate, 17 characters, is not a copy
+    near = [conversation(f"第{i}个问题：介绍一下长城。", greeting + CHINESE) for i in range(30)]
+    distinct = [conversation(random_chinese(rng, 9), greeting + random_chinese(rng, 60)) for _ in range(30)]
     with write_stage(tmp_path, "gate", "in") as writer:
         for record in near + distinct:
             writer.count_in()

@@ -90,8 +90,9 @@ _POWERS = _powers(_PRIME, CHUNK_BYTES + 1)
 _INVERSE_POWERS = _powers(_PRIME_INVERSE, CHUNK_BYTES + 1)
 
 
-def _token_bounds(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Byte offsets where each token starts and ends (exclusive), in order."""
+def _token_bounds(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Byte offsets where each token starts and ends (exclusive), in order, and whether each
+    token is a character token."""
     inside = _INSIDE_WORD[data]
     leads = np.flatnonzero(data >= 0xC0)  # first bytes of multi-byte characters
     if leads.size:
@@ -107,9 +108,13 @@ def _token_bounds(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             cut[leads[classes == _MARK]] = False
             before = np.concatenate(([False], inside))  # before[i]: byte i - 1 is inside
             after = np.concatenate((inside, [False]))  # after[i]: byte i is inside
-            return np.flatnonzero(after & (~before | cut)), np.flatnonzero(before & (~after | cut))
+            starts = np.flatnonzero(after & (~before | cut))
+            character = np.zeros(data.size + 1, dtype=bool)
+            character[leads[single]] = True
+            return starts, np.flatnonzero(before & (~after | cut)), character[starts]
     edges = np.diff(inside.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    starts = np.flatnonzero(edges == 1)
+    return starts, np.flatnonzero(edges == -1), np.zeros(starts.size, dtype=bool)
 
 
 def _lead_classes(data: np.ndarray, leads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,9 +132,10 @@ def _lead_classes(data: np.ndarray, leads: np.ndarray) -> tuple[np.ndarray, np.n
     return classes, lengths
 
 
-def _chunk_word_hashes(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Word hashes of a few texts: a polynomial hash of each word's bytes, from prefix sums
-    (hash(word) = (H[end] - H[start]) * P**-start), with no Python loop over words."""
+def _chunk_token_hashes(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token hashes of a few texts: a polynomial hash of each token's bytes, from prefix sums
+    (hash(token) = (H[end] - H[start]) * P**-start), with no Python loop over tokens; whether
+    each is a character token; row offsets."""
     data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     powers, inverse = (
         (_POWERS, _INVERSE_POWERS)
@@ -137,60 +143,105 @@ def _chunk_word_hashes(encoded: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
         else (_powers(_PRIME, data.size + 1), _powers(_PRIME_INVERSE, data.size + 1))
     )  # a single text longer than a chunk gets its own tables
     text_ends = np.cumsum([len(chunk) for chunk in encoded], dtype=np.int64)
-    starts, ends = _token_bounds(data)
+    starts, ends, characters = _token_bounds(data)
     with np.errstate(over="ignore"):
         prefix = np.zeros(data.size + 1, dtype=np.uint64)
         np.cumsum(_BYTE_VALUE[data] * powers[: data.size], dtype=np.uint64, out=prefix[1:])
         hashes = (prefix[ends] - prefix[starts]) * inverse[starts]
     offsets = np.concatenate(([0], np.searchsorted(starts, text_ends))).astype(np.int64)
-    return hashes.astype(np.uint64), offsets
+    return hashes.astype(np.uint64), characters, offsets
 
 
-def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One uint64 hash per word of every text, flat, and row offsets (`offsets[i]:offsets[i+1]`
-    are the words of text i)."""
+def token_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One uint64 hash per token of every text, flat; whether each token is a character (of a
+    script written without spaces); row offsets (`offsets[i]:offsets[i+1]` are text i's tokens)."""
     encoded = [text.encode("utf-8", "surrogatepass") + b" " for text in texts]
-    parts, offsets, chunk, size, base = [], [np.zeros(1, dtype=np.int64)], [], 0, 0
+    parts, flags, offsets, chunk, size, base = [], [], [np.zeros(1, dtype=np.int64)], [], 0, 0
     for item in [*encoded, None]:
         if chunk and (item is None or size + len(item) > CHUNK_BYTES):
-            hashes, chunk_offsets = _chunk_word_hashes(chunk)
+            hashes, characters, chunk_offsets = _chunk_token_hashes(chunk)
             parts.append(hashes)
+            flags.append(characters)
             offsets.append(chunk_offsets[1:] + base)
             base += hashes.size
             chunk, size = [], 0
         if item is not None:
             chunk.append(item)
             size += len(item)
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
-    return flat, np.concatenate(offsets)
+    if not parts:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=bool), np.concatenate(offsets)
+    return np.concatenate(parts), np.concatenate(flags), np.concatenate(offsets)
 
 
-def ngram_hashes(texts: list[str], n: int, short_texts_as_words: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of every run of `n` consecutive words of each text (flat) and row offsets.
+def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One uint64 hash per token (word or character) of every text, flat, and row offsets."""
+    hashes, _, offsets = token_hashes(texts)
+    return hashes, offsets
 
-    A text with fewer than `n` words has no n-gram; with `short_texts_as_words` its words stand
-    in (near-dedup still compares short texts), else its row is empty (a short text cannot share
-    a long n-gram with anything).
+
+def _long_windows(characters: np.ndarray, n: int, per_word: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions whose n-gram needs more than n tokens, and how many: `per_word` characters
+    weigh one word, so a window holding characters grows until it weighs n words. Only windows
+    near a character are looked at, so text of words costs nothing here. A window may run past
+    the last token (counted as words); the caller keeps only windows inside their text."""
+    chars = np.flatnonzero(characters)
+    near = np.zeros(characters.size + n, dtype=bool)
+    for back in range(n):  # windows starting up to n - 1 tokens before a character hold it
+        near[chars + n - 1 - back] = True
+    positions = np.flatnonzero(near[n - 1 : n - 1 + characters.size])
+    lengths = np.full(positions.size, n, dtype=np.int64)
+    growing = np.arange(positions.size)
+    while growing.size:  # one token at a time, only for the windows still too light
+        start, stop = positions[growing], positions[growing] + lengths[growing]
+        held = np.searchsorted(chars, stop) - np.searchsorted(chars, start)
+        light = per_word * lengths[growing] - (per_word - 1) * held < per_word * n
+        growing = growing[light]
+        lengths[growing] += 1
+    longer = lengths > n
+    return positions[longer], lengths[longer]
+
+
+def ngram_hashes(
+    texts: list[str], n: int, short_texts_as_words: bool, characters_per_word: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of every run of `n` consecutive words of each text (flat) and row offsets. Where a
+    run holds characters of scripts written without spaces, `characters_per_word` of them weigh
+    one word (2: an n-gram spans about as much Chinese text as n words of English; 1: each
+    character is a word, finer shingles).
+
+    A text too short for one n-gram has none; with `short_texts_as_words` its tokens stand in
+    (near-dedup still compares short texts), else its row is empty (a short text cannot share a
+    long n-gram with anything).
     """
-    words, offsets = word_hashes(texts)
-    counts = np.diff(offsets)
+    tokens, characters, offsets = token_hashes(texts)
     if n == 1:
-        return words, offsets
-    multipliers = _NGRAM_MULTIPLIERS[np.arange(n) % 64]
-    total = max(words.size - n + 1, 0)
-    combined = np.zeros(words.size, dtype=np.uint64)  # combined[p]: the n-gram starting at word p
+        return tokens, offsets
+    size = tokens.size
+    longer, longer_lengths = _long_windows(characters, n, characters_per_word)
+    combined = np.zeros(size, dtype=np.uint64)  # combined[p]: the n-gram starting at token p
+    total = max(size - n + 1, 0)
     with np.errstate(over="ignore"):
         for k in range(n):
-            combined[:total] += words[k : k + total] * multipliers[k]
+            combined[:total] += tokens[k : k + total] * _NGRAM_MULTIPLIERS[k % 64]
+        growing = np.flatnonzero(longer + n < size)  # windows holding characters hold more tokens
+        for k in range(n, int(longer_lengths.max(initial=0))):
+            growing = growing[(longer_lengths[growing] > k) & (longer[growing] + k < size)]
+            combined[longer[growing]] += tokens[longer[growing] + k] * _NGRAM_MULTIPLIERS[k % 64]
     # An n-gram starting at flat position p is valid when it ends inside the same text; positions
     # stay sorted, so selecting them keeps each text's n-grams together and in order.
-    text_of = np.repeat(np.arange(len(texts)), counts)
-    valid = np.zeros(words.size, dtype=bool)
+    text_of = np.repeat(np.arange(len(texts)), np.diff(offsets))
+    valid = np.zeros(size, dtype=bool)
     valid[:total] = text_of[:total] == text_of[n - 1 :]
+    last = longer + longer_lengths - 1
+    valid[longer] = (last < size) & (text_of[np.minimum(last, size - 1)] == text_of[longer])
     selected = valid
     if short_texts_as_words:
-        short_word = (counts < n)[text_of]
-        selected = valid | short_word
-        combined = np.where(short_word, words, combined)
+        counts = np.diff(offsets)
+        weight = characters_per_word * counts - (characters_per_word - 1) * np.bincount(
+            text_of[characters], minlength=len(texts)
+        )
+        short = (weight < characters_per_word * n)[text_of]  # too short for one n-gram
+        selected = valid | short
+        combined = np.where(short, tokens, combined)
     per_text = np.bincount(text_of[selected], minlength=len(texts))
     return combined[selected], np.concatenate(([0], np.cumsum(per_text))).astype(np.int64)
