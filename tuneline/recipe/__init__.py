@@ -341,7 +341,9 @@ class SplitSpec(Section):
         True, description="Drop training records sharing a long n-gram with validation, test or benchmarks."
     )
     decontaminate_ngram: int = Field(
-        13, ge=3, description="Tokens per n-gram for decontamination (words, or characters as in near-dedup)."
+        13,
+        ge=3,
+        description="Words per n-gram for decontamination (two characters weigh one word in Chinese, Thai...).",
     )
     benchmarks: list[str] = Field(
         default_factory=list,
