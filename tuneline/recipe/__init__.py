@@ -341,9 +341,7 @@ class SplitSpec(Section):
         True, description="Drop training records sharing a long n-gram with validation, test or benchmarks."
     )
     decontaminate_ngram: int = Field(
-        13,
-        ge=3,
-        description="Words per n-gram for decontamination (two characters weigh one word in Chinese, Thai...).",
+        13, ge=3, description="Words per n-gram for decontamination (Chinese, Thai...: 2 characters a word)."
     )
     benchmarks: list[str] = Field(
         default_factory=list,
