@@ -161,6 +161,15 @@ def test_a_turn_with_weight_0_has_no_loss_and_the_next_turn_has(setup, tmp_path)
     ]
 
 
+def test_a_template_marking_no_assistant_token_drops_the_record_with_the_reason(setup):
+    tokenizer = models.load_tokenizer(setup["model"])
+    tokenizer.chat_template = PLAIN_CHATML + "{% generation %}{% endgeneration %}"
+    row, reason, detail = train_data.training_row(
+        {"messages": weighted_conversation(1, 1)}, tokenizer, "assistant_only", 64
+    )
+    assert (row, reason) == (None, "no_assistant_tokens") and "{% generation %}" in detail
+
+
 def test_completion_only_learns_the_last_turn_with_weight(setup):
     tokenizer = models.load_tokenizer(setup["model"].model_copy(update={"chat_template": PLAIN_CHATML}))
     row, _, _ = train_data.training_row(

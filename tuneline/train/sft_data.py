@@ -89,6 +89,9 @@ def assistant_row(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     mask = list(encoded["assistant_masks"])
+    if 1 not in mask:  # TRL would raise for the whole dataset; one record is dropped instead
+        detail = "the chat template marks no assistant token; check its {% generation %} markers"
+        return None, "no_assistant_tokens", detail
     if learned != answers:
         spans = mask_spans(mask)
         if len(spans) != len(answers):
