@@ -92,7 +92,8 @@ def collect_texts(collected: StageRef, splits: StageRef | None, writer: StageWri
         yield text
     for record in iter_records(splits, TRAIN_SPLIT) if splits else ():
         writer.count_in()
-        text = "\n".join(m["content"] for m in record["messages"] if m["role"] in ("user", "assistant"))
+        turns = [m for m in record["messages"] if m["role"] in ("user", "assistant")]
+        text = "\n".join(m["content"] for m in turns if isinstance(m.get("content"), str))  # not tool calls
         if not text.strip():
             writer.drop(record, "empty_text", "a record without user or assistant text")
             continue
