@@ -211,3 +211,25 @@ def test_the_flow_pretrains_then_trains_reuses_both_and_a_train_change_reruns_tr
     changed = finetune(recipe_for(project, pretrain=pretrain, train={"learning_rate": 0.002}))
     assert changed["stage_dirs"]["pretrain"] == first["stage_dirs"]["pretrain"]
     assert changed["stage_dirs"]["train"] != first["stage_dirs"]["train"]
+
+
+def test_text_files_collected_as_documents_are_what_pretrain_trains_on(pipeline, tmp_path):
+    from tuneline.recipe import FileSource
+    from tuneline.sources.collect import run_collect
+
+    (tmp_path / "manual.md").write_text(
+        "# Returns\n\nA lamp can be returned within thirty days of delivery.\n"
+    )
+    pages = [{"text": "Parcels leave the warehouse within two days."}, {"text": "Refunds take five days."}]
+    (tmp_path / "pages.jsonl").write_text("".join(json.dumps(page) + "\n" for page in pages))
+    sources = [FileSource(name=name, path=str(tmp_path / name)) for name in ("manual.md", "pages.jsonl")]
+    collected = run_collect(tmp_path / "art", sources)
+    spec = small_pretrain(include_records=False)
+    ref = run_pretrain(tmp_path / "art", collected, pipeline["splits"], pipeline["model"], spec)
+    rows = list(iter_records(ref, "pretrained.jsonl"))
+    assert [row["origin"] for row in rows] == ["document"] * 3
+    assert [row["url"] for row in rows] == [str(tmp_path / "manual.md"), *[str(tmp_path / "pages.jsonl")] * 2]
+    assert check_ledger(ref) == {"in": 3, "out": 3, "dropped": {}}
+    assert [input["stage"] for input in read_manifest(ref)["inputs"]] == [
+        "collect"
+    ]  # no split without records
