@@ -6,7 +6,7 @@ user and assistant text of the train split's records (never validation or test, 
 stays held out). The texts are joined with the end-of-text token between them and cut into blocks
 of `pretrain.block_size` tokens (the tail shorter than a block is left out, as in transformers'
 run_clm), then transformers' Trainer trains every weight with DataCollatorForLanguageModeling
-(mlm=False). The train stage then fine-tunes the result (`pretrained_model`).
+(mlm=False). The train stage then fine-tunes the result (`run_train(..., pretrained=ref)`).
 
 Checkpoints, the training log, the MLflow run and the export are the train stage's
 (tuneline/train/stage.py, tracking.py, export.py). The stage folder holds `model/`, `pretrained.jsonl`
@@ -163,7 +163,8 @@ def _pretrain_into(
     if not blocks:
         raise PretrainDataError(
             f"pretrain: {len(texts)} text(s), {tokens} tokens, not one block of pretrain.block_size "
-            f"{pretrain.block_size}; add documents (a crawl with mode: documents), set "
+            f'{pretrain.block_size}; add documents (a .txt/.md file, {{"text": ...}} JSON lines or a '
+            "crawl with mode: documents), set "
             "pretrain.include_records: true, or lower pretrain.block_size"
         )
     work_dir.mkdir(parents=True, exist_ok=True)
