@@ -233,3 +233,32 @@ def test_text_files_collected_as_documents_are_what_pretrain_trains_on(pipeline,
     assert [input["stage"] for input in read_manifest(ref)["inputs"]] == [
         "collect"
     ]  # no split without records
+
+
+def test_a_pretraining_killed_after_a_checkpoint_resumes_from_it_in_the_same_mlflow_run(
+    pipeline, tmp_path, monkeypatch
+):
+    from tuneline.train import export
+
+    target = TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "tuneline-test", "support")
+    spec = small_pretrain(max_steps=3, save_steps=2)  # checkpoint-2, then step 3, then the export
+    real_export = export.export_model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while exporting")
+
+    monkeypatch.setattr(export, "export_model", killed)
+    args = (tmp_path / "art", pipeline["collected"], pipeline["splits"], pipeline["model"], spec)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(*args, tracking=target)
+    assert not list((tmp_path / "art").glob("stages/pretrain/*/manifest.json"))
+    monkeypatch.setattr(export, "export_model", real_export)
+    ref = run_pretrain(*args, tracking=target)
+    stats = read_stats(ref)
+    assert stats["resumed_from_step"] == 2 and stats["steps"] == 3
+    assert "training resumed from step 2" in ref.file(layout.LOG_FILE).read_text(encoding="utf-8")
+    client = pipeline["client"].__class__(target.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tuneline-test").experiment_id])
+    assert run.info.run_id == stats["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert not list((tmp_path / "art").glob("checkpoints/pretrain/*"))  # removed once written
