@@ -210,6 +210,19 @@ def test_pii_in_tool_calls_is_redacted_consistently_and_arguments_stay_valid_jso
     assert cleaner.stats()["pii_redacted"]["email"] == 5
 
 
+def test_pii_in_a_distilled_answers_reasoning_is_redacted_too():
+    record = make_record([
+        {"role": "user", "content": "Who should get the report?"},
+        {"role": "assistant", "content": "Send it to the team lead.",
+         "reasoning_content": "The lead is jane.doe@acme-corp.com, per the thread; she asked first."},
+    ])  # fmt: skip
+    cleaner = Cleaner(CleanSpec())
+    [(cleaned, reason)] = cleaner.clean_batch([record])
+    assert reason is None and "jane.doe@" not in json.dumps(cleaned)
+    assert cleaned["messages"][1]["reasoning_content"].startswith("The lead is user1@example.com")
+    assert cleaner.stats()["pii_redacted"]["email"] == 1
+
+
 def test_pii_action_per_kind_redact_drop_or_report():
     record = tool_record()
     cleaner = Cleaner(CleanSpec(pii={"email": "report"}))

@@ -174,9 +174,9 @@ def pii_actions(pii: PiiSpec) -> dict[str, str]:
 
 
 def handle_pii(record: Record, spec: CleanSpec, counts: Counter[str]) -> tuple[Record, str | None]:
-    """The record with PII handled as `clean.pii` says per kind: redacted in every turn and tool-call
-    argument (still valid JSON), or the record dropped as `pii_<kind>`; `counts` gains
-    `redact:<kind>` / `report:<kind>` per find."""
+    """The record with PII handled as `clean.pii` says per kind: redacted in every turn, its
+    reasoning and tool-call arguments (still valid JSON), or the record dropped as `pii_<kind>`;
+    `counts` gains `redact:<kind>` / `report:<kind>` per find."""
     actions = pii_actions(spec.pii)
     redactor = Redactor(actions, lambda: json.dumps(record["messages"], ensure_ascii=False))
     messages, changed = [], False
@@ -185,9 +185,13 @@ def handle_pii(record: Record, spec: CleanSpec, counts: Counter[str]) -> tuple[R
         new = redactor.json_text(content) if message["role"] == "tool" else redactor.text(content)
         calls = message.get("tool_calls")
         new_calls = [_redact_call(call, redactor) for call in calls] if isinstance(calls, list) else calls
-        if new != content or new_calls != calls:
+        reasoning = message.get("reasoning_content")  # a distilled answer's reasoning is text too
+        new_reasoning = redactor.text(reasoning) if isinstance(reasoning, str) else reasoning
+        if new != content or new_calls != calls or new_reasoning != reasoning:
             changed = True
             message = {**message, "content": new, **({"tool_calls": new_calls} if calls is not None else {})}
+            if reasoning is not None:
+                message["reasoning_content"] = new_reasoning
         messages.append(message)
     dropped = [kind for kind in PII_KINDS if redactor.found[kind] and actions[kind] == "drop"]
     if dropped:
