@@ -41,6 +41,7 @@ AUGMENT_ROUND = Stage(
         "tuneline.augment.rounds",
         "tuneline.augment.checks",
         "tuneline.augment.teacher",
+        "tuneline.augment.cot",
         "tuneline.formats",
         "tuneline.records",
     ),

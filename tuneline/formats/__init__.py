@@ -39,6 +39,7 @@ from tuneline.formats.containers import (
     UnpackLimits,
     open_content,
 )
+from tuneline.recipe.section import PLAIN_TEXT_SUFFIXES, bare_name, is_plain_text_path
 from tuneline.records import Record, RecordError, make_record
 
 __all__ = [
@@ -54,8 +55,6 @@ FORMAT_KEYS = (
     "prompt_completion (prompt, completion); self_instruct (instruction, instances); "
     "text (text: documents)"
 )
-COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
-PLAIN_TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
 # A plain text file becomes one document, cut at the first blank line past this many characters so
 # that a large file is never held whole (grounded rounds cut documents into chunks anyway).
 DOCUMENT_CHARS = 1 << 20
@@ -72,22 +71,9 @@ def is_json_array_path(path: str) -> bool:
     return name.endswith(".json")
 
 
-def _bare_name(path: str) -> str:
-    """A file's name without folders and a compression suffix."""
-    name = PurePosixPath(str(path)).name
-    for suffix in COMPRESSION_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return name
-
-
-def is_plain_text_path(path: str) -> bool:
-    """Whether a path names a plain text file (`.txt`, `.md`, also compressed): one document."""
-    return _bare_name(path).lower().endswith(PLAIN_TEXT_SUFFIXES)
-
-
 def source_name(path: str) -> str:
     """A file's name without folders and dataset suffixes: the default source name of its records."""
-    name = _bare_name(path)
+    name = bare_name(path)
     for suffix in (".jsonl", ".json", *PLAIN_TEXT_SUFFIXES):
         name = name.removesuffix(suffix)
     return name

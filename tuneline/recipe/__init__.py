@@ -32,7 +32,7 @@ from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tunelin
     TeacherSpec,
 )
 from tuneline.recipe.pretrain import PretrainSpec  # noqa: F401 - re-exported
-from tuneline.recipe.section import Format, Section  # noqa: F401 - re-exported
+from tuneline.recipe.section import Format, Section, is_plain_text_path  # noqa: F401 - re-exported
 from tuneline.recipe.train import (  # noqa: F401 - re-exported
     METHOD_SECTIONS,
     DeepSpeedSpec,
@@ -463,8 +463,6 @@ class Recipe(Section):
 
 def _holds_documents(source: Source) -> bool:
     """Whether a source yields documents: a crawl in documents mode, or text (format or file name)."""
-    from tuneline.formats import is_plain_text_path  # here: tuneline.formats imports this module
-
     match source:
         case CrawlSource():
             return source.mode == "documents"
