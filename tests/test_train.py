@@ -357,6 +357,10 @@ def run_fake_training(tmp_path, monkeypatch, terminal: io.StringIO) -> Collected
     """Three logging steps through the tracking callback with the task's logger as its echo."""
     monkeypatch.setattr(sys, "stderr", terminal)
     logger = logging.getLogger("prefect.task_runs")
+    # Only this test's handlers: after a flow ran in this session, Prefect's own (its API log) sit here
+    # and report "Logging error" on stderr outside a run.
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "propagate", False)
     console, collected = logging.StreamHandler(terminal), Collected()
     for handler in (console, collected):
         logger.addHandler(handler)
