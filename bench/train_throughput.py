@@ -308,8 +308,13 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=2, help="Rounds; each ratio is printed.")
     parser.add_argument("--out", type=Path, help="Also write the results to this file.")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="A second plain TRL training instead of packing: the TRL/TRL ratio is the noise floor.",
+    )
     args = parser.parse_args()
-    rates: dict[str, list[float]] = {"tuneline": [], "trl": [], "packing": []}
+    rates: dict[str, list[float]] = {"tuneline": [], "trl": [], "packing": [], "trl-control": []}
     orders: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -327,6 +332,9 @@ def main() -> None:
                 "trl": partial(run_plain_trl, model, rows, spec, root / f"trl-{attempt}"),
                 "packing": partial(run_tuneline, root / f"pack-{attempt}", splits, model, packed),
             }
+            if args.control:  # the same script twice: how far two identical trainings differ here
+                del jobs["packing"]
+                jobs["trl-control"] = partial(run_plain_trl, model, rows, spec, root / f"control-{attempt}")
             # The turn order rotates every round, so no training always takes its step right after
             # the same other one (other shapes in the caches and the allocator).
             names = list(jobs)[attempt % 3 :] + list(jobs)[: attempt % 3]
@@ -335,10 +343,11 @@ def main() -> None:
             for name, (tokens, seconds) in results.items():
                 rates[name].append(tokens / seconds)
 
-    def ratios(mine: str, baseline: str, goal: float) -> str:
+    def ratios(mine: str, baseline: str, goal: float | None) -> str:
         each = [a / b for a, b in zip(rates[mine], rates[baseline], strict=True)]
         listed = ", ".join(f"{ratio:.3f}" for ratio in each)
-        return f"{statistics.median(each):9.3f}   (goal >= {goal}); each round {listed}"
+        aim = f"goal >= {goal}" if goal else "identical trainings: 1.0 but for noise"
+        return f"{statistics.median(each):9.3f}   ({aim}); each round {listed}"
 
     def rate(name: str) -> str:
         return f"{statistics.median(rates[name]):9.1f} tokens/s"
@@ -352,8 +361,14 @@ def main() -> None:
         f"tuneline train stage : {rate('tuneline')}",
         f"plain TRL script     : {rate('trl')}",
         f"ratio tuneline/TRL   : {ratios('tuneline', 'trl', 1.0)}",
-        f"packing (tuneline)   : {rate('packing')}",
-        f"ratio packing/padding: {ratios('packing', 'tuneline', 1.5)}",
+        *(
+            [f"ratio TRL/TRL control: {ratios('trl-control', 'trl', None)}"]
+            if args.control
+            else [
+                f"packing (tuneline)   : {rate('packing')}",
+                f"ratio packing/padding: {ratios('packing', 'tuneline', 1.5)}",
+            ]
+        ),
         f"turn order per round : {'; '.join(orders)}",
     ]
     text = "\n".join(lines) + "\n"
