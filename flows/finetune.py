@@ -1,7 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
     fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
-    -> [pretrain] -> train -> evaluate -> register -> report
+    -> [base_model] -> [pretrain] -> train -> evaluate -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -16,6 +16,7 @@ from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from tuneline.flows.augment import augment_rounds
 from tuneline.tasks.stages import (
+    base_model,
     clean,
     collect,
     evaluate,
@@ -48,6 +49,7 @@ def finetune(recipe: Recipe) -> dict:
         data, _ = augment_rounds(artifacts_dir, recipe.augment, collected, recipe.register)
     else:
         data = collected
+    recipe = recipe.model_copy(update={"model": base_model(artifacts_dir, recipe.model)})  # GGUF: a folder
     cleaned = clean(artifacts_dir, data, recipe.clean, recipe.model)
     gated = gate(artifacts_dir, cleaned, recipe.gate)
     splits = split(artifacts_dir, gated, recipe.split)

@@ -34,6 +34,7 @@ from tuneline.curate.gate import run_gate
 from tuneline.curate.split import run_split
 from tuneline.experiment import TrackingTarget
 from tuneline.pipeline import (
+    BASE_MODEL,
     CLEAN,
     COLLECT,
     EVALUATE,
@@ -157,6 +158,17 @@ def data_docs_link(artifacts_dir: Path, gated: StageRef, docs: Path) -> dict[str
 def split(artifacts_dir: Path, gated: StageRef, spec: SplitSpec) -> StageRef:
     """Deal records into train, validation and test."""
     return run_split(artifacts_dir, gated, spec)
+
+
+@task(name=BASE_MODEL.name, cache_policy=NO_CACHE)
+def base_model(artifacts_dir: Path, model: ModelSpec) -> ModelSpec:
+    """The recipe's model as a loadable folder: a GGUF file is dequantized once into its own stage
+    (about a minute for 135M parameters on a CPU); any other model passes through."""
+    if not model.name.lower().endswith(".gguf"):
+        return model  # no torch or transformers import for a folder or hub model
+    from tuneline.train.base_model import resolve_base_model
+
+    return resolve_base_model(artifacts_dir, model)
 
 
 @task(name=PRETRAIN.name, cache_policy=NO_CACHE)

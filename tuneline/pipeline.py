@@ -8,8 +8,10 @@ change elsewhere does not: a fix in the training code never re-runs collect.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneline.errors import UserError
 from tuneline.store import DOCUMENTS, Stage, StageRef, files_digest, stage_key
 
 if TYPE_CHECKING:
@@ -79,6 +81,10 @@ SPLIT = Stage(
 # Loading a model, generating with it and scoring it: what train (its validation metric picks the
 # best checkpoint), evaluate and register all run.
 MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records")
+# A GGUF base model dequantized once into a model folder (train, evaluate and register load it).
+BASE_MODEL = Stage(
+    "base_model", entry="tuneline.train.base_model", code=("tuneline.train.base_model", "tuneline.models")
+)
 # Continued pre-training on documents; the train stage then starts from its model.
 PRETRAIN = Stage(
     "pretrain", entry="tuneline.train.pretrain", code=("tuneline.train", "tuneline.experiment", *MODEL_CODE)
@@ -94,7 +100,10 @@ REGISTER = Stage(
 )
 
 # Every stage, in pipeline order; the run report's funnel follows it.
-STAGES = (FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT, PRETRAIN, TRAIN, EVALUATE, REGISTER)
+STAGES = (
+    *(FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT),
+    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE, REGISTER),
+)
 # The stages that take in every record the one before put out: the funnel of the run report.
 FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER))
 
@@ -128,8 +137,18 @@ def train_key(
 
 
 def evaluate_key(model: ModelSpec, evaluate: EvaluateSpec, splits: StageRef, trained: StageRef) -> str:
-    """The evaluate stage's digest: both models, the settings and the test split."""
-    return stage_key(EVALUATE, model, evaluate, splits.digest, trained.digest)
+    """The evaluate stage's digest: both models, the settings, the test split and the content of
+    the suite and JSON Schema files the section names (editing a suite re-runs the stage)."""
+    paths = [*evaluate.suites, *([evaluate.json_schema] if evaluate.json_schema else [])]
+    if not paths:  # the key of a recipe without such files stays what it was
+        return stage_key(EVALUATE, model, evaluate, splits.digest, trained.digest)
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(
+                f"evaluate: file {path} not found (paths are relative to the project folder, {Path.cwd()}); "
+                "fix evaluate.suites or evaluate.json_schema"
+            )
+    return stage_key(EVALUATE, model, evaluate, splits.digest, trained.digest, files_digest(*paths))
 
 
 def register_key(recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef) -> str:

@@ -31,6 +31,12 @@ from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tunelin
     SeedsSpec,
     TeacherSpec,
 )
+from tuneline.recipe.evaluate import (  # noqa: F401 - re-exported
+    EvalMetric,
+    EvaluateSpec,
+    PromoteMetric,
+    promote_metric_problem,
+)
 from tuneline.recipe.pretrain import PretrainSpec  # noqa: F401 - re-exported
 from tuneline.recipe.section import Format, Section, is_plain_text_path  # noqa: F401 - re-exported
 from tuneline.recipe.train import (  # noqa: F401 - re-exported
@@ -361,7 +367,10 @@ class SplitSpec(Section):
 class ModelSpec(Section):
     """The base model: a Hugging Face hub name or a local folder, loaded with from_pretrained."""
 
-    name: str = Field(description="Hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local folder.")
+    name: str = Field(
+        description="Hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct), local folder, or a GGUF file: a local "
+        "`.gguf` path or `<owner>/<repo>:<file>.gguf`, dequantized once into the base_model stage."
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
     trust_remote_code: bool = Field(
@@ -376,22 +385,15 @@ class ModelSpec(Section):
     )
 
 
-class EvaluateSpec(Section):
-    """Base vs tuned model on the test split: loss and a task metric on greedy generations."""
-
-    metric: Literal["exact_match"] = "exact_match"
-    max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(16, ge=1)
-    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test records.")
-
-
 class RegisterSpec(Section):
     """MLflow registration and the promotion rule for the `champion` alias."""
 
     model_name: str = Field(description="Registered model name in MLflow.")
     tracking_uri: str = Field("sqlite:///.tuneline/mlflow.db", description="MLflow tracking URI.")
     experiment: str = "tuneline"
-    promote_metric: Literal["exact_match", "loss"] = "exact_match"
+    promote_metric: PromoteMetric = Field(
+        "exact_match", description="The tuned model's metric compared with the champion's (loss: lower wins)."
+    )
     margin: float = Field(0.0, ge=0, description="How much the candidate must beat the champion by.")
 
 
@@ -448,6 +450,12 @@ class Recipe(Section):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"sources: names must be unique, repeated: {', '.join(repeated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _promote_metric_is_computed(self) -> Recipe:
+        if problem := promote_metric_problem(self.evaluate, self.register.promote_metric):
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
