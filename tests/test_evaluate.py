@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from tuneline import models
+from tuneline.errors import UserError
 from tuneline.evaluate import stage as evaluate
+from tuneline.evaluate import suites
+from tuneline.pipeline import evaluate_key
 from tuneline.recipe import EvaluateSpec, ModelSpec
 from tuneline.records import make_record
+from tuneline.report import render_markdown
 from tuneline.store import check_ledger, find_stage, iter_records, read_manifest, read_stats, write_stage
 
 LABELS = ["refund", "shipping_status", "cancel_order", "reset_password", "billing_issue"]
@@ -140,3 +145,78 @@ def test_run_evaluate_ledger_and_stats(tiny):
     assert math.isfinite(stats["base"]["loss"])
     again = evaluate.run_evaluate(root / "art", splits, trained, tiny["spec"], spec)
     assert read_manifest(again)["finished_at"] == read_manifest(ref)["finished_at"]
+
+
+def test_run_evaluate_with_metrics_and_a_suite(tiny, monkeypatch):
+    root = tiny["root"] / "with_suite"
+    monkeypatch.chdir(tiny["root"])  # suite paths are relative to the project folder
+    with write_stage(root, "split", "s0") as writer:
+        for record in [make_record(c) for c in CONVERSATIONS]:
+            writer.count_in()
+            writer.keep(record, "test.jsonl")
+    with write_stage(root, "train", "t0") as writer:
+        tiny["model"].save_pretrained(writer.path("model"))
+        tiny["tokenizer"].save_pretrained(writer.path("model"))
+    splits, trained = find_stage(root, "split", "s0"), find_stage(root, "train", "t0")
+    (tiny["root"] / "suite.yaml").write_text(
+        "system: Label the message.\ncases:\n"
+        "  - name: refund\n    prompt: money back\n    assert:\n"
+        "      - equals: refund\n      - regex: '.*'\n      - rubric: polite\n",
+        encoding="utf-8",
+    )
+    spec = EvaluateSpec(
+        max_new_tokens=4,
+        batch_size=5,
+        metrics=["label_accuracy", "rouge_l", "token_f1"],
+        suites=["suite.yaml"],
+    )
+
+    ref = evaluate.run_evaluate(root, splits, trained, tiny["spec"], spec)
+
+    stats = read_stats(ref)
+    assert stats["metrics"] == ["exact_match", "label_accuracy", "rouge_l", "token_f1"]
+    for side in ("base", "tuned"):
+        assert set(stats[side]) >= {"label_accuracy", "rouge_l", "token_f1", "suite_pass_rate"}
+        assert sum(n for row in stats["confusion"][side].values() for n in row.values()) == len(CONVERSATIONS)
+    suite = stats["suites"]["tuned"]
+    assert suite["by_kind"]["regex"] == {"passed": 1, "failed": 0, "not_run": 0, "pass_rate": 1.0}
+    assert suite["by_kind"]["rubric"]["reason"] == "not run: no judge configured"
+    failures = [json.loads(line) for line in ref.file("suite_failures.jsonl").read_text().splitlines()]
+    assert {row["kind"] for row in failures} <= {"equals", "rubric"}
+    assert any(row["kind"] == "rubric" and row["model"] == "tuned" for row in failures)
+    assert check_ledger(ref)["out"] == len(CONVERSATIONS)  # suite cases are not test records
+
+    # The report shows the chosen metrics and the suite's pass rates per assertion kind.
+    markdown = render_markdown({"funnel": [], "stage_dirs": {}, "evaluation": stats})
+    assert (
+        "| model | loss | exact_match | label_accuracy | rouge_l | token_f1 | suite_pass_rate |" in markdown
+    )
+    assert "| rubric | not run: no judge configured | not run: no judge configured |" in markdown
+    assert "| regex | 1/1 | 1/1 |" in markdown
+
+    # Editing the suite re-runs the stage; an unchanged suite reuses it.
+    assert evaluate_key(tiny["spec"], spec, splits, trained) == ref.digest
+    (tiny["root"] / "suite.yaml").write_text(
+        "cases:\n  - prompt: hi\n    assert: [{contains: x}]\n", encoding="utf-8"
+    )
+    assert evaluate_key(tiny["spec"], spec, splits, trained) != ref.digest
+
+
+def test_run_evaluate_bad_suite_fails_before_loading_models(tiny, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.yaml").write_text("cases:\n  - prompt: hi\n    assert: [{regex: '('}]\n")
+    monkeypatch.setattr(evaluate.models, "load_trained", lambda *a, **k: pytest.fail("a model was loaded"))
+    with write_stage(tmp_path / "art", "split", "s0") as writer:
+        writer.count_in()
+        writer.keep(make_record(CONVERSATIONS[0]), "test.jsonl")
+    with write_stage(tmp_path / "art", "train", "t0"):
+        pass
+    splits, trained = find_stage(tmp_path / "art", "split", "s0"), find_stage(tmp_path / "art", "train", "t0")
+    with pytest.raises(
+        suites.SuiteError, match=r"bad.yaml:2: case 1: assert\[0\].regex: not a valid regular"
+    ):
+        evaluate.run_evaluate(
+            tmp_path / "art", splits, trained, tiny["spec"], EvaluateSpec(suites=["bad.yaml"])
+        )
+    with pytest.raises(UserError, match="evaluate: file missing.yaml not found"):
+        evaluate_key(tiny["spec"], EvaluateSpec(suites=["missing.yaml"]), splits, trained)

@@ -128,11 +128,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     for row in report["funnel"]:
         lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {format_dropped(row['dropped'])} |")
     if evaluation := report.get("evaluation"):
-        metric = evaluation.get("metric", "exact_match")
-        lines += ["", "## Base vs tuned (test split)", "", f"| model | loss | {metric} |", "|---|---|---|"]
+        columns = score_columns(evaluation)
+        lines += ["", "## Base vs tuned (test split)", "", "| model | " + " | ".join(columns) + " |"]
+        lines.append("|---" * (len(columns) + 1) + "|")
         for name in ("base", "tuned"):
             scores = evaluation[name]
-            lines.append(f"| {name} | {number(scores['loss'])} | {number(scores[metric])} |")
+            lines.append(f"| {name} | " + " | ".join(number(scores.get(c)) for c in columns) + " |")
+        lines += suite_lines(evaluation.get("suites"))
     if registry := report.get("registry"):
         lines += [
             "",
@@ -143,6 +145,55 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- {registry_line(registry, REGISTER.name in report.get('reused', []))}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def score_columns(evaluation: dict[str, Any]) -> list[str]:
+    """The evaluation table's columns: loss, the headline metric, the other chosen metrics and,
+    with test suites, their pass rate (a stage written before `metrics` existed: its metric)."""
+    metric = evaluation.get("metric", "exact_match")
+    columns = ["loss", metric, *evaluation.get("metrics", [])]
+    if evaluation.get("suites"):
+        columns.append("suite_pass_rate")
+    return list(dict.fromkeys(columns))
+
+
+def suite_lines(suites: dict[str, Any] | None) -> list[str]:
+    """Markdown for the test suites: pass rate per assertion kind, base vs tuned, and why a kind
+    did not run."""
+    if not suites:
+        return []
+    lines = [
+        "",
+        f"## Test suites ({', '.join(suites['files'])})",
+        "",
+        "| assertion | base | tuned |",
+        "|---|---|---|",
+    ]
+    for kind, cells in suite_kind_rows(suites):
+        lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
+    failures = suites.get("tuned_failures") or []
+    lines += [
+        "",
+        f"Tuned model's failed assertions (first {len(failures)}; all in `suite_failures.jsonl`):",
+        "",
+    ]
+    return lines + [f"- {f['suite']}: {f['case']} ({f['kind']}): {f['reason']}" for f in failures]
+
+
+def suite_kind_rows(suites: dict[str, Any]) -> list[tuple[str, tuple[str, str]]]:
+    """(assertion kind, (base cell, tuned cell)) with `passed/run` or the reason it did not run."""
+    kinds = list(dict.fromkeys([*suites["base"]["by_kind"], *suites["tuned"]["by_kind"]]))
+
+    def cell(entry: dict[str, Any] | None) -> str:
+        if not entry:
+            return "-"
+        run = entry["passed"] + entry["failed"]
+        return f"{entry['passed']}/{run}" if run else entry.get("reason", "not run")
+
+    return [
+        (kind, (cell(suites["base"]["by_kind"].get(kind)), cell(suites["tuned"]["by_kind"].get(kind))))
+        for kind in kinds
+    ]
 
 
 def registry_line(registry: dict[str, Any], reused: bool) -> str:

@@ -9,7 +9,14 @@ from rich.table import Table
 
 from tuneline.pipeline import REGISTER
 from tuneline.recipe import Recipe
-from tuneline.report import format_dropped, number, registry_line, reuse_line
+from tuneline.report import (
+    format_dropped,
+    number,
+    registry_line,
+    reuse_line,
+    score_columns,
+    suite_kind_rows,
+)
 
 
 def print_report(
@@ -29,14 +36,17 @@ def print_report(
         console.print("splits: " + ", ".join(f"{name} {n}" for name, n in splits.items()))
 
     if evaluation := report.get("evaluation"):
-        metric = evaluation.get("metric", "exact_match")
+        columns = score_columns(evaluation)
+        columns.insert(1, "perplexity")
         scores = Table(title=f"Base vs tuned on the test split ({evaluation.get('examples')} examples)")
-        for column in ("model", "loss", "perplexity", metric):
+        for column in ("model", *columns):
             scores.add_column(column)
         for name in ("base", "tuned"):
             row = evaluation[name]
-            scores.add_row(name, *(number(row[key]) for key in ("loss", "perplexity", metric)))
+            scores.add_row(name, *(number(row.get(key)) for key in columns))
         console.print(scores)
+        if suites := evaluation.get("suites"):
+            print_suites(suites, console)
 
     if registry := report.get("registry"):
         reused = REGISTER.name in report.get("reused", [])
@@ -47,6 +57,17 @@ def print_report(
     console.print(f"Run folder: {report.get('run_dir')}")
     tracking = recipe.register.tracking_uri
     console.print(f"Prefect UI: {prefect_url}/runs   MLflow UI ({tracking}): [bold]tuneline ui[/bold]")
+
+
+def print_suites(suites: dict[str, Any], console: Console) -> None:
+    """Test-suite pass rates per assertion kind, base vs tuned, and where the failures are."""
+    table = Table(title=f"Test suites: assertions passed ({', '.join(suites['files'])})")
+    for column in ("assertion", "base", "tuned"):
+        table.add_column(column)
+    for kind, (base, tuned) in suite_kind_rows(suites):
+        table.add_row(kind, base, tuned)
+    console.print(table)
+    console.print("Failed assertions: suite_failures.jsonl in the evaluate stage's folder.")
 
 
 def print_failure(error: BaseException, console: Console | None = None) -> None:

@@ -7,7 +7,12 @@ turn before it. Each model is scored on:
 - `exact_match`: share of greedy replies equal to the reference after strip + casefold. Only the
   final answer counts: a reply that opens with a <think>...</think> block (a model trained on
   chain-of-thought records) is compared without it, as is the reference, whose reasoning lives
-  in `reasoning_content`, not in its content.
+  in `reasoning_content`, not in its content;
+- the task metrics `evaluate.metrics` adds (tuneline/evaluate/metrics.py), and with
+  `label_accuracy` a confusion table per model (stats `confusion`, file `confusion.json`);
+- with `evaluate.suites`, each test suite (tuneline/evaluate/suites.py): its cases' replies
+  checked against their assertions, `suite_pass_rate` in the scores, pass rates per assertion
+  kind in stats `suites`, every failed or not-run assertion in `suite_failures.jsonl`.
 
 `generate_replies` is standalone on purpose: the registry reuses it to serve the registered model.
 """
@@ -15,17 +20,25 @@ turn before it. Each model is scored on:
 from __future__ import annotations
 
 import gc
+import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tuneline import models
+from tuneline.errors import UserError
+from tuneline.evaluate import metrics as task_metrics
+from tuneline.evaluate import suites as test_suites
 from tuneline.pipeline import EVALUATE, evaluate_key
 from tuneline.recipe import EvaluateSpec, ModelSpec
 from tuneline.records import split_think
 from tuneline.store import StageRef, StageWriter, iter_records, reuse_or_write
+
+# How many of the tuned model's failed suite assertions the stats (and the run report) list.
+FAILURES_SHOWN = 20
 
 
 def split_conversation(
@@ -160,9 +173,13 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 def score_model(
-    model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]], evaluate: EvaluateSpec
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[dict[str, Any]]],
+    evaluate: EvaluateSpec,
+    schema: dict[str, Any] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
-    """Loss, perplexity and exact match of one model, with its replies."""
+    """Loss, perplexity, exact match and the recipe's task metrics of one model, with its replies."""
     references = [split_conversation(c)[1]["content"] for c in conversations]
     replies = generate_replies(
         model,
@@ -177,16 +194,21 @@ def score_model(
         "perplexity": _finite(math.exp(loss)) if math.isfinite(loss) and loss < 700 else None,
         "exact_match": _finite(exact_match(replies, references)),
     }
+    scores |= task_metrics.task_metrics(evaluate.chosen_metrics(), replies, references, schema)
     return scores, replies
 
 
 def run_evaluate(
     artifacts_dir: str | Path, splits: StageRef, trained: StageRef, model: ModelSpec, evaluate: EvaluateSpec
 ) -> StageRef:
-    """Score the base and the tuned model on the test split; cached on recipe, inputs and code."""
+    """Score the base and the tuned model on the test split and the test suites; cached on recipe,
+    inputs, suite and schema files, and code."""
     digest = evaluate_key(model, evaluate, splits, trained)
 
     def write(writer: StageWriter) -> None:
+        # Suites and schema are read before any model loads: a bad file fails in a second.
+        suites = {path: test_suites.load_suite(path) for path in evaluate.suites}
+        schema = load_json_schema(evaluate.json_schema) if evaluate.json_schema else None
         records = list(iter_records(splits, "test.jsonl"))
         limit = evaluate.max_examples or len(records)
         writer.count_in(len(records))
@@ -201,34 +223,97 @@ def run_evaluate(
             else:
                 chosen.append((record["id"], conversation[: last + 1]))
         conversations = [c for _, c in chosen]
-        base_scores, base_replies = _score_folder(model, conversations, evaluate)
+        base = _score_folder(model, conversations, evaluate, schema, suites)
         tuned_spec = ModelSpec(
             name=str(models.trained_folder(trained.dir)),
             trust_remote_code=model.trust_remote_code,
             allow_pickle_weights=model.allow_pickle_weights,  # a soft-prompt adapter loads its base
         )
-        tuned_scores, tuned_replies = _score_folder(tuned_spec, conversations, evaluate)
-        for (record_id, conversation), base, tuned in zip(chosen, base_replies, tuned_replies, strict=True):
-            reference = conversation[-1]["content"]
+        tuned = _score_folder(tuned_spec, conversations, evaluate, schema, suites)
+        references = [conversation[-1]["content"] for conversation in conversations]
+        for (record_id, _), reference, base_reply, tuned_reply in zip(
+            chosen, references, base.replies, tuned.replies, strict=True
+        ):
             writer.keep(
-                {"id": record_id, "reference": reference, "base": base, "tuned": tuned}, "predictions.jsonl"
+                {"id": record_id, "reference": reference, "base": base_reply, "tuned": tuned_reply},
+                "predictions.jsonl",
             )
         writer.stats = {
             "examples": len(chosen),
             "metric": evaluate.metric,
-            "base": base_scores,
-            "tuned": tuned_scores,
+            "metrics": evaluate.chosen_metrics(),
+            "base": base.scores,
+            "tuned": tuned.scores,
         }
+        if "label_accuracy" in evaluate.chosen_metrics():
+            writer.stats["confusion"] = {
+                side: task_metrics.confusion_table(result.replies, references)
+                for side, result in (("base", base), ("tuned", tuned))
+            }
+            writer.path("confusion.json").write_text(json.dumps(writer.stats["confusion"], indent=2))
+        if suites:
+            writer.stats["suites"] = {"files": list(suites)} | _write_suite_results(writer, base, tuned)
 
     return reuse_or_write(artifacts_dir, EVALUATE, digest, write, [splits, trained])
 
 
+def load_json_schema(path: str | Path) -> dict[str, Any]:
+    """The JSON Schema file of `evaluate.json_schema`, checked; a bad one is a UserError."""
+    import jsonschema
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except OSError as error:
+        raise UserError(
+            f"evaluate.json_schema: cannot read {path} ({error.strerror}); fix the path"
+        ) from None
+    except ValueError as error:
+        raise UserError(f"evaluate.json_schema: {path} is not JSON ({error}); fix the file") from None
+    except jsonschema.SchemaError as error:
+        raise UserError(f"evaluate.json_schema: {path} is not a valid JSON Schema: {error.message}") from None
+    return schema
+
+
+@dataclass
+class Scored:
+    """One model's scores, its replies to the test split and its suite results."""
+
+    scores: dict[str, float | None]
+    replies: list[str]
+    suite_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _write_suite_results(writer: StageWriter, base: Scored, tuned: Scored) -> dict[str, Any]:
+    """Every suite assertion that failed or did not run, per model, in `suite_failures.jsonl`;
+    returns the pass rates per model and assertion kind."""
+    with writer.path("suite_failures.jsonl").open("w", encoding="utf-8") as out:
+        for side, result in (("base", base), ("tuned", tuned)):
+            for row in result.suite_rows:
+                if not row["passed"]:
+                    out.write(json.dumps({"model": side, **row}, ensure_ascii=False) + "\n")
+    summary = {side: test_suites.summarize(r.suite_rows) for side, r in (("base", base), ("tuned", tuned))}
+    failed = [
+        {key: row[key] for key in ("suite", "case", "kind", "reason")}
+        for row in tuned.suite_rows
+        if row["passed"] is False
+    ]
+    return summary | {"tuned_failures": failed[:FAILURES_SHOWN]}
+
+
 def _score_folder(
-    spec: ModelSpec, conversations: list[list[dict[str, Any]]], evaluate: EvaluateSpec
-) -> tuple[dict[str, float | None], list[str]]:
-    """Load one model, score it, and free its memory before the next one loads."""
-    if not conversations:
-        return {"loss": None, "perplexity": None, "exact_match": None}, []
+    spec: ModelSpec,
+    conversations: list[list[dict[str, Any]]],
+    evaluate: EvaluateSpec,
+    schema: dict[str, Any] | None = None,
+    suites: dict[str, test_suites.Suite] | None = None,
+) -> Scored:
+    """Load one model, score it on the test split and the suites, and free its memory before the
+    next one loads."""
+    suites = suites or {}
+    if not conversations and not suites:
+        empty = dict.fromkeys(["loss", "perplexity", *evaluate.chosen_metrics()])
+        return Scored(empty, [])
     tokenizer = models.load_tokenizer(spec)
     model = models.load_trained(
         spec.name,
@@ -237,7 +322,23 @@ def _score_folder(
         allow_pickle_weights=spec.allow_pickle_weights,
     )
     try:
-        return score_model(model, tokenizer, conversations, evaluate)
+        if conversations:
+            scores, replies = score_model(model, tokenizer, conversations, evaluate, schema)
+        else:
+            scores, replies = dict.fromkeys(["loss", "perplexity", *evaluate.chosen_metrics()]), []
+        rows = []
+        for name, suite in suites.items():
+            suite_replies = generate_replies(
+                model,
+                tokenizer,
+                suite.conversations(),
+                max_new_tokens=evaluate.max_new_tokens,
+                batch_size=evaluate.batch_size,
+            )
+            rows += test_suites.run_checks(name, suite, suite_replies)
+        if suites:
+            scores["suite_pass_rate"] = test_suites.summarize(rows)["pass_rate"]
+        return Scored(scores, replies, rows)
     finally:
         del model
         gc.collect()

@@ -200,10 +200,15 @@ def logged_model_uri(experiment_id: str, digest: str) -> str | None:
 
 
 def evaluation_metrics(stats: dict[str, Any]) -> dict[str, float]:
-    """`base_loss`, `tuned_exact_match`, ... from the evaluate stage; missing values are skipped."""
+    """`base_loss`, `tuned_rouge_l`, `tuned_suite_pass_rate`, ... from the evaluate stage, and
+    each suite assertion kind's pass rate (`tuned_suite_regex_pass_rate`); missing values are
+    skipped."""
     metrics = {"eval_examples": stats.get("examples")}
+    suites = stats.get("suites") or {}
     for side in ("base", "tuned"):
         metrics |= {f"{side}_{name}": value for name, value in (stats.get(side) or {}).items()}
+        by_kind = (suites.get(side) or {}).get("by_kind") or {}
+        metrics |= {f"{side}_suite_{kind}_pass_rate": e.get("pass_rate") for kind, e in by_kind.items()}
     return {key: float(value) for key, value in metrics.items() if is_number(value)}
 
 
