@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
+from rich.console import Console
 
 from tuneline import models
+from tuneline.cli.console import print_report
 from tuneline.errors import UserError
 from tuneline.evaluate import stage as evaluate
 from tuneline.evaluate import suites
 from tuneline.pipeline import evaluate_key
-from tuneline.recipe import EvaluateSpec, ModelSpec
+from tuneline.recipe import EvaluateSpec, ModelSpec, validate_recipe
 from tuneline.records import make_record
 from tuneline.report import render_markdown
 from tuneline.store import check_ledger, find_stage, iter_records, read_manifest, read_stats, write_stage
@@ -147,6 +149,14 @@ def test_run_evaluate_ledger_and_stats(tiny):
     assert read_manifest(again)["finished_at"] == read_manifest(ref)["finished_at"]
 
 
+QUICK = {
+    "name": "x",
+    "sources": [{"name": "s", "path": "d.jsonl"}],
+    "model": {"name": "m"},
+    "register": {"model_name": "x"},
+}
+
+
 def test_run_evaluate_with_metrics_and_a_suite(tiny, monkeypatch):
     root = tiny["root"] / "with_suite"
     monkeypatch.chdir(tiny["root"])  # suite paths are relative to the project folder
@@ -193,6 +203,14 @@ def test_run_evaluate_with_metrics_and_a_suite(tiny, monkeypatch):
     )
     assert "| rubric | not run: no judge configured | not run: no judge configured |" in markdown
     assert "| regex | 1/1 | 1/1 |" in markdown
+    assert "- suite.yaml: refund (equals): expected 'refund', got" in markdown  # the tiny model fails it
+    console = Console(record=True, width=120)
+    print_report(
+        {"funnel": [], "stage_dirs": {}, "evaluation": stats}, validate_recipe(QUICK), "http://x", console
+    )
+    shown = console.export_text()
+    assert "label_accuracy" in shown and "suite_pass_rate" in shown
+    assert "not run: no judge configured" in shown and "suite_failures.jsonl" in shown
 
     # Editing the suite re-runs the stage; an unchanged suite reuses it.
     assert evaluate_key(tiny["spec"], spec, splits, trained) == ref.digest

@@ -172,6 +172,8 @@ def suite_lines(suites: dict[str, Any] | None) -> list[str]:
     for kind, cells in suite_kind_rows(suites):
         lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
     failures = suites.get("tuned_failures") or []
+    if not failures:
+        return [*lines, "", "The tuned model failed no assertion that ran."]
     lines += [
         "",
         f"Tuned model's failed assertions (first {len(failures)}; all in `suite_failures.jsonl`):",

@@ -61,13 +61,15 @@ def print_report(
 
 def print_suites(suites: dict[str, Any], console: Console) -> None:
     """Test-suite pass rates per assertion kind, base vs tuned, and where the failures are."""
-    table = Table(title=f"Test suites: assertions passed ({', '.join(suites['files'])})")
+    table = Table(title="Test suites: assertions passed")
     for column in ("assertion", "base", "tuned"):
         table.add_column(column)
     for kind, (base, tuned) in suite_kind_rows(suites):
         table.add_row(kind, base, tuned)
     console.print(table)
-    console.print("Failed assertions: suite_failures.jsonl in the evaluate stage's folder.")
+    console.print(
+        f"Suites: {', '.join(suites['files'])}; failed assertions: suite_failures.jsonl (evaluate stage)."
+    )
 
 
 def print_failure(error: BaseException, console: Console | None = None) -> None:
