@@ -115,3 +115,28 @@ def test_recipe_checks_metric_choices():
         }
     )
     assert recipe.register.promote_metric == "rouge_l"
+
+
+def test_new_metrics_reach_mlflow_keys_and_promote_higher_is_better():
+    from tuneline.register.registry import decide_promotion
+    from tuneline.register.stage import evaluation_metrics
+
+    stats = {
+        "examples": 4,
+        "base": {"loss": 2.0, "rouge_l": 0.1, "suite_pass_rate": 0.0},
+        "tuned": {"loss": 0.5, "rouge_l": 0.6, "suite_pass_rate": 0.5, "schema_match": None},
+        "suites": {"tuned": {"by_kind": {"regex": {"pass_rate": 1.0}, "rubric": {"pass_rate": None}}}},
+    }
+    assert evaluation_metrics(stats) == {
+        "eval_examples": 4.0,
+        "base_loss": 2.0,
+        "base_rouge_l": 0.1,
+        "base_suite_pass_rate": 0.0,
+        "tuned_loss": 0.5,
+        "tuned_rouge_l": 0.6,
+        "tuned_suite_pass_rate": 0.5,
+        "tuned_suite_regex_pass_rate": 1.0,
+    }
+    for metric in ("rouge_l", "token_f1", "label_accuracy", "json_valid", "schema_match", "suite_pass_rate"):
+        assert decide_promotion(metric, 0.6, 0.5, 0.0, "1")[0] is True
+        assert decide_promotion(metric, 0.4, 0.5, 0.0, "1")[0] is False

@@ -61,7 +61,7 @@ def print_report(
 
 def print_suites(suites: dict[str, Any], console: Console) -> None:
     """Test-suite pass rates per assertion kind, base vs tuned, and where the failures are."""
-    table = Table(title="Test suites: assertions passed")
+    table = Table(title="Test suites (passed/run)")
     for column in ("assertion", "base", "tuned"):
         table.add_column(column)
     for kind, (base, tuned) in suite_kind_rows(suites):
