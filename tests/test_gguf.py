@@ -123,6 +123,23 @@ def test_train_plan_reads_a_gguf_files_config_without_dequantizing(tiny_gguf: tu
     assert (config.hidden_size, config.num_hidden_layers) == (32, 2)
 
 
+def test_train_plan_counts_tied_embeddings_once(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tuneline.recipe import TrainSpec
+    from tuneline.train.plan import plan_training
+
+    config = LlamaConfig(
+        vocab_size=500, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path)
+    plan = plan_training(ModelSpec(name=str(tmp_path)), TrainSpec(method="full"), device="cpu")
+    assert plan.total_params == sum(p.numel() for p in model.parameters())
+    assert plan.memory["weights"] == 4 * plan.total_params
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

@@ -72,6 +72,7 @@ def plan_training(model_spec: ModelSpec, train: TrainSpec, *, device: str | None
         model = AutoModelForCausalLM.from_config(
             config, trust_remote_code=model_spec.trust_remote_code, dtype=dtype
         )
+    _tie_embeddings(model, config)
     with init_empty_weights():
         prepared = _apply_method(model, train)
     trainable, total = methods.count_parameters(prepared)
@@ -115,12 +116,23 @@ def _apply_method(model: Any, train: TrainSpec) -> methods.PreparedModel:
     )
 
 
+def _tie_embeddings(model: Any, config: Any) -> None:
+    """Share the input embeddings with `lm_head` as loading would: an empty model (init_empty_weights)
+    is left untied, which counted a tied model's embeddings twice (SmolLM2: 168M for 135M)."""
+    output = model.get_output_embeddings()
+    if getattr(config.get_text_config(), "tie_word_embeddings", False) and output is not None:
+        output.weight = model.get_input_embeddings().weight
+
+
 def _weight_bytes(model: Any, train: TrainSpec) -> int:
-    """Bytes of every stored weight: base (4-bit where qlora quantizes it) and adapter."""
-    total = 0.0
+    """Bytes of every stored weight: base (4-bit where qlora quantizes it) and adapter; a tied
+    weight once."""
+    total, seen = 0.0, set()
     for name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            total += param.numel() * _bits(name, module, param_name, param, train) / 8
+            if id(param) not in seen:
+                seen.add(id(param))
+                total += param.numel() * _bits(name, module, param_name, param, train) / 8
     return int(total)
 
 
