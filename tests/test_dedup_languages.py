@@ -82,8 +82,12 @@ def test_english_shingles_are_unchanged():
     part of a word as before) are those computed before scripts were told apart."""
     hashes, _ = word_hashes(["Hello, World! It’s “café”—time 42.", "x"])
     assert hashes.tolist() == [
-        12630194143097082991, 14958284276721229367, 6662317291147308245, 4540544474241085856,
-        56075093038814, 121,
+        12630194143097082991,
+        14958284276721229367,
+        6662317291147308245,
+        4540544474241085856,
+        56075093038814,
+        121,
     ]
     trigrams, _ = ngram_hashes(["Hello, World! It’s “café”—time 42."], 3, False, 2)
     assert trigrams.tolist() == [7670728958929624907, 17459919564900420240, 11826815428126780191]

@@ -43,4 +43,3 @@ def test_a_killed_registration_is_completed_not_repeated(tmp_path, kill):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]  # not twice
     experiment_id = run.info.experiment_id
     assert len(mlflow.search_logged_models([experiment_id], output_format="list")) == 1  # reused
-
