@@ -299,6 +299,20 @@ def iter_file(
     fmt = as_format(format) or (Format.TEXT if is_plain_text_path(path) else None)
     meta = {"source": source or source_name(path), "origin": "collected", "file": path}
     _refuse_documents(path, fmt)
+    for found in _json_objects(path, limits):
+        if isinstance(found, Item):
+            yield found
+            continue
+        obj, line, where = found
+        fmt = fmt or _format_of(obj, path, line)
+        _refuse_documents(path, fmt)
+        for item in _read_object(obj, fmt, {**meta, "line": line}):
+            yield item if item.record is not None else Item(item.line, reason=item.reason + where)
+
+
+def _json_objects(path: str, limits: UnpackLimits) -> Iterator[Item | tuple[dict[str, Any], int, str]]:
+    """Each JSON object of a file as (object, line, where in an array it sits), and a rejecting
+    Item for a value that cannot be read or is not an object."""
     for raw in iter_json_values(path, limits):
         where = "" if raw.element is None else f" (array element {raw.element})"
         if raw.reason is not None:
@@ -306,10 +320,7 @@ def iter_file(
         elif not isinstance(raw.value, dict):
             yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}{where}")
         else:
-            fmt = fmt or _format_of(raw.value, path, raw.line)
-            _refuse_documents(path, fmt)
-            for item in _read_object(raw.value, fmt, {**meta, "line": raw.line}):
-                yield item if item.record is not None else Item(item.line, reason=item.reason + where)
+            yield raw.value, raw.line, where
 
 
 def _refuse_documents(path: str, fmt: Format | None) -> None:
@@ -371,14 +382,12 @@ def iter_documents(
         with fsspec.open(path, "rb") as raw:
             yield from _plain_documents(open_content(raw, path, limits), PurePosixPath(path).name, meta)
         return
-    for raw in iter_json_values(path, limits):
-        where = "" if raw.element is None else f" (array element {raw.element})"
-        if raw.reason is not None:
-            yield Item(raw.line, reason=raw.reason if "array element" in raw.reason else raw.reason + where)
-        elif not isinstance(raw.value, dict):
-            yield Item(raw.line, reason=f"expected a JSON object, got {json_type(raw.value)}{where}")
+    for found in _json_objects(path, limits):
+        if isinstance(found, Item):
+            yield found
         else:
-            yield _document_item(raw.value, raw.line, {**meta, "line": raw.line}, where)
+            obj, line, where = found
+            yield _document_item(obj, line, {**meta, "line": line}, where)
 
 
 def _document_item(obj: dict[str, Any], line: int, meta: dict[str, Any], where: str) -> Item:
