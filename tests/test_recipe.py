@@ -123,3 +123,13 @@ def test_a_renamed_section_loads_under_its_old_name_with_a_message(tmp_path):
     assert "quality" not in dump_recipe(recipe)
     with pytest.raises(RecipeError, match="quality: renamed gate, and both are set"):
         load_recipe(write(tmp_path, {**GOOD, "quality": {}, "gate": {}}))
+
+
+def test_mlflow_store_follows_artifacts_dir_unless_the_recipe_names_one(tmp_path):
+    """A run pointed at another artifacts folder must not register into the project's MLflow store."""
+    path = write(tmp_path, GOOD)
+    assert load_recipe(path).register.tracking_uri == "sqlite:///.tuneline/mlflow.db"
+    moved = load_recipe(path, [f"artifacts_dir={tmp_path / 'other'}"])
+    assert moved.register.tracking_uri == f"sqlite:///{tmp_path / 'other'}/mlflow.db"
+    named = load_recipe(path, [f"artifacts_dir={tmp_path}", "register.tracking_uri=http://127.0.0.1:5000"])
+    assert named.register.tracking_uri == "http://127.0.0.1:5000"

@@ -389,7 +389,10 @@ class RegisterSpec(Section):
     """MLflow registration and the promotion rule for the `champion` alias."""
 
     model_name: str = Field(description="Registered model name in MLflow.")
-    tracking_uri: str = Field("sqlite:///.tuneline/mlflow.db", description="MLflow tracking URI.")
+    tracking_uri: str = Field(
+        "sqlite:///.tuneline/mlflow.db",
+        description="MLflow tracking URI. Unset, it follows artifacts_dir: sqlite:///<artifacts_dir>/mlflow.db.",
+    )
     experiment: str = "tuneline"
     promote_metric: PromoteMetric = Field(
         "exact_match", description="The tuned model's metric compared with the champion's (loss: lower wins)."
@@ -442,6 +445,21 @@ class Recipe(Section):
                     stacklevel=2,
                 )
                 data = {(new if key == old else key): value for key, value in data.items()}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tracking_follows_artifacts(cls, data: Any) -> Any:
+        """MLflow's SQLite store lies in the artifacts folder unless the recipe names a tracking URI,
+        so a run with another artifacts_dir does not register into the project's model."""
+        if not isinstance(data, dict) or "://" in str(data.get("artifacts_dir", "")):
+            return data
+        register = data.get("register")
+        uri = f"sqlite:///{str(data.get('artifacts_dir', '.tuneline')).rstrip('/')}/mlflow.db"
+        if isinstance(register, dict) and "tracking_uri" not in register:
+            return {**data, "register": {**register, "tracking_uri": uri}}
+        if isinstance(register, RegisterSpec) and "tracking_uri" not in register.model_fields_set:
+            return {**data, "register": register.model_copy(update={"tracking_uri": uri})}
         return data
 
     @model_validator(mode="after")
