@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from tuneline.flows.augment import augment_rounds
 from tuneline.tasks.stages import (
     base_model,
+    check_suites,
     clean,
     collect,
     evaluate,
@@ -41,6 +42,7 @@ def finetune(recipe: Recipe) -> dict:
     started = datetime.now(UTC)
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
+    check_suites(recipe.evaluate)  # a bad test-suite file fails the run before any work
     tidy_store(artifacts_dir)  # a killed run's temporary stage folders
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails

@@ -280,6 +280,16 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> Path:
     return save_run_recipe(run_dir, recipe)
 
 
+@task(name="check_suites", cache_policy=NO_CACHE)
+def check_suites(evaluate: EvaluateSpec) -> None:
+    """Read the recipe's test suites first, so a bad case stops the run now, not after training."""
+    if evaluate.suites:
+        from tuneline.evaluate.suites import load_suite
+
+        for path in evaluate.suites:
+            load_suite(path)
+
+
 @task(name="report", cache_policy=NO_CACHE)
 def report(run_dir: Path, stages: dict[str, StageRef], started_at: str | None = None) -> dict:
     """Check the ledger across stages, write the run report and show the funnel in the UI."""

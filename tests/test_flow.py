@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tuneline.curate.gate import GateFailed
+from tuneline.errors import UserError
 from tuneline.models import make_tiny_model
 from tuneline.recipe import validate_recipe
 from tuneline.store import iter_jsonl
@@ -150,3 +151,18 @@ def registry_uri(project):
 
 def iter_records_at(path, name):
     return iter_jsonl(Path(path) / name)
+
+
+def test_a_bad_test_suite_stops_the_run_before_any_stage(project, prefect_server, tmp_path):
+    """Not after collecting, cleaning and training: the suite is read first."""
+    from tuneline.flows.finetune import finetune
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "cases:\n  - name: refund\n    prompt: I want my money back\n    assert:\n      - regex: '('\n"
+    )
+    recipe = recipe_for(project, evaluate={"suites": [str(suite)]})
+    recipe = recipe.model_copy(update={"artifacts_dir": str(tmp_path / "store")})
+    with pytest.raises(UserError, match=r"suite.yaml:2: case 1 .*regex: not a valid regular expression"):
+        finetune(recipe)
+    assert not (tmp_path / "store" / "stages").exists()
