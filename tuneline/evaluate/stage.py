@@ -231,13 +231,11 @@ def run_evaluate(
         )
         tuned = _score_folder(tuned_spec, conversations, evaluate, schema, suites)
         references = [conversation[-1]["content"] for conversation in conversations]
-        for (record_id, _), reference, base_reply, tuned_reply in zip(
+        for (record_id, conversation), reference, base_reply, tuned_reply in zip(
             chosen, references, base.replies, tuned.replies, strict=True
         ):
-            writer.keep(
-                {"id": record_id, "reference": reference, "base": base_reply, "tuned": tuned_reply},
-                "predictions.jsonl",
-            )
+            row = {"id": record_id, "prompt": conversation[:-1], "reference": reference}
+            writer.keep(row | {"base": base_reply, "tuned": tuned_reply}, "predictions.jsonl")
         writer.stats = {
             "examples": len(chosen),
             "metric": evaluate.metric,
