@@ -141,7 +141,8 @@ def test_run_evaluate_ledger_and_stats(tiny):
     assert stats["base"] == pytest.approx(stats["tuned"])  # same weights, same scores
     rows = list(iter_records(ref, "predictions.jsonl"))
     assert [row["reference"] for row in rows] == LABELS[:3]
-    assert set(rows[0]) == {"id", "reference", "base", "tuned"}
+    assert set(rows[0]) == {"id", "prompt", "reference", "base", "tuned"}
+    assert rows[0]["prompt"][-1]["role"] == "user"
     rescored = evaluate.exact_match([row["tuned"] for row in rows], [row["reference"] for row in rows])
     assert stats["tuned"]["exact_match"] == pytest.approx(rescored)
     assert math.isfinite(stats["base"]["loss"])
