@@ -165,16 +165,20 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def record_decision(artifacts_dir: str | Path, batch: str, decision: Decision) -> None:
-    """Append one decision to the batch's journal and sync it: a kill a moment later keeps it."""
-    journal = batch_dir(artifacts_dir, batch) / "journal.jsonl"
+def append_synced(journal: Path, line: str) -> None:
+    """Append one line to a journal and sync it: a kill a moment later keeps it. A line an earlier
+    kill cut short stays a line of its own (readers skip it)."""
     journal.parent.mkdir(parents=True, exist_ok=True)
     cut = journal.is_file() and journal.stat().st_size > 0 and not journal.read_bytes().endswith(b"\n")
     with open(journal, "a", encoding="utf-8") as handle:
-        # a line cut short by a kill stays a line of its own (read_decisions skips it)
-        handle.write(("\n" if cut else "") + decision.model_dump_json() + "\n")
+        handle.write(("\n" if cut else "") + line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def record_decision(artifacts_dir: str | Path, batch: str, decision: Decision) -> None:
+    """Append one decision to the batch's journal and sync it: a kill a moment later keeps it."""
+    append_synced(batch_dir(artifacts_dir, batch) / "journal.jsonl", decision.model_dump_json())
 
 
 def read_decisions(artifacts_dir: str | Path, batch: str) -> dict[str, Decision]:
