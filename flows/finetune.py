@@ -1,7 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
     fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
-    -> [base_model] -> [pretrain] -> train -> evaluate -> register -> report
+    -> [base_model] -> [pretrain] -> train -> evaluate -> [judge] -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -23,6 +23,7 @@ from tuneline.tasks.stages import (
     evaluate,
     fetch,
     gate,
+    judge,
     pretrain,
     register,
     report,
@@ -64,10 +65,13 @@ def finetune(recipe: Recipe) -> dict:
         artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name, pretrained
     )
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
+    # An LLM judge: tuned vs base and champion, each pair in both orders.
+    judged = [judge(artifacts_dir, evaluated, recipe.evaluate.judge)] if recipe.evaluate.judge else []
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
     augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
     pretraining = [pretrained] if pretrained is not None else []
-    produced = [collected, *augmented, cleaned, gated, splits, *pretraining, trained, evaluated, registered]
+    modelled = [*pretraining, trained, evaluated, *judged, registered]
+    produced = [collected, *augmented, cleaned, gated, splits, *modelled]
     summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from tuneline.tasks.stages import network_retries
+from tuneline.tasks.stages import network_retries, teacher_api_key
 
 from tuneline.augment.checkpoint import review_instructions
 from tuneline.augment.review import PendingBatch
@@ -28,19 +28,9 @@ from tuneline.augment.rounds import (
 )
 from tuneline.experiment import log_augment_rounds
 from tuneline.pipeline import AUGMENT_ROUND
-from tuneline.recipe import AugmentSpec, RegisterSpec, TeacherSpec
+from tuneline.recipe import AugmentSpec, RegisterSpec
 from tuneline.report import format_dropped
 from tuneline.store import StageRef
-
-
-def teacher_api_key(teacher: TeacherSpec) -> str | None:
-    """The teacher's key from the Prefect Secret block named in the recipe; None leaves the core
-    to read the environment variable `teacher.api_key_env`."""
-    if not teacher.api_key_secret:
-        return None
-    from prefect.blocks.system import Secret
-
-    return Secret.load(teacher.api_key_secret).get()
 
 
 @task(

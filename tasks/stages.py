@@ -32,6 +32,7 @@ from tuneline.augment.teacher import TeacherUnreachable
 from tuneline.curate.clean import run_clean
 from tuneline.curate.gate import run_gate
 from tuneline.curate.split import run_split
+from tuneline.evaluate.judge import judge_table, load_rubric, run_judge
 from tuneline.experiment import TrackingTarget
 from tuneline.pipeline import (
     BASE_MODEL,
@@ -40,6 +41,7 @@ from tuneline.pipeline import (
     EVALUATE,
     FETCH,
     GATE,
+    JUDGE,
     PRETRAIN,
     REGISTER,
     SPLIT,
@@ -53,12 +55,14 @@ from tuneline.recipe import (
     CleanSpec,
     EvaluateSpec,
     GateSpec,
+    JudgeSpec,
     ModelSpec,
     PretrainSpec,
     Recipe,
     RegisterSpec,
     Source,
     SplitSpec,
+    TeacherSpec,
     TrainSpec,
 )
 from tuneline.report import build_report, format_dropped, render_markdown, save_run_recipe, write_report
@@ -77,6 +81,16 @@ def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefec
     except Exception:  # noqa: BLE001 - any other failure is final
         return False
     return False
+
+
+def teacher_api_key(teacher: TeacherSpec) -> str | None:
+    """The key of a teacher (or judge) endpoint from the Prefect Secret block the recipe names; None
+    leaves the core to read the environment variable `api_key_env`."""
+    if not teacher.api_key_secret:
+        return None
+    from prefect.blocks.system import Secret
+
+    return Secret.load(teacher.api_key_secret).get()
 
 
 def network_retries(backoff_factor: float) -> dict[str, Any]:
@@ -251,6 +265,16 @@ def evaluate(
     return run_evaluate(artifacts_dir, splits, trained, model, spec)
 
 
+@task(name=JUDGE.name, **network_retries(backoff_factor=5), cache_policy=NO_CACHE)
+def judge(artifacts_dir: Path, evaluated: StageRef, spec: JudgeSpec) -> StageRef:
+    """Ask the recipe's LLM judge which reply is better, tuned vs base and champion, in both orders;
+    show the win rates in the UI."""
+    judged = run_judge(artifacts_dir, evaluated, spec, api_key=teacher_api_key(spec.endpoint))
+    rows, description = judge_table(read_stats(judged))
+    create_table_artifact(rows, key="judge", description=description)
+    return judged
+
+
 @task(name=REGISTER.name, cache_policy=NO_CACHE)
 def register(
     artifacts_dir: Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
@@ -288,6 +312,8 @@ def check_suites(evaluate: EvaluateSpec) -> None:
 
         for path in evaluate.suites:
             load_suite(path)
+    if evaluate.judge is not None:  # and the judge's rubric file
+        load_rubric(evaluate.judge)
 
 
 @task(name="report", cache_policy=NO_CACHE)

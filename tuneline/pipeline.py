@@ -9,13 +9,13 @@ change elsewhere does not: a fix in the training code never re-runs collect.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneline.errors import UserError
 from tuneline.store import DOCUMENTS, Stage, StageRef, files_digest, stage_key
 
 if TYPE_CHECKING:
-    from tuneline.recipe import EvaluateSpec, ModelSpec, PretrainSpec, Recipe, TrainSpec
+    from tuneline.recipe import EvaluateSpec, JudgeSpec, ModelSpec, PretrainSpec, Recipe, TrainSpec
 
 FETCH = Stage(
     "fetch",
@@ -80,7 +80,8 @@ SPLIT = Stage(
 )
 # Loading a model, generating with it and scoring it: what train (its validation metric picks the
 # best checkpoint), evaluate and register all run.
-MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records")
+# The suites' rubric assertions ask the judge (tuneline.evaluate.judge) through the teacher client.
+MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records", "tuneline.augment.teacher")
 # A GGUF base model dequantized once into a model folder (train, evaluate and register load it).
 BASE_MODEL = Stage(
     "base_model", entry="tuneline.train.base_model", code=("tuneline.train.base_model", "tuneline.models")
@@ -93,6 +94,10 @@ TRAIN = Stage(
     "train", entry="tuneline.train.stage", code=("tuneline.train", "tuneline.experiment", *MODEL_CODE)
 )
 EVALUATE = Stage("evaluate", entry="tuneline.evaluate.stage", code=MODEL_CODE)
+# An LLM judge on the evaluate stage's predictions: tuned vs base and champion, both orders.
+JUDGE = Stage(
+    "judge", entry="tuneline.evaluate.judge", code=("tuneline.evaluate.judge", "tuneline.augment.teacher")
+)
 REGISTER = Stage(
     "register",
     entry="tuneline.register.stage",
@@ -102,7 +107,7 @@ REGISTER = Stage(
 # Every stage, in pipeline order; the run report's funnel follows it.
 STAGES = (
     *(FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT),
-    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE, REGISTER),
+    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE, JUDGE, REGISTER),
 )
 # The stages that take in every record the one before put out: the funnel of the run report.
 FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER))
@@ -141,14 +146,40 @@ def evaluate_key(model: ModelSpec, evaluate: EvaluateSpec, splits: StageRef, tra
     the suite and JSON Schema files the section names (editing a suite re-runs the stage)."""
     paths = [*evaluate.suites, *([evaluate.json_schema] if evaluate.json_schema else [])]
     if not paths:  # the key of a recipe without such files stays what it was
-        return stage_key(EVALUATE, model, evaluate, splits.digest, trained.digest)
+        return stage_key(EVALUATE, model, evaluate_section(evaluate), splits.digest, trained.digest)
     for path in paths:
         if not Path(path).is_file():
             raise UserError(
                 f"evaluate: file {path} not found (paths are relative to the project folder, {Path.cwd()}); "
                 "fix evaluate.suites or evaluate.json_schema"
             )
-    return stage_key(EVALUATE, model, evaluate, splits.digest, trained.digest, files_digest(*paths))
+    section = evaluate_section(evaluate)
+    return stage_key(EVALUATE, model, section, splits.digest, trained.digest, files_digest(*paths))
+
+
+def evaluate_section(evaluate: EvaluateSpec) -> dict[str, Any]:
+    """The evaluate section as its stage's key sees it: of the judge (which has a stage of its own)
+    only what decides a rubric assertion's verdict, the model and its sampling, and only when there
+    are suites; without a judge the key stays what it was before the judge existed."""
+    section = evaluate.model_dump(mode="json", exclude={"judge"})
+    if evaluate.judge is not None and evaluate.suites:
+        section["judge"] = evaluate.judge.verdict_settings()["endpoint"]
+    return section
+
+
+def judge_key(judge: JudgeSpec, evaluated: StageRef) -> str:
+    """The judge stage's digest: the evaluate stage (its predictions), what decides a verdict (the
+    judge's model and sampling, rubric, pairs, limits; not its URL, key, mode or concurrency, so a
+    stage judged live is reused in replay) and the rubric file's content."""
+    rubric_digest = None
+    if judge.rubric_file is not None:
+        if not Path(judge.rubric_file).is_file():
+            raise UserError(
+                f"evaluate.judge.rubric_file: file {judge.rubric_file} not found (paths are relative to "
+                f"the project folder, {Path.cwd()}); fix it or write the rubric in evaluate.judge.rubric"
+            )
+        rubric_digest = files_digest(judge.rubric_file)
+    return stage_key(JUDGE, judge.verdict_settings(), rubric_digest, evaluated.digest)
 
 
 def register_key(recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef) -> str:

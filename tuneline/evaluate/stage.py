@@ -32,6 +32,7 @@ from tuneline import models
 from tuneline.errors import UserError
 from tuneline.evaluate import metrics as task_metrics
 from tuneline.evaluate import suites as test_suites
+from tuneline.evaluate.judge import rubric_judge
 from tuneline.pipeline import EVALUATE, evaluate_key
 from tuneline.recipe import EvaluateSpec, ModelSpec
 from tuneline.records import split_think
@@ -333,7 +334,7 @@ def _score_folder(
                 max_new_tokens=evaluate.max_new_tokens,
                 batch_size=evaluate.batch_size,
             )
-            rows += test_suites.run_checks(name, suite, suite_replies)
+            rows += test_suites.run_checks(name, suite, suite_replies, rubric_judge(evaluate.judge))
         if suites:
             scores["suite_pass_rate"] = test_suites.summarize(rows)["pass_rate"]
         return Scored(scores, replies, rows)

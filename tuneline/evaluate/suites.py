@@ -14,7 +14,7 @@ A suite file:
           - json_schema: {type: object} # the reply parses as JSON and validates
           - numeric: 42                 # the first number in the reply, within `tolerance`
             tolerance: 0.5
-          - rubric: Polite and on topic # for an LLM judge: reported as not run until one exists
+          - rubric: Polite and on topic # asked of the LLM judge (evaluate.judge); not run without one
 
 Each assertion gives passed / failed with a reason, or "not run" with a reason (a rubric).
 Pass rates are per assertion kind and overall (passed / run).
@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,9 @@ from tuneline.evaluate.metrics import final_answer, parse_json, schema_errors
 Kind = Literal["equals", "contains", "regex", "json_schema", "numeric", "rubric"]
 KINDS: tuple[Kind, ...] = ("equals", "contains", "regex", "json_schema", "numeric", "rubric")
 NO_JUDGE = "not run: no judge configured"
+# Decides rubric assertions in one batch: (rubric, conversation turns, reply) in, (passed, why) out
+# (tuneline.evaluate.judge.rubric_judge makes one from evaluate.judge).
+RubricJudge = Callable[[list[tuple[str, list[dict[str, str]], str]]], list[tuple[bool | None, str]]]
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -223,12 +227,18 @@ def check_number(expected: float, tolerance: float, answer: str) -> tuple[bool, 
     return ok, "" if ok else f"{value:g} is not within {tolerance:g} of {expected:g}"
 
 
-def run_checks(name: str, suite: Suite, replies: list[str]) -> list[dict[str, Any]]:
-    """One result row per (case, assertion): suite, case, kind, passed (None: not run), reason, reply."""
-    rows = []
+def run_checks(
+    name: str, suite: Suite, replies: list[str], judge: RubricJudge | None = None
+) -> list[dict[str, Any]]:
+    """One result row per (case, assertion): suite, case, kind, passed (None: not run), reason, reply.
+    `judge` decides the rubric assertions, all in one batch; without one they are not run."""
+    rows, rubrics = [], []
+    conversations = suite.conversations()
     for index, (case, reply) in enumerate(zip(suite.cases, replies, strict=True)):
         for assertion in case.assertions:
             passed, reason = check(assertion, reply)
+            if assertion.kind == "rubric" and judge is not None:
+                rubrics.append((len(rows), (assertion.rubric, conversations[index], reply)))
             rows.append(
                 {
                     "suite": name,
@@ -239,6 +249,10 @@ def run_checks(name: str, suite: Suite, replies: list[str]) -> list[dict[str, An
                     "reply": reply,
                 }
             )
+    if rubrics:
+        verdicts = judge([item for _, item in rubrics])
+        for (row_index, _), (passed, reason) in zip(rubrics, verdicts, strict=True):
+            rows[row_index] |= {"passed": passed, "reason": reason}
     return rows
 
 
@@ -248,11 +262,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         entry = by_kind.setdefault(row["kind"], {"passed": 0, "failed": 0, "not_run": 0})
         entry["passed" if row["passed"] else "not_run" if row["passed"] is None else "failed"] += 1
+        if row["passed"] is None:
+            entry.setdefault("reason", row["reason"])  # the first not-run assertion's reason
     for entry in by_kind.values():
         run = entry["passed"] + entry["failed"]
         entry["pass_rate"] = entry["passed"] / run if run else None
-        if entry["not_run"]:
-            entry["reason"] = NO_JUDGE
     passed = sum(e["passed"] for e in by_kind.values())
     run = passed + sum(e["failed"] for e in by_kind.values())
     return {"pass_rate": passed / run if run else None, "passed": passed, "run": run, "by_kind": by_kind}

@@ -32,8 +32,11 @@ from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tunelin
     TeacherSpec,
 )
 from tuneline.recipe.evaluate import (  # noqa: F401 - re-exported
+    DEFAULT_RUBRIC,
     EvalMetric,
     EvaluateSpec,
+    JudgeEndpoint,
+    JudgeSpec,
     PromoteMetric,
     promote_metric_problem,
 )

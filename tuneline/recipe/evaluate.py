@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tuneline.recipe.augment import TeacherSpec
 from tuneline.recipe.section import Section
 
 # Task metrics the evaluate stage can compute; every one is a share, higher is better.
@@ -22,6 +23,78 @@ PromoteMetric = Literal[
     "schema_match",
     "suite_pass_rate",
 ]
+
+
+# The judge's rubric when the recipe gives none: what "better" means for most assistants.
+DEFAULT_RUBRIC = (
+    "The better reply answers the user's last message correctly and completely, follows the "
+    "instructions in the conversation (the system prompt's format included), and is no longer than "
+    "it needs to be. A reply that matches the reference answer's meaning is correct."
+)
+# Where the judge's endpoint is and how it is reached: left out of the stages' keys, since they do
+# not change a verdict (a stage judged live is reused when replayed from the recordings).
+JUDGE_TRANSPORT = frozenset(
+    {
+        "base_url",
+        "api_key_env",
+        "api_key_secret",
+        "mode",
+        "recordings",
+        "concurrency",
+        "max_retries",
+        "timeout_s",
+    }
+)
+
+
+class JudgeEndpoint(TeacherSpec):
+    """The judge's OpenAI-compatible endpoint: the teacher client's settings, with defaults for
+    verdicts (temperature 0: a verdict is not sampled; short replies; its own recordings)."""
+
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="Sampling temperature; 0 for repeatable verdicts."
+    )
+    max_tokens: int = Field(
+        512, ge=1, description="Longest verdict, in tokens (a JSON object with a reason)."
+    )
+    recordings: str = Field(".tuneline/judge", description="Folder of recorded exchanges (one JSON each).")
+
+
+class JudgeSpec(Section):
+    """An LLM judge: tuned vs base (and vs the champion, when the registry had one at evaluation)
+    on the evaluate stage's test examples, each pair asked twice with the replies swapped to cancel
+    position bias; it also checks the test suites' `rubric` assertions."""
+
+    endpoint: JudgeEndpoint = Field(
+        description="The judge model's endpoint (the teacher client: record/replay, concurrency, retries)."
+    )
+    rubric: str | None = Field(
+        None, min_length=1, description="What makes a reply better, in words; empty: a general default."
+    )
+    rubric_file: str | None = Field(
+        None, description="A text file (relative to the project) holding the rubric, instead of `rubric`."
+    )
+    pairs: list[Literal["base", "champion"]] = Field(
+        ["base", "champion"],
+        min_length=1,
+        description="Opponents of the tuned model; champion only where the evaluate stage scored one.",
+    )
+    max_examples: int | None = Field(
+        100, ge=1, description="Judge at most this many test examples (each costs 2 requests per pair)."
+    )
+    show_reference: bool = Field(True, description="Show the judge the test example's reference answer.")
+
+    @model_validator(mode="after")
+    def _one_rubric(self) -> JudgeSpec:
+        if self.rubric is not None and self.rubric_file is not None:
+            raise ValueError("give the rubric as text (rubric) or as a file (rubric_file), not both")
+        if len(set(self.pairs)) != len(self.pairs):
+            raise ValueError(f"pairs: {self.pairs} names an opponent twice; list base and champion once each")
+        return self
+
+    def verdict_settings(self) -> dict:
+        """What decides the verdicts (the stages' keys): all but where and how the endpoint is reached."""
+        return self.model_dump(mode="json", exclude={"endpoint": set(JUDGE_TRANSPORT)})
 
 
 class EvaluateSpec(Section):
@@ -49,6 +122,11 @@ class EvaluateSpec(Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test records.")
+    judge: JudgeSpec | None = Field(
+        None,
+        description="An LLM judge on an OpenAI-compatible endpoint: tuned vs base and champion, both "
+        "orders, and the suites' rubric assertions; docs/evaluate.md#judge.",
+    )
 
     def chosen_metrics(self) -> list[str]:
         """Every task metric the stage computes: exact match, the headline and `metrics`, once each."""
