@@ -1,7 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
     fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
-    -> [base_model] -> [pretrain] -> train -> evaluate -> [judge] -> register -> report
+    -> [base_model] -> [pretrain] -> train -> evaluate -> [benchmarks] -> [judge] -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from tuneline.flows.augment import augment_rounds
 from tuneline.tasks.stages import (
     base_model,
+    benchmarks,
     check_suites,
     clean,
     collect,
@@ -65,13 +66,17 @@ def finetune(recipe: Recipe) -> dict:
         artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name, pretrained
     )
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
+    # lm-eval benchmarks, base vs tuned: the "did fine-tuning make it forget" check.
+    benchmarked = []
+    if recipe.evaluate.benchmarks:
+        benchmarked = [benchmarks(artifacts_dir, trained, recipe.model, recipe.evaluate)]
     # An LLM judge: tuned vs base and champion, each pair in both orders.
     judged = [judge(artifacts_dir, evaluated, recipe.evaluate.judge)] if recipe.evaluate.judge else []
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
     augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
     pretraining = [pretrained] if pretrained is not None else []
-    modelled = [*pretraining, trained, evaluated, *judged, registered]
+    modelled = [*pretraining, trained, evaluated, *benchmarked, *judged, registered]
     produced = [collected, *augmented, cleaned, gated, splits, *modelled]
     summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

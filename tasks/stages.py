@@ -32,10 +32,12 @@ from tuneline.augment.teacher import TeacherUnreachable
 from tuneline.curate.clean import run_clean
 from tuneline.curate.gate import run_gate
 from tuneline.curate.split import run_split
+from tuneline.evaluate.benchmarks import run_benchmarks, table_rows
 from tuneline.evaluate.judge import judge_table, load_rubric, run_judge
 from tuneline.experiment import TrackingTarget
 from tuneline.pipeline import (
     BASE_MODEL,
+    BENCHMARKS,
     CLEAN,
     COLLECT,
     EVALUATE,
@@ -273,6 +275,19 @@ def judge(artifacts_dir: Path, evaluated: StageRef, spec: JudgeSpec) -> StageRef
     rows, description = judge_table(read_stats(judged))
     create_table_artifact(rows, key="judge", description=description)
     return judged
+
+
+@task(name=BENCHMARKS.name, cache_policy=NO_CACHE)
+def benchmarks(artifacts_dir: Path, trained: StageRef, model: ModelSpec, spec: EvaluateSpec) -> StageRef:
+    """Score base and tuned model on the recipe's lm-eval tasks (each model and task cached: the
+    base model's once for every run); show them side by side with the change in the UI."""
+    benchmarked = run_benchmarks(artifacts_dir, trained, model, spec)
+    create_table_artifact(
+        table_rows(read_stats(benchmarked)),
+        key="benchmarks",
+        description="lm-eval benchmarks, base vs tuned, in points (± stderr); change = tuned - base",
+    )
+    return benchmarked
 
 
 @task(name=REGISTER.name, cache_policy=NO_CACHE)

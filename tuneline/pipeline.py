@@ -15,7 +15,15 @@ from tuneline.errors import UserError
 from tuneline.store import DOCUMENTS, Stage, StageRef, files_digest, stage_key
 
 if TYPE_CHECKING:
-    from tuneline.recipe import EvaluateSpec, JudgeSpec, ModelSpec, PretrainSpec, Recipe, TrainSpec
+    from tuneline.recipe import (
+        BenchmarkSpec,
+        EvaluateSpec,
+        JudgeSpec,
+        ModelSpec,
+        PretrainSpec,
+        Recipe,
+        TrainSpec,
+    )
 
 FETCH = Stage(
     "fetch",
@@ -98,6 +106,15 @@ EVALUATE = Stage("evaluate", entry="tuneline.evaluate.stage", code=MODEL_CODE)
 JUDGE = Stage(
     "judge", entry="tuneline.evaluate.judge", code=("tuneline.evaluate.judge", "tuneline.augment.teacher")
 )
+# lm-evaluation-harness tasks: one model on one task per `benchmark` stage (the base model's scores
+# are computed once and reused by every later run, the tuned model's per train stage); `benchmarks`
+# sets base and tuned side by side for the report and the register stage's guardrail.
+BENCHMARK = Stage(
+    "benchmark",
+    entry="tuneline.evaluate.benchmarks",
+    code=("tuneline.evaluate.benchmarks", "tuneline.models"),
+)
+BENCHMARKS = Stage("benchmarks", entry=BENCHMARK.entry, code=BENCHMARK.code)
 REGISTER = Stage(
     "register",
     entry="tuneline.register.stage",
@@ -107,7 +124,7 @@ REGISTER = Stage(
 # Every stage, in pipeline order; the run report's funnel follows it.
 STAGES = (
     *(FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT),
-    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE, JUDGE, REGISTER),
+    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE, BENCHMARK, BENCHMARKS, JUDGE, REGISTER),
 )
 # The stages that take in every record the one before put out: the funnel of the run report.
 FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER))
@@ -161,10 +178,24 @@ def evaluate_section(evaluate: EvaluateSpec) -> dict[str, Any]:
     """The evaluate section as its stage's key sees it: of the judge (which has a stage of its own)
     only what decides a rubric assertion's verdict, the model and its sampling, and only when there
     are suites; without a judge the key stays what it was before the judge existed."""
-    section = evaluate.model_dump(mode="json", exclude={"judge"})
+    section = evaluate.model_dump(mode="json", exclude={"judge", "benchmarks"})  # benchmarks: own stages
     if evaluate.judge is not None and evaluate.suites:
         section["judge"] = evaluate.judge.verdict_settings()["endpoint"]
     return section
+
+
+def benchmark_key(model_id: str, benchmark: BenchmarkSpec, data_digest: str | None, lm_eval: str) -> str:
+    """One model's scores on one lm-eval task: the model by content (`model_id`), what runs (task,
+    limit, few-shot), the content of its data files and task YAMLs (not their paths) and the lm-eval
+    version (`lm_eval`), whose task definitions and metrics decide the scores."""
+    section = benchmark.model_dump(mode="json", include={"task", "limit", "num_fewshot"})
+    return stage_key(BENCHMARK, model_id, section, data_digest, lm_eval)
+
+
+def benchmarks_key(scored: list[str], benchmarks: list[BenchmarkSpec]) -> str:
+    """The base-vs-tuned table's digest: the `benchmark` stages it reads (`scored`, their digests)
+    and the metric compared per task."""
+    return stage_key(BENCHMARKS, scored, [(benchmark.task, benchmark.metric) for benchmark in benchmarks])
 
 
 def judge_key(judge: JudgeSpec, evaluated: StageRef) -> str:

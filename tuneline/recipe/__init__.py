@@ -33,6 +33,7 @@ from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tunelin
 )
 from tuneline.recipe.evaluate import (  # noqa: F401 - re-exported
     DEFAULT_RUBRIC,
+    BenchmarkSpec,
     EvalMetric,
     EvaluateSpec,
     JudgeEndpoint,

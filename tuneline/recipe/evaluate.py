@@ -97,6 +97,49 @@ class JudgeSpec(Section):
         return self.model_dump(mode="json", exclude={"endpoint": set(JUDGE_TRANSPORT)})
 
 
+class BenchmarkSpec(Section):
+    """One lm-evaluation-harness task run on the base and the tuned model (the benchmarks stage)."""
+
+    task: str = Field(
+        min_length=1,
+        description="An lm-eval task name (arc_easy, arc_challenge, hellaswag, truthfulqa_mc2, "
+        "mmlu_computer_security, ... as `lm-eval ls tasks` lists them; a group with an aggregate such "
+        "as mmlu), or a task defined in a YAML file under `include_path`.",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Score at most this many documents of the task (each subtask of a group)."
+    )
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt; empty: the task's own setting (mostly 0)."
+    )
+    metric: str | None = Field(
+        None,
+        description="The metric compared base vs tuned (acc, acc_norm, ...); empty: acc_norm where the task "
+        "reports it, else acc, else its first metric.",
+    )
+    data_files: dict[str, str] = Field(
+        {},
+        description="Local data files by split name (e.g. {validation: data/arc_easy.jsonl}, relative to "
+        "the project) in the hub dataset's column layout: the task reads them with the json loader "
+        "instead of downloading its dataset, so it runs offline.",
+    )
+    include_path: str | None = Field(
+        None,
+        description="A folder (relative to the project) of your own lm-eval task YAML files; `task` may "
+        "name one of them. Its files key the stage: editing one re-runs the task.",
+    )
+
+    @model_validator(mode="after")
+    def _split_names(self) -> BenchmarkSpec:
+        for split, path in self.data_files.items():
+            if not split.strip() or not path.strip():
+                raise ValueError(
+                    f"data_files: {split!r}: {path!r} needs a split name and a file path, "
+                    "e.g. {validation: data/arc_easy.jsonl}"
+                )
+        return self
+
+
 class EvaluateSpec(Section):
     """Base vs tuned model on the test split: loss, exact match and the chosen task metrics on
     greedy generations, and test suites of prompts with assertions."""
@@ -127,6 +170,11 @@ class EvaluateSpec(Section):
         description="An LLM judge on an OpenAI-compatible endpoint: tuned vs base and champion, both "
         "orders, and the suites' rubric assertions; docs/evaluate.md#judge.",
     )
+    benchmarks: list[BenchmarkSpec] = Field(
+        [],
+        description="lm-evaluation-harness tasks scored on base and tuned model, side by side with the "
+        "change (the 'did it forget' check); each task and model is cached; docs/evaluate.md#benchmarks.",
+    )
 
     def chosen_metrics(self) -> list[str]:
         """Every task metric the stage computes: exact match, the headline and `metrics`, once each."""
@@ -138,6 +186,17 @@ class EvaluateSpec(Section):
             raise ValueError(
                 "schema_match needs a JSON Schema to check replies against: set evaluate.json_schema "
                 "to a schema file, or drop schema_match"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _each_benchmark_once(self) -> EvaluateSpec:
+        tasks = [benchmark.task for benchmark in self.benchmarks]
+        twice = sorted({task for task in tasks if tasks.count(task) > 1})
+        if twice:
+            raise ValueError(
+                f"benchmarks: {', '.join(twice)} listed more than once; each task's scores are keyed by "
+                "its name, so list it once (with the limit and num_fewshot you want)"
             )
         return self
 
