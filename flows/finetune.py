@@ -1,7 +1,8 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
     fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
-    -> [base_model] -> [pretrain] -> train -> evaluate -> [benchmarks] -> [judge] -> register -> report
+    -> [base_model] -> [pretrain] -> train -> evaluate -> [benchmarks] -> [judge]
+    -> [compare: people, blind pairs] -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
 triggered with it. Tasks get the recipe section they need plus references to earlier stages.
@@ -15,6 +16,7 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 from tuneline.flows.augment import augment_rounds
+from tuneline.flows.compare import compare_replies
 from tuneline.tasks.stages import (
     base_model,
     benchmarks,
@@ -72,11 +74,18 @@ def finetune(recipe: Recipe) -> dict:
         benchmarked = [benchmarks(artifacts_dir, trained, recipe.model, recipe.evaluate)]
     # An LLM judge: tuned vs base and champion, each pair in both orders.
     judged = [judge(artifacts_dir, evaluated, recipe.evaluate.judge)] if recipe.evaluate.judge else []
+    compared = []  # people compare replies blind (the run waits unless wait: later); Elo, Bradley-Terry
+    if recipe.evaluate.human is not None:
+        model_name, base_name = recipe.register.model_name, recipe.model.name  # the ledger's names
+        found = compare_replies(
+            artifacts_dir, recipe.evaluate.human, evaluated, model_name, base_name, next(iter(judged), None)
+        )
+        compared = [found] if found is not None else []
     registered = register(artifacts_dir, recipe, splits, trained, evaluated)
 
     augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
     pretraining = [pretrained] if pretrained is not None else []
-    modelled = [*pretraining, trained, evaluated, *benchmarked, *judged, registered]
+    modelled = [*pretraining, trained, evaluated, *benchmarked, *judged, *compared, registered]
     produced = [collected, *augmented, cleaned, gated, splits, *modelled]
     summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

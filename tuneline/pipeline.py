@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from tuneline.recipe import (
         BenchmarkSpec,
         EvaluateSpec,
+        HumanSpec,
         JudgeSpec,
         ModelSpec,
         PretrainSpec,
@@ -106,6 +107,17 @@ EVALUATE = Stage("evaluate", entry="tuneline.evaluate.stage", code=MODEL_CODE)
 JUDGE = Stage(
     "judge", entry="tuneline.evaluate.judge", code=("tuneline.evaluate.judge", "tuneline.augment.teacher")
 )
+# People compare the evaluate stage's replies blind; Elo and Bradley-Terry over the model's ledger.
+COMPARE = Stage(
+    "compare",
+    entry="tuneline.evaluate.compare_stage",
+    code=(
+        "tuneline.evaluate.compare_stage",
+        "tuneline.evaluate.compare",
+        "tuneline.evaluate.ratings",
+        "tuneline.augment.review",  # the journal and atomic writes of data review
+    ),
+)
 # lm-evaluation-harness tasks: one model on one task per `benchmark` stage (the base model's scores
 # are computed once and reused by every later run, the tuned model's per train stage); `benchmarks`
 # sets base and tuned side by side for the report and the register stage's guardrail.
@@ -124,7 +136,8 @@ REGISTER = Stage(
 # Every stage, in pipeline order; the run report's funnel follows it.
 STAGES = (
     *(FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT),
-    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE, BENCHMARK, BENCHMARKS, JUDGE, REGISTER),
+    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE),
+    *(BENCHMARK, BENCHMARKS, JUDGE, COMPARE, REGISTER),
 )
 # The stages that take in every record the one before put out: the funnel of the run report.
 FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TRAIN, EVALUATE, REGISTER))
@@ -178,7 +191,8 @@ def evaluate_section(evaluate: EvaluateSpec) -> dict[str, Any]:
     """The evaluate section as its stage's key sees it: of the judge (which has a stage of its own)
     only what decides a rubric assertion's verdict, the model and its sampling, and only when there
     are suites; without a judge the key stays what it was before the judge existed."""
-    section = evaluate.model_dump(mode="json", exclude={"judge", "benchmarks"})  # benchmarks: own stages
+    # human: the compare stage; benchmarks: stages of their own
+    section = evaluate.model_dump(mode="json", exclude={"judge", "human", "benchmarks"})
     if evaluate.judge is not None and evaluate.suites:
         section["judge"] = evaluate.judge.verdict_settings()["endpoint"]
     return section
@@ -211,6 +225,17 @@ def judge_key(judge: JudgeSpec, evaluated: StageRef) -> str:
             )
         rubric_digest = files_digest(judge.rubric_file)
     return stage_key(JUDGE, judge.verdict_settings(), rubric_digest, evaluated.digest)
+
+
+def compare_key(
+    human: HumanSpec, evaluated: StageRef, judged: StageRef | None, model_name: str, base_name: str
+) -> str:
+    """The compare stage's digest: what decides the batch (samples, seed, opponents, ratings
+    settings; not how the run waits or who answers in the UI), the evaluate stage, the judge stage
+    whose verdicts it adds, and the registered model whose ledger it reads."""
+    section = human.model_dump(mode="json", exclude={"wait", "timeout_s", "rater"})
+    judge = judged.digest if judged is not None else None
+    return stage_key(COMPARE, section, evaluated.digest, judge, model_name, base_name)
 
 
 def register_key(recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef) -> str:

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from tuneline.cli.compare import compare_app
 from tuneline.cli.data import data_app
 from tuneline.cli.review import review_app
 from tuneline.errors import UserError
@@ -32,6 +33,7 @@ app.add_typer(data_app, name="data", help="Inspect and convert datasets.")
 train_app = typer.Typer(no_args_is_help=True, help="Plan training runs.")
 app.add_typer(train_app, name="train")
 app.add_typer(review_app, name="review")
+app.add_typer(compare_app, name="compare")
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
 QUICKSTART_DATA = Path("recipes/data/support_intents.jsonl")

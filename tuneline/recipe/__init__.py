@@ -36,6 +36,7 @@ from tuneline.recipe.evaluate import (  # noqa: F401 - re-exported
     BenchmarkSpec,
     EvalMetric,
     EvaluateSpec,
+    HumanSpec,
     JudgeEndpoint,
     JudgeSpec,
     PromoteMetric,

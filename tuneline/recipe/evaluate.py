@@ -25,6 +25,42 @@ PromoteMetric = Literal[
 ]
 
 
+class HumanSpec(Section):
+    """People compare replies blind, in pairs: for `samples` test prompts, the tuned model's reply
+    against each opponent's in random order, shown as A and B; a person picks A, B or tie. The
+    outcomes join a ledger per registered model that Elo and Bradley-Terry ratings are fitted on."""
+
+    samples: int = Field(20, ge=1, description="How many test prompts are sampled (seeded) for comparison.")
+    against: list[Literal["base", "champion"]] = Field(
+        ["base", "champion"],
+        min_length=1,
+        description="Opponents of the tuned model; champion only when the registry has one.",
+    )
+    wait: Literal["pause", "suspend", "later"] = Field(
+        "pause",
+        description="pause: the run waits for the answers (up to timeout_s); suspend: in a deployment the "
+        "run is suspended and its worker freed until then (elsewhere it pauses); later: the run goes on "
+        "without waiting, the batch is decided later (`tuneline compare`) and a re-run uses it.",
+    )
+    timeout_s: int = Field(
+        24 * 3600, ge=1, description="Seconds a run waits for the answers before it fails (answers are kept)."
+    )
+    rater: str = Field("rater", min_length=1, description="Name recorded for answers from the Prefect UI.")
+    seed: int = Field(0, description="Seeds which prompts are sampled.")
+    judge: bool = Field(
+        True, description="Add the judge's verdicts (evaluate.judge) to the ratings as a second rater."
+    )
+    k_factor: float = Field(
+        32.0,
+        gt=0,
+        description="Elo's K: rating points an upset moves (Chatbot Arena uses 4 over millions of games; "
+        "32 suits tens).",
+    )
+    bootstrap: int = Field(
+        200, ge=10, description="Bootstrap rounds (battles resampled) for Bradley-Terry's 95% intervals."
+    )
+
+
 # The judge's rubric when the recipe gives none: what "better" means for most assistants.
 DEFAULT_RUBRIC = (
     "The better reply answers the user's last message correctly and completely, follows the "
@@ -165,6 +201,9 @@ class EvaluateSpec(Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many test records.")
+    human: HumanSpec | None = Field(
+        None, description="Blind pairwise comparison by people, with Elo and Bradley-Terry ratings."
+    )
     judge: JudgeSpec | None = Field(
         None,
         description="An LLM judge on an OpenAI-compatible endpoint: tuned vs base and champion, both "
