@@ -149,7 +149,8 @@ def test_a_batch_answered_through_the_prefect_api_is_rated_and_never_asked_again
     form = to_form_input(items, read_answers(artifacts, pending.batch), "ann")
     asked = len(form["rows"])  # 6, less a pair whose two replies are the same (a tie nobody is asked)
     assert set(form["rows"][0]) == {"id", "prompt", "reply_a", "reply_b", "winner"}
-    assert form["rows"][0]["prompt"] in QUESTIONS
+    assert form["rows"][0]["prompt"].split("\n")[0] == "[system] Be brief."  # the task, then the question
+    assert form["rows"][0]["prompt"].split("\n[user] ")[1] in QUESTIONS
     by_id = {item["id"]: item for item in items}
     for row in form["rows"][:2]:
         row["winner"] = pick_tuned(by_id[row["id"]])

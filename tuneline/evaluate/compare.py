@@ -137,11 +137,11 @@ def registered_train_digest(artifacts_dir: str | Path, model_name: str | None, v
 
 
 def prompt_text(prompt: list[dict[str, Any]]) -> str:
-    """The prompt as a person reads it: the user's question, or every turn with its role."""
-    turns = [m for m in prompt if m.get("role") != "system"]
-    if len(turns) == 1:
-        return str(turns[0].get("content", ""))
-    return "\n".join(f"[{m.get('role')}] {m.get('content', '')}" for m in turns)
+    """The prompt as a person reads it: a lone user turn as it is, else every turn with its role
+    (the system turn too: it says what the task is)."""
+    if len(prompt) == 1:
+        return str(prompt[0].get("content", ""))
+    return "\n".join(f"[{m.get('role')}] {m.get('content', '')}" for m in prompt)
 
 
 def build_items(
