@@ -26,10 +26,8 @@ from tuneline.evaluate.compare import (
     CompareError,
     PendingComparison,
     compare_command_line,
-    export_batch,
     find_pending,
     finish_batch,
-    import_answers,
     list_pending,
     now,
     prompt_text,
@@ -40,6 +38,7 @@ from tuneline.evaluate.compare import (
     to_form_input,
     undecided,
 )
+from tuneline.evaluate.compare_file import export_batch, import_answers
 
 KEYS = "[a] A is better  [b] B is better  [t] tie  [s] skip  [q] quit (answers so far are kept)"
 

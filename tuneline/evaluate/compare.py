@@ -10,7 +10,8 @@ The items form a *batch*, named by the digest of their content, stored like data
 `<artifacts_dir>/compare/<batch>/`: `items.jsonl` (with the hidden sides), `journal.jsonl`
 (each answer appended and synced the moment it is given) and `answers.json`, written atomically
 once every item has one. While a batch waits, `compare/pending/<batch>.json` names its run. The
-Prefect form, `tuneline compare decide` and an export file all end in the same `Answer` rows.
+Prefect form, `tuneline compare decide` and an export file (tuneline.evaluate.compare_file) all end
+in the same `Answer` rows.
 
 A finished batch's outcomes join the registered model's append-only ledger
 (`compare/ledger/<model name>.jsonl`, once per batch), which every later rating reads: models are
@@ -21,7 +22,6 @@ holds the batch's outcomes, the judge's verdicts as a second rater, and the lead
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import random
@@ -418,73 +418,3 @@ def compare_timeout(pending: PendingComparison, timeout_s: float) -> CompareTime
         f"Answer the rest ({ways}), then re-run the recipe (it asks only what is unanswered); or raise "
         "evaluate.human.timeout_s, or set evaluate.human.wait: later"
     )
-
-
-EXPORT_COLUMNS = ["batch", "id", "prompt", "reply_a", "reply_b", "winner"]
-
-
-def export_batch(artifacts_dir: str | Path, pending: PendingComparison, path: str | Path) -> int:
-    """Write the batch's unanswered items to a .csv or .jsonl file to fill in (winner: A, B or
-    tie). Returns the number of rows."""
-    path = Path(path)
-    items = read_items(artifacts_dir, pending.batch)
-    form = to_form_input(items, read_answers(artifacts_dir, pending.batch), "")
-    rows = [{"batch": pending.batch, **row, "winner": ""} for row in form["rows"]]
-    if path.suffix == ".csv":
-        with open(path, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    elif path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    else:
-        raise CompareError(f"--to {path}: export to a .csv or .jsonl file")
-    return len(rows)
-
-
-def read_answer_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Rows of a filled-in export file with their line numbers."""
-    try:
-        if path.suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as handle:
-                return list(enumerate(csv.DictReader(handle), start=2))
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
-    except OSError as error:
-        raise CompareError(f"{path}: cannot read: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise CompareError(f"{path}:{error.lineno}: not a JSON line: {error.msg}") from None
-    raise CompareError(f"{path}: import a .csv or .jsonl file written by `{compare_command_line('export')}`")
-
-
-def import_answers(
-    artifacts_dir: str | Path, path: str | Path, rater: str
-) -> tuple[PendingComparison, list[dict[str, Any]] | None]:
-    """Store the answers of a filled-in file. Returns the batch and its final answers (None while
-    some items are still unanswered). A bad row raises CompareError naming file:line."""
-    path = Path(path)
-    rows = read_answer_file(path)
-    batches = {row.get("batch") for _, row in rows}
-    if len(batches) != 1:
-        raise CompareError(f"{path}: rows of {len(batches)} batches; import one exported file at a time")
-    pending = find_pending(artifacts_dir, batches.pop())
-    known = {item["id"] for item in read_items(artifacts_dir, pending.batch)}
-    picks = {pick.casefold(): pick for pick in PICKS}
-    answers = []
-    for number, row in rows:
-        given = (row.get("winner") or "").strip()
-        if not given:
-            continue
-        if row.get("id") not in known:
-            raise CompareError(
-                f"{path}:{number}: id {row.get('id')!r} is not a comparison of batch {pending.batch}"
-            )
-        if given.casefold() not in picks:
-            raise CompareError(f"{path}:{number}: winner {given!r}: write A, B or tie")
-        answers.append(Answer(id=row["id"], winner=picks[given.casefold()], rater=rater, at=now()))
-    for answer in answers:  # only once every row is good: a file with a typo stores nothing
-        record_answer(artifacts_dir, pending.batch, answer)
-    if undecided(read_items(artifacts_dir, pending.batch), read_answers(artifacts_dir, pending.batch)):
-        return pending, None
-    return pending, finish_batch(artifacts_dir, pending.batch, pending.model_name)
