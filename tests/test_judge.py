@@ -242,14 +242,19 @@ def test_failed_requests_fail_the_stage_and_the_next_try_asks_only_them(teacher_
 def test_a_refused_request_is_a_pair_without_verdict(teacher_server, tmp_path):
     fair = prefers("tuned")
     too_long = Reply(status=400, raw_body='{"error": {"message": "context too long"}}')
-    teacher_server.script = lambda r: too_long if "question 1" in r.user_text else fair(r)
+    cut_off = Reply('{"winner": "A", "rea', finish_reason="length")
+    teacher_server.script = lambda r: (
+        too_long if "question 1" in r.user_text else cut_off if "question 2" in r.user_text else fair(r)
+    )
     judged = run_judge(
         tmp_path / "art", evaluated_stage(tmp_path / "art", ROWS), judge_spec(teacher_server, tmp_path)
     )
     result = lines(judged, "judgments.jsonl")[1]["pairs"]["base"]
     assert result["winner"] is None
     assert "request failed: HTTP 400: context too long" in result["reason"]
-    assert read_stats(judged)["pairs"]["base"]["no_verdict"] == 1
+    cut = lines(judged, "judgments.jsonl")[2]["pairs"]["base"]["reason"]
+    assert "reply cut off at max_tokens=512; raise evaluate.judge.endpoint.max_tokens" in cut
+    assert read_stats(judged)["pairs"]["base"]["no_verdict"] == 2
 
 
 def test_rubric_assertions_are_judged_pass_or_fail(teacher_server, tmp_path):

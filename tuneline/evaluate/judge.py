@@ -253,7 +253,11 @@ def verdict_row(record_id: Any, opponent: str, order: str, reply: TeacherReply) 
     a, b = ("tuned", opponent) if ORDERS[order][0] == "A" else (opponent, "tuned")
     row = {"id": record_id, "pair": opponent, "order": order, "A": a, "B": b}
     if reply.error is not None:
-        return row | {"winner": None, "reason": None, "problem": f"request failed: {reply.error}"}
+        return row | {
+            "winner": None,
+            "reason": None,
+            "problem": f"request failed: {as_judge_fields(reply.error)}",
+        }
     verdict, problem = parse_answer(reply.text, PairVerdict)
     if verdict is None:
         return row | {"winner": None, "reason": None, "problem": f"malformed: {problem}", "raw": reply.text}
@@ -347,7 +351,7 @@ def ask_judge(
         raise JudgeError(as_judge_fields(str(error))) from None
     except TeacherUnreachable as error:
         raise TeacherUnreachable(as_judge_fields(str(error))) from None
-    failed = [reply.error for reply in replies if reply.error is not None and TRANSIENT.match(reply.error)]
+    failed = [as_judge_fields(r.error) for r in replies if r.error is not None and TRANSIENT.match(r.error)]
     if failed:
         endpoint = spec.endpoint
         kept = (
@@ -400,7 +404,7 @@ def rubric_messages(criterion: str, turns: list[dict[str, Any]], reply: str) -> 
 def rubric_outcome(reply: TeacherReply) -> tuple[bool | None, str]:
     """One rubric verdict as suites report it: passed or failed with the judge's reason."""
     if reply.error is not None:
-        return None, f"not run: the judge's request failed: {reply.error}"
+        return None, f"not run: the judge's request failed: {as_judge_fields(reply.error)}"
     verdict, problem = parse_answer(reply.text, RubricVerdict)
     if verdict is None:
         return None, f"not run: the judge's answer is malformed ({problem})"
