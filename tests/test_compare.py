@@ -291,9 +291,16 @@ def test_judge_verdicts_are_a_second_rater_beside_the_people(tmp_path):
     evaluated = write_evaluated(artifacts, champion=False)
     with write_stage(artifacts, "judge", "j1", [evaluated]) as writer:
         for number in range(len(QUESTIONS)):  # the judge prefers tuned except on ex1
-            verdict = {"id": f"ex{number}", "pair": "base", "winner": "opponent" if number == 1 else "tuned"}
+            winner = "base" if number == 1 else "tuned"
             writer.count_in()
-            writer.keep(verdict | {"reasons": ["..."]}, "verdicts.jsonl")
+            writer.keep(
+                {"id": f"ex{number}", "pairs": {"base": {"winner": winner, "reason": "..."}}},
+                "judgments.jsonl",
+            )
+        writer.count_in()  # a pair the judge could not decide is no battle
+        writer.keep(
+            {"id": "ex9", "pairs": {"base": {"winner": None, "reason": "no verdict"}}}, "judgments.jsonl"
+        )
     judged = find_stage(artifacts, "judge", "j1")
     human = HumanSpec(samples=6, against=["base"], bootstrap=20)
     rows = [json.loads(line) for line in evaluated.file("predictions.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@
 
 It is written once the batch's answers are complete (tuneline.evaluate.compare), and holds:
 - `outcomes.jsonl`: the batch's battles (which model won each blind pair, who decided);
-- `judge_outcomes.jsonl`: with a judge stage and `evaluate.human.judge`, its verdicts as battles of a
+- `judge_outcomes.jsonl`: with a judge stage and `evaluate.human.judge`, its combined verdicts as battles of a
   second rater (they join the ledger once per judge stage, marked `kind: judge`);
 - `leaderboard.json` and the stats: the tuned model's wins, losses, ties and win rate (ties count
   half) against each opponent in this batch, and the leaderboard (Elo, Bradley-Terry with bootstrap
@@ -32,7 +32,9 @@ from tuneline.pipeline import COMPARE, compare_key
 from tuneline.recipe.evaluate import HumanSpec
 from tuneline.store import StageRef, StageWriter, iter_records, reuse_or_write
 
-VERDICTS = "verdicts.jsonl"  # the judge stage's verdicts: id, pair, winner (tuned, opponent or tie)
+# The judge stage's combined verdicts: per example {"id", "pairs": {opponent: {"winner": "tuned", the
+# opponent, "tie" or null}}} (tuneline.evaluate.judge).
+JUDGMENTS = "judgments.jsonl"
 
 
 def run_compare(
@@ -79,22 +81,27 @@ def run_compare(
 
 
 def judge_battles(judged: StageRef, ids: dict[str, str]) -> list[dict[str, Any]]:
-    """The judge's verdicts on pairs this run has ids for, as battles (tuned as model_a)."""
-    winner = {"tuned": "model_a", "opponent": "model_b", "tie": "tie"}
-    return [
-        {
-            "batch": f"judge:{judged.digest}",
-            "item": row["id"],
-            "pair": row["pair"],
-            "model_a": ids["tuned"],
-            "model_b": ids[row["pair"]],
-            "winner": winner[row["winner"]],
-            "rater": "judge",
-            "kind": "judge",
-        }
-        for row in iter_records(judged, VERDICTS)
-        if row.get("pair") in ids and row.get("winner") in winner
-    ]
+    """The judge's combined verdicts (both orders asked) on pairs this run has ids for, as battles
+    with the tuned model as model_a; pairs the judge left without a verdict are left out."""
+    battles = []
+    for row in iter_records(judged, JUDGMENTS):
+        for pair, result in row["pairs"].items():
+            outcome = {"tuned": "model_a", pair: "model_b", "tie": "tie"}.get(result.get("winner"))
+            if pair not in ids or outcome is None:
+                continue
+            battles.append(
+                {
+                    "batch": f"judge:{judged.digest}",
+                    "item": row["id"],
+                    "pair": pair,
+                    "model_a": ids["tuned"],
+                    "model_b": ids[pair],
+                    "winner": outcome,
+                    "rater": "judge",
+                    "kind": "judge",
+                }
+            )
+    return battles
 
 
 def pair_stats(battles: list[dict[str, Any]], tuned: str) -> dict[str, dict[str, Any]]:
