@@ -1,7 +1,7 @@
 """The `finetune` flow: the whole pipeline, read top to bottom like the diagram in the README.
 
     fetch (each source) -> collect -> [augment <-> review] -> clean -> gate -> split
-    -> [base_model] -> [pretrain] -> train -> evaluate -> [benchmarks] -> [judge]
+    -> [base_model] -> [select] -> [pretrain] -> train -> evaluate -> [benchmarks] -> [judge]
     -> [compare: people, blind pairs] -> register -> report
 
 Its one parameter is the recipe, so the Prefect UI renders it as a form and a deployment is
@@ -31,6 +31,7 @@ from tuneline.tasks.stages import (
     register,
     report,
     save_recipe,
+    select,
     split,
     tidy_store,
     train,
@@ -55,10 +56,18 @@ def finetune(recipe: Recipe) -> dict:
         data, _ = augment_rounds(artifacts_dir, recipe.augment, collected, recipe.register)
     else:
         data = collected
+    written_model = recipe.model  # select compares the candidates as the recipe names them
     recipe = recipe.model_copy(update={"model": base_model(artifacts_dir, recipe.model)})  # GGUF: a folder
     cleaned = clean(artifacts_dir, data, recipe.clean, recipe.model)
     gated = gate(artifacts_dir, cleaned, recipe.gate)
     splits = split(artifacts_dir, gated, recipe.split)
+    selection = []  # the candidates scored on the validation split; the rule's choice trains
+    if written_model.candidates:
+        selected, chosen = select(
+            artifacts_dir, splits, written_model, recipe.select, recipe.evaluate, recipe.train,
+            recipe.register, recipe.name,
+        )  # fmt: skip
+        recipe, selection = recipe.model_copy(update={"model": chosen}), [selected]
     pretrained = None
     if recipe.pretrain is not None:  # causal LM on the documents; train starts from its model
         pretrained = pretrain(
@@ -86,6 +95,6 @@ def finetune(recipe: Recipe) -> dict:
     augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
     pretraining = [pretrained] if pretrained is not None else []
     modelled = [*pretraining, trained, evaluated, *benchmarked, *judged, *compared, registered]
-    produced = [collected, *augmented, cleaned, gated, splits, *modelled]
+    produced = [collected, *augmented, cleaned, gated, splits, *selection, *modelled]
     summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

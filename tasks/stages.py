@@ -46,6 +46,7 @@ from tuneline.pipeline import (
     JUDGE,
     PRETRAIN,
     REGISTER,
+    SELECT,
     SPLIT,
     TRAIN,
     evaluate_key,
@@ -62,6 +63,7 @@ from tuneline.recipe import (
     PretrainSpec,
     Recipe,
     RegisterSpec,
+    SelectSpec,
     Source,
     SplitSpec,
     TeacherSpec,
@@ -185,6 +187,44 @@ def base_model(artifacts_dir: Path, model: ModelSpec) -> ModelSpec:
     from tuneline.train.base_model import resolve_base_model
 
     return resolve_base_model(artifacts_dir, model)
+
+
+@task(name=SELECT.name, cache_policy=NO_CACHE)
+def select(
+    artifacts_dir: Path,
+    splits: StageRef,
+    model: ModelSpec,
+    spec: SelectSpec,
+    evaluate_spec: EvaluateSpec,
+    train_spec: TrainSpec,
+    register: RegisterSpec | None = None,
+    run_name: str = "tuneline",
+) -> tuple[StageRef, ModelSpec]:
+    """Score the model's candidates on the validation split (GGUF files dequantized once, memory as
+    `tuneline train plan` estimates it for `train_spec`) and pick the base model by the recipe's
+    rule; show the candidates' table in the UI. Returns the stage and the chosen model."""
+    from tuneline.evaluate.select import run_select, selection_table  # torch, transformers
+    from tuneline.train.base_model import resolve_base_model
+    from tuneline.train.plan import plan_training
+
+    tracking = TrackingTarget(register.tracking_uri, register.experiment, run_name) if register else None
+    selected, chosen = run_select(
+        artifacts_dir,
+        splits,
+        model,
+        spec,
+        evaluate_spec,
+        resolve=lambda candidate: resolve_base_model(artifacts_dir, candidate),
+        train_memory=lambda candidate: plan_training(candidate, train_spec).peak_bytes,
+        tracking=tracking,
+        echo=get_run_logger().info,
+    )
+    create_table_artifact(
+        selection_table(read_stats(selected)),
+        key="select",
+        description="Base-model candidates on the validation split; the chosen one trains",
+    )
+    return selected, chosen
 
 
 @task(name=PRETRAIN.name, cache_policy=NO_CACHE)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         ModelSpec,
         PretrainSpec,
         Recipe,
+        SelectSpec,
         TrainSpec,
     )
 
@@ -95,6 +96,13 @@ MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records", "tunel
 BASE_MODEL = Stage(
     "base_model", entry="tuneline.train.base_model", code=("tuneline.train.base_model", "tuneline.models")
 )
+# Base-model selection (before training): each of `model.candidates` scored on the validation
+# split in a stage of its own, keyed by the candidate's content (adding one scores only it); then
+# `select` applies the recipe's rule to the scores and logs the table.
+SELECT_CANDIDATE = Stage(
+    "select_candidate", entry="tuneline.evaluate.select", code=("tuneline.experiment", *MODEL_CODE)
+)
+SELECT = Stage("select", entry=SELECT_CANDIDATE.entry, code=SELECT_CANDIDATE.code)
 # Continued pre-training on documents; the train stage then starts from its model.
 PRETRAIN = Stage(
     "pretrain", entry="tuneline.train.pretrain", code=("tuneline.train", "tuneline.experiment", *MODEL_CODE)
@@ -136,7 +144,7 @@ REGISTER = Stage(
 # Every stage, in pipeline order; the run report's funnel follows it.
 STAGES = (
     *(FETCH, COLLECT, AUGMENT_ROUND, AUGMENT, CLEAN, GATE, SPLIT),
-    *(BASE_MODEL, PRETRAIN, TRAIN, EVALUATE),
+    *(BASE_MODEL, SELECT_CANDIDATE, SELECT, PRETRAIN, TRAIN, EVALUATE),
     *(BENCHMARK, BENCHMARKS, JUDGE, COMPARE, REGISTER),
 )
 # The stages that take in every record the one before put out: the funnel of the run report.
@@ -145,6 +153,19 @@ FUNNEL = tuple(stage.name for stage in (COLLECT, AUGMENT, CLEAN, GATE, SPLIT, TR
 
 # The digests of the stages whose code imports torch, transformers or MLflow (seconds): the tasks
 # look a finished stage up with them before importing any of that.
+
+
+def select_candidate_key(candidate: str, settings: dict[str, Any], validation: str, shots: list[str]) -> str:
+    """A candidate's score stage digest: its content (`candidate`: name and revision, or a folder's
+    content digest), the scoring `settings` (metrics, few-shot, generation, device), the validation
+    split's content and the few-shot examples' ids."""
+    return stage_key(SELECT_CANDIDATE, candidate, settings, validation, shots)
+
+
+def select_key(scored: list[StageRef], select: SelectSpec, metric: str, train_memory: list[int]) -> str:
+    """The select stage's digest: the candidates' score stages in order, the rule (the `select`
+    section, the ranking metric) and each candidate's training-memory estimate in bytes."""
+    return stage_key(SELECT, [ref.digest for ref in scored], select, metric, train_memory)
 
 
 def pretrain_key(model: ModelSpec, pretrain: PretrainSpec, collected: StageRef, splits: StageRef) -> str:

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tuneline.errors import UserError
 from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tuneline.recipe import ...`
@@ -44,6 +54,7 @@ from tuneline.recipe.evaluate import (  # noqa: F401 - re-exported
 )
 from tuneline.recipe.pretrain import PretrainSpec  # noqa: F401 - re-exported
 from tuneline.recipe.section import Format, Section, is_plain_text_path  # noqa: F401 - re-exported
+from tuneline.recipe.select import SelectMetric, SelectSpec  # noqa: F401 - re-exported
 from tuneline.recipe.train import (  # noqa: F401 - re-exported
     METHOD_SECTIONS,
     DeepSpeedSpec,
@@ -388,6 +399,23 @@ class ModelSpec(Section):
         description="Also load weights saved with pickle (pytorch_model.bin, *.pt) when a model has no "
         "safetensors; a pickle file can run code as it loads, so by default only safetensors load.",
     )
+    candidates: list[str] = Field(
+        [],
+        description="Base models to choose from before training (hub names, folders, GGUF files), each "
+        "scored on the validation split by the `select` section's rule; `name` is a candidate too (put "
+        "first when not listed). The other fields apply to every candidate, `revision` to `name` only.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_candidates(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """An empty `candidates` is left out of dumps, so the digests of recipes without candidates
+        (every stage keyed on the model) stay what they were; `context={"resolved": True}` writes it."""
+        data = handler(self)
+        if not self.candidates and not (info.context or {}).get("resolved"):
+            data.pop("candidates", None)
+        return data
 
 
 class RegisterSpec(Section):
@@ -429,6 +457,9 @@ class Recipe(Section):
     model: ModelSpec
     pretrain: PretrainSpec | None = Field(
         None, description="Continued pre-training on documents before `train`, which then starts from it."
+    )
+    select: SelectSpec = Field(
+        SelectSpec(), description="How the base model is chosen among `model.candidates` (before training)."
     )
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
@@ -479,6 +510,20 @@ class Recipe(Section):
     def _promote_metric_is_computed(self) -> Recipe:
         if problem := promote_metric_problem(self.evaluate, self.register.promote_metric):
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _select_has_candidates(self) -> Recipe:
+        if self.select != SelectSpec() and not self.model.candidates:
+            raise ValueError(
+                "select: set, but model.candidates is empty, so there is nothing to choose from; "
+                "list the base models to compare in model.candidates, or remove the select section"
+            )
+        if self.select.metric == "schema_match" and not self.evaluate.json_schema:
+            raise ValueError(
+                "select.metric is schema_match, which needs a JSON Schema: set evaluate.json_schema "
+                "to a schema file, or choose another metric"
+            )
         return self
 
     @model_validator(mode="after")
