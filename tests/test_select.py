@@ -64,13 +64,13 @@ def memory_by_params(spec: ModelSpec) -> int:
 def run(tmp_path, tiny, candidates, select=None, **kwargs):
     model, select = ModelSpec(name=candidates[0], candidates=candidates), select or SelectSpec()
     kwargs.setdefault("train_memory", memory_by_params)
+    kwargs.setdefault("resolve", lambda spec: spec)
     return selection.run_select(
         tmp_path / "art",
         tiny["splits"],
         model,
         select,
         EVALUATE,
-        resolve=lambda s: s,
         echo=lambda _: None,
         **kwargs,
     )
@@ -149,6 +149,24 @@ def test_few_shot_prepends_train_examples_after_the_system_turn(tmp_path, tiny):
     assert {"loss", "exact_match", "few_shot_loss", "few_shot_exact_match"} <= set(
         stats["candidates"][0]["metrics"]
     )
+
+
+def test_a_gguf_candidate_is_dequantized_once_and_scored_as_its_folder(tmp_path, tiny, monkeypatch):
+    from test_gguf import write_tiny_gguf
+
+    from tuneline.train import base_model
+
+    gguf_file, _ = write_tiny_gguf(tmp_path)
+    resolve = lambda spec: base_model.resolve_base_model(tmp_path / "art", spec)  # noqa: E731 - the task's
+    candidates = [tiny["trained"], str(gguf_file)]
+    selected, _ = run(tmp_path, tiny, candidates, resolve=resolve)
+    trained, gguf_row = read_stats(selected)["candidates"]
+    assert gguf_row["name"] == str(gguf_file) and gguf_row["field"] == "model.candidates[1]"
+    assert "/stages/base_model/" in gguf_row["model"] and gguf_row["params"] > 0
+    assert trained["chosen"] and not gguf_row["chosen"]
+
+    monkeypatch.setattr(base_model, "dequantize_gguf", lambda *args: pytest.fail("dequantized twice"))
+    assert run(tmp_path, tiny, candidates, resolve=resolve)[0] == selected
 
 
 @pytest.mark.parametrize(
