@@ -15,7 +15,7 @@ from tuneline.errors import UserError
 from tuneline.evaluate import select as selection
 from tuneline.evaluate.stage import reply_labels
 from tuneline.recipe import EvaluateSpec, ModelSpec, SelectSpec, TrainSpec, validate_recipe
-from tuneline.store import StageRef, check_ledger, read_stats
+from tuneline.store import StageRef, check_ledger, read_manifest, read_stats
 from tuneline.train.plan import plan_training
 
 EVALUATE = EvaluateSpec(max_new_tokens=6, batch_size=4)
@@ -35,10 +35,15 @@ def teach(folder: Path, steps: int = 40) -> None:
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in examples])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on 2 busy cores two threads took 49 s for what one does in 1 s
+    try:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.save_pretrained(folder)
 
 
@@ -167,6 +172,34 @@ def test_a_gguf_candidate_is_dequantized_once_and_scored_as_its_folder(tmp_path,
 
     monkeypatch.setattr(base_model, "dequantize_gguf", lambda *args: pytest.fail("dequantized twice"))
     assert run(tmp_path, tiny, candidates, resolve=resolve)[0] == selected
+
+
+def test_candidates_run_the_recipes_test_suites(tmp_path, tiny):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "system: Label the message.\ncases:\n"
+        + "".join(
+            f"  - prompt: {qs[0]}\n    assert:\n      - equals: {label}\n" for label, qs in QUESTIONS.items()
+        )
+        + "  - prompt: be polite\n    assert:\n      - rubric: polite\n"
+    )
+    evaluate = EVALUATE.model_copy(update={"suites": [str(suite)]})
+    model = ModelSpec(name=tiny["small"], candidates=[tiny["small"], tiny["trained"]])
+    selected, chosen = selection.run_select(
+        tmp_path / "art", tiny["splits"], model, SelectSpec(metric="suite_pass_rate", few_shot=1), evaluate,
+        resolve=lambda s: s, train_memory=memory_by_params, echo=lambda _: None,
+    )  # fmt: skip
+    small, trained = read_stats(selected)["candidates"]
+    assert chosen.name == tiny["trained"] and read_stats(selected)["rule"]["metric"] == "suite_pass_rate"
+    assert trained["metrics"]["suite_pass_rate"] > small["metrics"]["suite_pass_rate"] == 0.0
+    scored = read_stats(
+        selection.find_stage(tmp_path / "art", "select_candidate", selected_inputs(selected)[1])
+    )
+    assert scored["suites"]["by_kind"]["rubric"]["not_run"] == 1 and scored["suites"]["run"] == 3
+
+
+def selected_inputs(selected):
+    return [entry["digest"] for entry in read_manifest(selected)["inputs"]]
 
 
 @pytest.mark.parametrize(

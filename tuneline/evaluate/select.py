@@ -33,6 +33,7 @@ import torch
 
 from tuneline import models
 from tuneline.errors import UserError
+from tuneline.evaluate import suites as test_suites
 from tuneline.evaluate.stage import generate_replies, load_json_schema, score_model
 from tuneline.experiment import TrackingTarget, is_number, open_experiment
 from tuneline.pipeline import SELECT, SELECT_CANDIDATE, select_candidate_key, select_key
@@ -92,7 +93,7 @@ def candidate_errors(field: str) -> Iterator[None]:
         yield
     except UserError as error:
         message = str(error).removeprefix("model.name: ")
-        raise type(error)(f"{field}: {message}") from None
+        raise models.ModelError(f"{field}: {message}") from None
 
 
 def resolve_candidates(model: ModelSpec, resolve: Callable[[ModelSpec], ModelSpec]) -> list[Candidate]:
@@ -152,14 +153,15 @@ def _cached_digests(artifacts_dir: str | Path, paths: list[Path]) -> dict[Path, 
 
 
 def ranking_metric(select: SelectSpec, evaluate: EvaluateSpec) -> str:
-    """The score that ranks candidates: `select.metric` (default evaluate.metric), few-shot if asked."""
+    """The score that ranks candidates: `select.metric` (default evaluate.metric), few-shot if asked
+    (the suites' pass rate is zero-shot only)."""
     metric = select.metric or evaluate.metric
-    return f"{FEW_SHOT}{metric}" if select.few_shot else metric
+    return f"{FEW_SHOT}{metric}" if select.few_shot and metric != "suite_pass_rate" else metric
 
 
 def scoring_spec(select: SelectSpec, evaluate: EvaluateSpec) -> EvaluateSpec:
     """The evaluate section the candidates are scored with: its metrics plus the ranking metric."""
-    extra = [select.metric] if select.metric and select.metric != "loss" else []
+    extra = [select.metric] if select.metric not in (None, "loss", "suite_pass_rate") else []
     return evaluate.model_copy(update={"metrics": list(dict.fromkeys([*evaluate.metrics, *extra]))})
 
 
@@ -208,6 +210,7 @@ def score_candidate(
         "chat_template": candidate.spec.chat_template,
         "device": models.choose_device()[0],  # speed is measured on this kind of device
         "schema": files_digest(schema_path) if schema_path else None,
+        "suites": files_digest(*evaluate.suites) if evaluate.suites else None,
     }
     key = content_key(artifacts_dir, candidate.spec)
     digest = select_candidate_key(key, settings, files_digest(validation), shot_ids)
@@ -215,6 +218,7 @@ def score_candidate(
     def write(writer: StageWriter) -> None:
         chosen = _validation_conversations(writer, splits, select.max_examples)
         schema = load_json_schema(schema_path) if schema_path else None
+        suites = {path: test_suites.load_suite(path) for path in evaluate.suites}
         echo(f"select: scoring {candidate.name} on {len(chosen)} validation examples")
         with loaded(candidate) as (model, tokenizer):
             conversations = [c for _, c in chosen]
@@ -226,12 +230,15 @@ def score_candidate(
                 )
                 scores |= {f"{FEW_SHOT}{name}": value for name, value in shot_scores.items()}
                 rows = [row | {"few_shot_reply": r} for row, r in zip(rows, shot_replies, strict=True)]
+            suite_rows = run_suites(model, tokenizer, suites, spec)
             speed = measure_speed(
                 model, tokenizer, conversations[: select.speed_examples], spec.max_new_tokens
             )
             params = models.count_parameters(model)[1]
         for row in rows:
             writer.keep(row, "predictions.jsonl")
+        if suites:
+            scores["suite_pass_rate"] = test_suites.summarize(suite_rows)["pass_rate"]
         writer.stats = {
             "name": candidate.name,
             "model": candidate.spec.name,
@@ -241,8 +248,28 @@ def score_candidate(
             "params": params,
             **speed,
         }
+        if suites:
+            writer.stats["suites"] = test_suites.summarize(suite_rows)
 
     return reuse_or_write(artifacts_dir, SELECT_CANDIDATE, digest, write, [splits])
+
+
+def run_suites(
+    model: Any, tokenizer: Any, suites: dict[str, test_suites.Suite], spec: EvaluateSpec
+) -> list[dict[str, Any]]:
+    """The recipe's test suites on one candidate: a row per assertion. Rubric assertions need the
+    judge and are not run on candidates (they stay `not run`, with the reason)."""
+    rows = []
+    for name, suite in suites.items():
+        replies = generate_replies(
+            model,
+            tokenizer,
+            suite.conversations(),
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+        )
+        rows += test_suites.run_checks(name, suite, replies)
+    return rows
 
 
 def _validation_conversations(

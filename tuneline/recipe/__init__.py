@@ -524,6 +524,11 @@ class Recipe(Section):
                 "select.metric is schema_match, which needs a JSON Schema: set evaluate.json_schema "
                 "to a schema file, or choose another metric"
             )
+        if self.select.metric == "suite_pass_rate" and not self.evaluate.suites:
+            raise ValueError(
+                "select.metric is suite_pass_rate but evaluate.suites is empty: add a test suite, "
+                "or choose another metric"
+            )
         return self
 
     @model_validator(mode="after")

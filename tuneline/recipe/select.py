@@ -11,7 +11,14 @@ from tuneline.recipe.section import Section
 
 # What a candidate can be ranked by: a task metric (higher is better) or the loss (lower is better).
 SelectMetric = Literal[
-    "exact_match", "loss", "label_accuracy", "rouge_l", "token_f1", "json_valid", "schema_match"
+    "exact_match",
+    "loss",
+    "label_accuracy",
+    "rouge_l",
+    "token_f1",
+    "json_valid",
+    "schema_match",
+    "suite_pass_rate",
 ]
 
 
@@ -21,8 +28,9 @@ class SelectSpec(Section):
 
     metric: SelectMetric | None = Field(
         None,
-        description="The metric that ranks candidates on the validation split (loss: lower wins); "
-        "default: evaluate.metric. With few_shot > 0 the few-shot score ranks.",
+        description="The metric that ranks candidates on the validation split (loss: lower wins; "
+        "suite_pass_rate: evaluate.suites, zero-shot); default: evaluate.metric. With few_shot > 0 the "
+        "few-shot score of a task metric or loss ranks.",
     )
     few_shot: int = Field(
         0,
