@@ -76,7 +76,7 @@ def finetune(recipe: Recipe) -> dict:
     trained = train(
         artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name, pretrained
     )
-    evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate)
+    evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate, recipe.register)
     # lm-eval benchmarks, base vs tuned: the "did fine-tuning make it forget" check.
     benchmarked = []
     if recipe.evaluate.benchmarks:
@@ -90,11 +90,13 @@ def finetune(recipe: Recipe) -> dict:
             artifacts_dir, recipe.evaluate.human, evaluated, model_name, base_name, next(iter(judged), None)
         )
         compared = [found] if found is not None else []
-    registered = register(artifacts_dir, recipe, splits, trained, evaluated)
+    # Promotion reads the champion's scores on this test split and the guardrails' evidence.
+    evidence = [*benchmarked, *judged, *compared]
+    registered = register(artifacts_dir, recipe, splits, trained, evaluated, evidence)
 
     augmented = [data] if recipe.augment is not None else []  # collected + teacher's records
     pretraining = [pretrained] if pretrained is not None else []
-    modelled = [*pretraining, trained, evaluated, *benchmarked, *judged, *compared, registered]
+    modelled = [*pretraining, trained, evaluated, *evidence, registered]
     produced = [collected, *augmented, cleaned, gated, splits, *selection, *modelled]
     summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
     return {**summary, "run_dir": str(run_dir)}

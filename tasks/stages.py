@@ -69,11 +69,21 @@ from tuneline.recipe import (
     TeacherSpec,
     TrainSpec,
 )
-from tuneline.report import build_report, format_dropped, render_markdown, save_run_recipe, write_report
+from tuneline.report import (
+    build_report,
+    format_dropped,
+    render_markdown,
+    save_run_recipe,
+    side_by_side_row,
+    write_report,
+)
 from tuneline.sources.collect import SourceUnreachable, run_collect
 from tuneline.sources.fetch import run_fetch
-from tuneline.store import StageRef, find_stage, read_stats, remove_stale_temporaries
+from tuneline.store import StageRef, find_stage, iter_records, read_stats, remove_stale_temporaries
 from tuneline.train.layout import CURVE_FILE, LOG_FILE, image_data_url, training_markdown
+
+# How many test examples the run shows side by side (all of them are in predictions.jsonl).
+EXAMPLES_SHOWN = 20
 
 
 def retry_network_errors(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's hook signature)
@@ -297,14 +307,37 @@ def show_training(trained: StageRef, key: str, curve_key: str) -> None:
 
 @task(name=EVALUATE.name, cache_policy=NO_CACHE)
 def evaluate(
-    artifacts_dir: Path, splits: StageRef, trained: StageRef, model: ModelSpec, spec: EvaluateSpec
+    artifacts_dir: Path,
+    splits: StageRef,
+    trained: StageRef,
+    model: ModelSpec,
+    spec: EvaluateSpec,
+    register: RegisterSpec | None = None,
 ) -> StageRef:
-    """Compare base and tuned model on the test split."""
-    if evaluated := find_stage(artifacts_dir, EVALUATE.name, evaluate_key(model, spec, splits, trained)):
-        return evaluated
-    from tuneline.evaluate.stage import run_evaluate  # torch, transformers: only to evaluate
+    """Compare base, tuned and (when `register`'s model has one) champion on the test split; show
+    examples side by side in the UI."""
+    evaluated = find_stage(artifacts_dir, EVALUATE.name, evaluate_key(model, spec, splits, trained))
+    if evaluated is None:
+        from tuneline.evaluate.stage import run_evaluate  # torch, transformers: only to evaluate
+        from tuneline.register.champion import champion_model  # MLflow: only to evaluate
 
-    return run_evaluate(artifacts_dir, splits, trained, model, spec)
+        champion = champion_model(artifacts_dir, register, trained) if register else None
+        evaluated = run_evaluate(artifacts_dir, splits, trained, model, spec, champion)
+    show_examples(evaluated)
+    return evaluated
+
+
+def show_examples(evaluated: StageRef, shown: int = EXAMPLES_SHOWN) -> None:
+    """The first test examples side by side (prompt, reference, base, tuned, champion) as a table."""
+    rows = []
+    for row in iter_records(evaluated, "predictions.jsonl"):
+        if len(rows) == shown:
+            break
+        rows.append(side_by_side_row(row))
+    if rows:
+        create_table_artifact(
+            rows, key="examples", description=f"The first {len(rows)} test examples, replies side by side"
+        )
 
 
 @task(name=JUDGE.name, **network_retries(backoff_factor=5), cache_policy=NO_CACHE)
@@ -332,16 +365,22 @@ def benchmarks(artifacts_dir: Path, trained: StageRef, model: ModelSpec, spec: E
 
 @task(name=REGISTER.name, cache_policy=NO_CACHE)
 def register(
-    artifacts_dir: Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
+    artifacts_dir: Path,
+    recipe: Recipe,
+    splits: StageRef,
+    trained: StageRef,
+    evaluated: StageRef,
+    evidence: list[StageRef] | None = None,
 ) -> StageRef:
-    """Register the tuned model in MLflow and promote it if it beats the champion."""
-    if registered := find_stage(
-        artifacts_dir, REGISTER.name, register_key(recipe, splits, trained, evaluated)
-    ):
+    """Register the tuned model in MLflow and promote it if it beats the champion and passes the
+    guardrails, which read `evidence` (the benchmarks, judge and comparison stages that ran)."""
+    evidence = evidence or []
+    key = register_key(recipe, splits, trained, evaluated, evidence)
+    if registered := find_stage(artifacts_dir, REGISTER.name, key):
         return registered
     from tuneline.register.stage import run_register  # MLflow: only to register
 
-    return run_register(artifacts_dir, recipe, splits, trained, evaluated)
+    return run_register(artifacts_dir, recipe, splits, trained, evaluated, evidence)
 
 
 @task(name="tidy_store", cache_policy=NO_CACHE)

@@ -149,6 +149,17 @@ def test_run_evaluate_ledger_and_stats(tiny):
     again = evaluate.run_evaluate(root / "art", splits, trained, tiny["spec"], spec)
     assert read_manifest(again)["finished_at"] == read_manifest(ref)["finished_at"]
 
+    # With a champion in the registry, it is scored on the same examples: a third column and row.
+    champion = evaluate.Champion("4", "t-old", ModelSpec(name=str(trained.dir / "model")))
+    other = EvaluateSpec(max_new_tokens=4, batch_size=2, max_examples=2)
+    stats = read_stats(evaluate.run_evaluate(root / "art", splits, trained, tiny["spec"], other, champion))
+    assert stats["champion_version"] == "4" and stats["champion_train_digest"] == "t-old"
+    assert stats["champion"] == pytest.approx(stats["tuned"])  # the same weights again
+    written = find_stage(root / "art", "evaluate", evaluate_key(tiny["spec"], other, splits, trained))
+    assert [row["champion"] for row in iter_records(written, "predictions.jsonl")] == [
+        row["tuned"] for row in rows[:2]
+    ]
+
 
 QUICK = {
     "name": "x",

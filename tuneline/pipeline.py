@@ -8,6 +8,7 @@ change elsewhere does not: a fix in the training code never re-runs collect.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,11 @@ SPLIT = Stage(
 # Loading a model, generating with it and scoring it: what train (its validation metric picks the
 # best checkpoint), evaluate and register all run.
 # The suites' rubric assertions ask the judge (tuneline.evaluate.judge) through the teacher client.
-MODEL_CODE = ("tuneline.evaluate", "tuneline.models", "tuneline.records", "tuneline.augment.teacher")
+# Named module by module: an edit to selection, benchmarks or people's comparisons re-runs only them.
+MODEL_CODE = (
+    *("tuneline.evaluate.stage", "tuneline.evaluate.metrics", "tuneline.evaluate.suites"),
+    *("tuneline.evaluate.judge", "tuneline.augment.teacher", "tuneline.models", "tuneline.records"),
+)
 # A GGUF base model dequantized once into a model folder (train, evaluate and register load it).
 BASE_MODEL = Stage(
     "base_model", entry="tuneline.train.base_model", code=("tuneline.train.base_model", "tuneline.models")
@@ -100,7 +105,9 @@ BASE_MODEL = Stage(
 # split in a stage of its own, keyed by the candidate's content (adding one scores only it); then
 # `select` applies the recipe's rule to the scores and logs the table.
 SELECT_CANDIDATE = Stage(
-    "select_candidate", entry="tuneline.evaluate.select", code=("tuneline.experiment", *MODEL_CODE)
+    "select_candidate",
+    entry="tuneline.evaluate.select",
+    code=("tuneline.evaluate.select", "tuneline.experiment", *MODEL_CODE),
 )
 SELECT = Stage("select", entry=SELECT_CANDIDATE.entry, code=SELECT_CANDIDATE.code)
 # Continued pre-training on documents; the train stage then starts from its model.
@@ -259,8 +266,14 @@ def compare_key(
     return stage_key(COMPARE, section, evaluated.digest, judge, model_name, base_name)
 
 
-def register_key(recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef) -> str:
-    """The register stage's digest: the whole recipe (logged as the run's params) and its inputs."""
-    return stage_key(
-        REGISTER, recipe.register, recipe.digest(), splits.digest, trained.digest, evaluated.digest
-    )
+def register_key(
+    recipe: Recipe,
+    splits: StageRef,
+    trained: StageRef,
+    evaluated: StageRef,
+    evidence: Sequence[StageRef] = (),
+) -> str:
+    """The register stage's digest: the whole recipe (logged as the run's params), its inputs and
+    the stages whose figures it logs and its guardrails read (`evidence`: benchmarks, judge, ...)."""
+    inputs = [splits.digest, trained.digest, evaluated.digest, *(f"{r.stage}:{r.digest}" for r in evidence)]
+    return stage_key(REGISTER, recipe.register, recipe.digest(), *inputs)

@@ -131,9 +131,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         columns = score_columns(evaluation)
         lines += ["", "## Base vs tuned (test split)", "", "| model | " + " | ".join(columns) + " |"]
         lines.append("|---" * (len(columns) + 1) + "|")
-        for name in ("base", "tuned"):
-            scores = evaluation[name]
-            lines.append(f"| {name} | " + " | ".join(number(scores.get(c)) for c in columns) + " |")
+        for name in ("base", "tuned", "champion"):
+            if scores := evaluation.get(name):
+                label = f"champion (v{evaluation['champion_version']})" if name == "champion" else name
+                lines.append(f"| {label} | " + " | ".join(number(scores.get(c)) for c in columns) + " |")
         lines += suite_lines(evaluation.get("suites"))
     if registry := report.get("registry"):
         lines += [
@@ -144,6 +145,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- MLflow run: `{registry['run_id']}`",
             f"- {registry_line(registry, REGISTER.name in report.get('reused', []))}",
         ]
+        for check in registry.get("guardrails") or []:
+            verdict = "passed" if check["passed"] else "FAILED"
+            lines.append(f"- guardrail {check['name']}: {verdict} ({check['detail']})")
     return "\n".join(lines) + "\n"
 
 
@@ -208,6 +212,15 @@ def registry_line(registry: dict[str, Any], reused: bool) -> str:
     done = ", ".join(aliases) or "none (a newer version holds candidate)"
     who = "an earlier run registered it and set" if reused else "this run set"
     return f"aliases {who}: {done} ({registry['reason']})"
+
+
+def side_by_side_row(prediction: dict[str, Any]) -> dict[str, Any]:
+    """One row of the evaluate stage's predictions.jsonl for a table: the prompt's last user turn,
+    the reference and each model's reply (base, tuned, and champion when it was scored)."""
+    prompt = prediction.get("prompt") or []
+    asked = next((str(turn.get("content")) for turn in reversed(prompt) if turn.get("role") == "user"), "")
+    replies = {side: prediction[side] for side in ("base", "tuned", "champion") if side in prediction}
+    return {"id": prediction["id"], "prompt": asked, "reference": prediction["reference"], **replies}
 
 
 def finished_before(ref: StageRef, moment: str) -> bool:

@@ -41,9 +41,10 @@ def print_report(
         scores = Table(title=f"Base vs tuned on the test split ({evaluation.get('examples')} examples)")
         for column in ("model", *columns):
             scores.add_column(column)
-        for name in ("base", "tuned"):
-            row = evaluation[name]
-            scores.add_row(name, *(number(row.get(key)) for key in columns))
+        for name in ("base", "tuned", "champion"):
+            if row := evaluation.get(name):
+                label = f"champion (v{evaluation['champion_version']})" if name == "champion" else name
+                scores.add_row(label, *(number(row.get(key)) for key in columns))
         console.print(scores)
         if suites := evaluation.get("suites"):
             print_suites(suites, console)
@@ -54,6 +55,9 @@ def print_report(
             f"MLflow run [bold]{registry['run_id']}[/bold]; registered [bold]{registry['model_uri']}[/bold]"
             f"; {registry_line(registry, reused)}"
         )
+        for check in registry.get("guardrails") or []:
+            verdict = "passed" if check["passed"] else "[bold red]FAILED[/bold red]"
+            console.print(f"guardrail {check['name']}: {verdict} ({check['detail']})")
     console.print(f"Run folder: {report.get('run_dir')}")
     tracking = recipe.register.tracking_uri
     console.print(f"Prefect UI: {prefect_url}/runs   MLflow UI ({tracking}): [bold]tuneline ui[/bold]")

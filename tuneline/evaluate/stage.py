@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -200,10 +200,19 @@ def score_model(
 
 
 def run_evaluate(
-    artifacts_dir: str | Path, splits: StageRef, trained: StageRef, model: ModelSpec, evaluate: EvaluateSpec
+    artifacts_dir: str | Path,
+    splits: StageRef,
+    trained: StageRef,
+    model: ModelSpec,
+    evaluate: EvaluateSpec,
+    champion: Champion | None = None,
 ) -> StageRef:
     """Score the base and the tuned model on the test split and the test suites; cached on recipe,
-    inputs, suite and schema files, and code."""
+    inputs, suite and schema files, and code.
+
+    `champion` (the registry's champion) is scored too, on the same examples, so the
+    register stage compares like with like. It is not part of the digest: a stage is evaluated
+    once, against the champion of the time, as its registration is decided once."""
     digest = evaluate_key(model, evaluate, splits, trained)
 
     def write(writer: StageWriter) -> None:
@@ -231,27 +240,34 @@ def run_evaluate(
             allow_pickle_weights=model.allow_pickle_weights,  # a soft-prompt adapter loads its base
         )
         tuned = _score_folder(tuned_spec, conversations, evaluate, schema, suites)
+        sides = {"base": base, "tuned": tuned}
+        if champion is not None:
+            sides["champion"] = _score_folder(champion.model, conversations, evaluate, schema, suites)
         references = [conversation[-1]["content"] for conversation in conversations]
-        for (record_id, conversation), reference, base_reply, tuned_reply in zip(
-            chosen, references, base.replies, tuned.replies, strict=True
-        ):
+        for index, ((record_id, conversation), reference) in enumerate(zip(chosen, references, strict=True)):
             row = {"id": record_id, "prompt": conversation[:-1], "reference": reference}
-            writer.keep(row | {"base": base_reply, "tuned": tuned_reply}, "predictions.jsonl")
+            writer.keep(
+                row | {side: result.replies[index] for side, result in sides.items()}, "predictions.jsonl"
+            )
         writer.stats = {
             "examples": len(chosen),
             "metric": evaluate.metric,
             "metrics": evaluate.chosen_metrics(),
-            "base": base.scores,
-            "tuned": tuned.scores,
+            **{side: result.scores for side, result in sides.items()},
         }
+        if champion is not None:
+            writer.stats |= {
+                "champion_version": champion.version,
+                "champion_train_digest": champion.train_digest,
+            }
         if "label_accuracy" in evaluate.chosen_metrics():
             writer.stats["confusion"] = {
                 side: task_metrics.confusion_table(result.replies, references)
-                for side, result in (("base", base), ("tuned", tuned))
+                for side, result in sides.items()
             }
             writer.path("confusion.json").write_text(json.dumps(writer.stats["confusion"], indent=2))
         if suites:
-            writer.stats["suites"] = {"files": list(suites)} | _write_suite_results(writer, base, tuned)
+            writer.stats["suites"] = {"files": list(suites)} | _write_suite_results(writer, sides)
 
     return reuse_or_write(artifacts_dir, EVALUATE, digest, write, [splits, trained])
 
@@ -274,6 +290,15 @@ def load_json_schema(path: str | Path) -> dict[str, Any]:
     return schema
 
 
+class Champion(NamedTuple):
+    """The registry's champion as the evaluate stage scores it: its version, the digest of the
+    train stage that made it (how the ratings' ledger names it), and its model folder."""
+
+    version: str
+    train_digest: str | None
+    model: ModelSpec
+
+
 @dataclass
 class Scored:
     """One model's scores, its replies to the test split and its suite results."""
@@ -283,18 +308,18 @@ class Scored:
     suite_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _write_suite_results(writer: StageWriter, base: Scored, tuned: Scored) -> dict[str, Any]:
+def _write_suite_results(writer: StageWriter, sides: dict[str, Scored]) -> dict[str, Any]:
     """Every suite assertion that failed or did not run, per model, in `suite_failures.jsonl`;
     returns the pass rates per model and assertion kind."""
     with writer.path("suite_failures.jsonl").open("w", encoding="utf-8") as out:
-        for side, result in (("base", base), ("tuned", tuned)):
+        for side, result in sides.items():
             for row in result.suite_rows:
                 if not row["passed"]:
                     out.write(json.dumps({"model": side, **row}, ensure_ascii=False) + "\n")
-    summary = {side: test_suites.summarize(r.suite_rows) for side, r in (("base", base), ("tuned", tuned))}
+    summary = {side: test_suites.summarize(result.suite_rows) for side, result in sides.items()}
     failed = [
         {key: row[key] for key in ("suite", "case", "kind", "reason")}
-        for row in tuned.suite_rows
+        for row in sides["tuned"].suite_rows
         if row["passed"] is False
     ]
     return summary | {"tuned_failures": failed[:FAILURES_SHOWN]}

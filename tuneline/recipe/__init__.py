@@ -418,6 +418,34 @@ class ModelSpec(Section):
         return data
 
 
+class Guardrails(Section):
+    """Checks that refuse a promotion even when the promote metric wins (tuneline/register/guardrails.py)."""
+
+    max_regression: float | None = Field(
+        None,
+        ge=0,
+        description="Refuse if any benchmark (evaluate.benchmarks) drops more than this many points "
+        "(percentage points, 0-100) from the base model to the tuned one.",
+    )
+    min_suite_pass_rate: float | None = Field(
+        None, ge=0, le=1, description="Refuse if the tuned model's test-suite pass rate is below this share."
+    )
+    min_judge_win_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Refuse if the tuned model's win rate (ties count half) by the judge (evaluate.judge) "
+        "against base or champion is below this share.",
+    )
+    min_human_win_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Refuse if the tuned model's win rate in people's comparisons (evaluate.human) "
+        "against base or champion is below this share.",
+    )
+
+
 class RegisterSpec(Section):
     """MLflow registration and the promotion rule for the `champion` alias."""
 
@@ -431,6 +459,9 @@ class RegisterSpec(Section):
         "exact_match", description="The tuned model's metric compared with the champion's (loss: lower wins)."
     )
     margin: float = Field(0.0, ge=0, description="How much the candidate must beat the champion by.")
+    guardrails: Guardrails = Field(
+        Guardrails(), description="Checks that can refuse a promotion the promote metric would allow."
+    )
 
 
 # `register` is the stage's name everywhere. As a field it shadows ABCMeta.register, which
@@ -510,6 +541,24 @@ class Recipe(Section):
     def _promote_metric_is_computed(self) -> Recipe:
         if problem := promote_metric_problem(self.evaluate, self.register.promote_metric):
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _guardrails_have_evidence(self) -> Recipe:
+        """A guardrail reads what an evaluate setting measures: without it, it could only refuse."""
+        guardrails, evaluate = self.register.guardrails, self.evaluate
+        needs = {
+            "max_regression": ("benchmarks", evaluate.benchmarks),
+            "min_suite_pass_rate": ("suites", evaluate.suites),
+            "min_judge_win_rate": ("judge", evaluate.judge),
+            "min_human_win_rate": ("human", evaluate.human),
+        }
+        for name, (setting, value) in needs.items():
+            if getattr(guardrails, name) is not None and not value:
+                raise ValueError(
+                    f"register.guardrails.{name} reads evaluate.{setting}, which is not set: "
+                    f"set evaluate.{setting}, or drop the guardrail"
+                )
         return self
 
     @model_validator(mode="after")

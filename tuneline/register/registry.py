@@ -16,6 +16,7 @@ aliases, so runs on several machines registering into one name at once can still
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,14 @@ import tuneline.experiment  # noqa: F401
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from tuneline.register.guardrails import Check
+
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 DIGEST_TAG = "tuneline.stage_digest"
 ALIASES_TAG = "tuneline.aliases"
 LOWER_IS_BETTER = {"loss"}
+TAG_LIMIT = 5000  # characters MLflow keeps in a tag value
 LOCK_TIMEOUT_S = 600  # the decision takes a few store calls; this long means a run is stuck
 
 
@@ -151,10 +155,16 @@ def settle_version(
     promote_metric: str,
     candidate: float | None,
     margin: float,
+    rescored: tuple[str, float | None] | None = None,
+    checks: Sequence[Check] = (),
 ) -> Decision:
     """Decide and apply the aliases of `version` once; call it holding the registry lock. A version
     finished earlier gives back its recorded decision; one whose champion alias an interrupted
-    attempt already moved keeps that decision and is completed."""
+    attempt already moved keeps that decision and is completed.
+
+    `rescored` is (champion version, its metric) as the evaluate stage measured it on this run's
+    test split: used while that version is still the champion, else the champion's own logged
+    metric. A failed guardrail in `checks` refuses a promotion the metric would allow."""
     tags = client.get_model_version(model_name, version).tags
     if ALIASES_TAG in tags:
         return recorded_decision(tags)
@@ -162,23 +172,46 @@ def settle_version(
     if champion == version and "tuneline.promoted" in tags:
         decision = recorded_decision(tags)
     else:
-        before = champion_metric(client, model_name, champion, f"tuned_{promote_metric}")
+        if rescored is not None and rescored[0] == champion:
+            before, where = rescored[1], "; both scored on this run's test split"
+        else:
+            before = champion_metric(client, model_name, champion, f"tuned_{promote_metric}")
+            where = "; the champion's figure is from its own run's test split" if champion else ""
         promoted, reason = decide_promotion(promote_metric, candidate, before, margin, champion)
+        promoted, reason = apply_guardrails(promoted, reason + where, checks)
         decision = Decision(promoted, reason, champion, before)
-        record_decision(client, model_name, version, decision, promote_metric)
+        record_decision(client, model_name, version, decision, promote_metric, checks)
     aliases = apply_aliases(client, model_name, version, decision.promoted)
     client.set_model_version_tag(model_name, version, ALIASES_TAG, ",".join(aliases))
     return Decision(decision.promoted, decision.reason, decision.champion_before,
                     decision.champion_metric_before, aliases)  # fmt: skip
 
 
+def apply_guardrails(promoted: bool, reason: str, checks: Sequence[Check]) -> tuple[bool, str]:
+    """The decision after the guardrails: any failed check refuses, and is named in the reason."""
+    failed = "; ".join(check.line() for check in checks if not check.passed)
+    if not failed:
+        return promoted, reason
+    return False, f"{reason}; {'promotion refused by guardrails' if promoted else 'guardrails'}: {failed}"
+
+
 def record_decision(
-    client: mlflow.MlflowClient, model_name: str, version: str, decision: Decision, promote_metric: str
+    client: mlflow.MlflowClient,
+    model_name: str,
+    version: str,
+    decision: Decision,
+    promote_metric: str,
+    checks: Sequence[Check] = (),
 ) -> None:
-    """Write the decision on the version before any alias moves; `tuneline.promoted` goes last."""
+    """Write the decision (and every guardrail's verdict) on the version before any alias moves;
+    `tuneline.promoted` goes last."""
+    if checks:
+        client.set_model_version_tag(
+            model_name, version, "tuneline.guardrails", "; ".join(c.line() for c in checks)[:TAG_LIMIT]
+        )
     tags = {
         "tuneline.metric": f"tuned_{promote_metric}",
-        "tuneline.reason": decision.reason,
+        "tuneline.reason": decision.reason[:TAG_LIMIT],
         "tuneline.champion_before": decision.champion_before or "",
         "tuneline.champion_metric_before": "" if decision.champion_metric_before is None
         else repr(decision.champion_metric_before),

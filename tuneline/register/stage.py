@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from mlflow.exceptions import MlflowException
 
 from tuneline.pipeline import REGISTER, TRAIN, register_key
 from tuneline.recipe import Recipe, dump_recipe, flatten_recipe
+from tuneline.register.guardrails import Check, check_guardrails
 from tuneline.register.registry import (
     DIGEST_TAG,
     Decision,
@@ -42,9 +45,10 @@ from tuneline.register.registry import (
     registry_lock,
     settle_version,
 )
-from tuneline.report import lineage_funnel
+from tuneline.report import lineage_funnel, side_by_side_row
 from tuneline.store import StageRef, StageWriter, iter_records, read_stats, reuse_or_write
 
+EXAMPLES_TABLE = "examples.json"
 SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
 # The model's code: MLflow copies this file into the model and runs it at load time.
 CHAT_MODEL_FILE = Path(__file__).resolve().with_name("chat_model.py")
@@ -80,11 +84,21 @@ def load_registered(model_uri: str, tracking_uri: str | None = None) -> Any:
 
 
 def run_register(
-    artifacts_dir: str | Path, recipe: Recipe, splits: StageRef, trained: StageRef, evaluated: StageRef
+    artifacts_dir: str | Path,
+    recipe: Recipe,
+    splits: StageRef,
+    trained: StageRef,
+    evaluated: StageRef,
+    evidence: Sequence[StageRef] = (),
 ) -> StageRef:
-    """Log the run, register the merged model as this stage's version and apply the promotion rule."""
+    """Log the run, register the merged model as this stage's version and apply the promotion rule
+    and its guardrails. `evidence`: the stages after evaluate (benchmarks, judge, people's
+    comparisons), whose figures are logged and read by the guardrails."""
     spec = recipe.register
-    digest = register_key(recipe, splits, trained, evaluated)
+    digest = register_key(recipe, splits, trained, evaluated, evidence)
+    found = {"evaluate": read_stats(evaluated)} | {ref.stage: read_stats(ref) for ref in evidence}
+    checks = check_guardrails(spec.guardrails, found)
+    rescored = rescored_champion(found["evaluate"], spec.promote_metric)
 
     def write(writer: StageWriter) -> None:
         experiment_id = open_experiment(spec.tracking_uri, spec.experiment, artifacts_dir)
@@ -105,14 +119,18 @@ def run_register(
             mlflow.log_text(dump_recipe(recipe), "recipe.yaml")
             mlflow.log_dict({"funnel": lineage_funnel(artifacts_dir, splits)}, "funnel.json")
             # The train stage's run logged the training numbers and curves itself.
-            metrics = evaluation_metrics(read_stats(evaluated)) | prefixed_metrics(trained_stats, TRAIN.name)
+            metrics = evaluation_metrics(found["evaluate"]) | evidence_metrics(found)
+            metrics |= prefixed_metrics(trained_stats, TRAIN.name)
             curves = {} if run.info.run_id == trained_stats.get("mlflow_run_id") else trained_stats
             log_metrics_once(client, run.info.run_id, metrics, curves)
             log_split_inputs(splits)
+            log_examples(client, run.info.run_id, evaluated)
             model_uri = logged_model_uri(experiment_id, digest) or log_chat_model(recipe, trained, digest)
+            candidate = metrics.get(metric)
             model_version, decision = register_version(
-                client, recipe, artifacts_dir, digest, trained, model_uri, metrics.get(metric)
+                client, recipe, artifacts_dir, digest, trained, model_uri, candidate, rescored, checks
             )
+            tag_ratings(client, spec.model_name, (found.get("compare") or {}).get("leaderboard") or [])
         writer.stats = {
             "tracking_uri": spec.tracking_uri,
             "run_id": run.info.run_id,
@@ -128,10 +146,12 @@ def run_register(
             "champion_metric_before": decision.champion_metric_before,
             "candidate_metric": metrics.get(metric),
             "reason": decision.reason,
+            "champion_rescored": rescored is not None and rescored[0] == decision.champion_before,
+            "guardrails": [asdict(check) for check in checks],
             "seconds": round(time.perf_counter() - started, 2),
         }
 
-    return reuse_or_write(artifacts_dir, REGISTER, digest, write, [splits, trained, evaluated])
+    return reuse_or_write(artifacts_dir, REGISTER, digest, write, [splits, trained, evaluated, *evidence])
 
 
 def register_version(
@@ -142,18 +162,55 @@ def register_version(
     trained: StageRef,
     model_uri: str,
     candidate: float | None,
+    rescored: tuple[str, float | None] | None = None,
+    checks: Sequence[Check] = (),
 ) -> tuple[str, Decision]:
     """This stage's version (found or created with its digest tag) and its decision, under the
-    registry lock of the model name."""
+    registry lock of the model name (`rescored`, `checks`: see registry.settle_version)."""
     spec = recipe.register
     with acquire(registry_lock(spec.tracking_uri, artifacts_dir, spec.model_name), spec.model_name):
         model_version = find_version(client, spec.model_name, digest) or create_version(
             model_uri, spec.model_name, {DIGEST_TAG: digest, "tuneline.train_digest": trained.digest}
         )
         decision = settle_version(
-            client, spec.model_name, model_version, spec.promote_metric, candidate, spec.margin
+            client,
+            spec.model_name,
+            model_version,
+            spec.promote_metric,
+            candidate,
+            spec.margin,
+            rescored,
+            checks,
         )
     return model_version, decision
+
+
+def rescored_champion(evaluated: dict[str, Any], promote_metric: str) -> tuple[str, float | None] | None:
+    """(champion version, its promote metric) as the evaluate stage scored it on this run's test
+    split, or None when it scored no champion."""
+    version = evaluated.get("champion_version")
+    if version is None:
+        return None
+    return str(version), (evaluated.get("champion") or {}).get(promote_metric)
+
+
+def tag_ratings(client: mlflow.MlflowClient, model_name: str, leaderboard: list[dict[str, Any]]) -> None:
+    """People's ratings on every version they rated (`tuned:<train digest>` in the leaderboard of
+    the compare stage): `tuneline.elo`, `tuneline.bt` and its 95% interval, `tuneline.rank`."""
+    for rank, row in enumerate(leaderboard, start=1):
+        if not str(row.get("model", "")).startswith("tuned:"):
+            continue
+        train_digest = row["model"].removeprefix("tuned:")
+        query = f"name = '{model_name}' and tags.`tuneline.train_digest` = '{train_digest}'"
+        for rated in client.search_model_versions(query):
+            tags = {
+                "tuneline.elo": f"{row['elo']:.0f}",
+                "tuneline.bt": f"{row['bt']:.0f}",
+                "tuneline.bt_ci": f"{row['ci_low']:.0f}-{row['ci_high']:.0f}",
+                "tuneline.rank": f"{rank} of {len(leaderboard)}",
+            }
+            for key, value in tags.items():
+                client.set_model_version_tag(model_name, rated.version, key, value)
 
 
 def reusable_run_id(
@@ -199,13 +256,36 @@ def logged_model_uri(experiment_id: str, digest: str) -> str | None:
     return f"models:/{ready[0].model_id}" if ready else None
 
 
+def evidence_metrics(found: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The figures of the stages after evaluate as metrics: `benchmark_arc_easy_base` and
+    `_tuned` per benchmark, `judge_win_rate_vs_base`, `human_win_rate_vs_champion`, ..."""
+    metrics = {}
+    for task, row in ((found.get("benchmarks") or {}).get("tasks") or {}).items():
+        metrics |= {f"benchmark_{task}_{side}": row.get(side) for side in ("base", "tuned")}
+    for stage, rater in (("judge", "judge"), ("compare", "human")):
+        for opponent, row in ((found.get(stage) or {}).get("pairs") or {}).items():
+            metrics[f"{rater}_win_rate_vs_{opponent}"] = (row or {}).get("win_rate")
+    return {key: float(value) for key, value in metrics.items() if is_number(value)}
+
+
+def log_examples(client: mlflow.MlflowClient, run_id: str, evaluated: StageRef) -> None:
+    """The test examples side by side (prompt, reference, base, tuned, champion) as the run's
+    `examples.json` table, unless an earlier attempt logged it (MLflow appends to a table)."""
+    if any(item.path == EXAMPLES_TABLE for item in client.list_artifacts(run_id)):
+        return
+    rows = [side_by_side_row(row) for row in iter_records(evaluated, "predictions.jsonl")]
+    if rows:
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+        mlflow.log_table(columns, artifact_file=EXAMPLES_TABLE)
+
+
 def evaluation_metrics(stats: dict[str, Any]) -> dict[str, float]:
     """`base_loss`, `tuned_rouge_l`, `tuned_suite_pass_rate`, ... from the evaluate stage, and
     each suite assertion kind's pass rate (`tuned_suite_regex_pass_rate`); missing values are
     skipped."""
     metrics = {"eval_examples": stats.get("examples")}
     suites = stats.get("suites") or {}
-    for side in ("base", "tuned"):
+    for side in ("base", "tuned", "champion"):
         metrics |= {f"{side}_{name}": value for name, value in (stats.get(side) or {}).items()}
         by_kind = (suites.get(side) or {}).get("by_kind") or {}
         metrics |= {f"{side}_suite_{kind}_pass_rate": e.get("pass_rate") for kind, e in by_kind.items()}
