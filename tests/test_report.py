@@ -60,3 +60,47 @@ def test_the_report_says_which_stages_were_reused(tmp_path):
     assert "Every stage was reused" in render_markdown(after)
     partly = {**after, "reused": ["collect"]}
     assert reuse_line(partly) == "Reused from earlier runs: collect; ran: clean."
+
+
+def test_the_report_shows_selection_benchmarks_judge_and_peoples_ratings():
+    report = {
+        "funnel": [],
+        "stage_dirs": {},
+        "selection": {
+            "rule": {"metric": "exact_match", "few_shot": 3},
+            "candidates": [
+                {
+                    "name": "smollm2.gguf",
+                    "metrics": {"few_shot_exact_match": 0.125},
+                    "params": 134515008,
+                    "train_memory_gb": 1.875,
+                    "tokens_per_second": 4.9,
+                    "chosen": True,
+                    "reason": "best",
+                },
+            ],
+        },  # fmt: skip
+        "benchmarks": {
+            "tasks": {"arc_easy": {"metric": "acc_norm", "base": 0.52, "tuned": 0.505, "change": -0.015}}
+        },
+        "judge": {"pairs": {"base": {"wins": 9, "losses": 1, "ties": 0, "win_rate": 0.9}}},
+        "people": {
+            "pairs": {"champion": {"wins": 2, "losses": 2, "ties": 1, "win_rate": 0.5}},
+            "leaderboard": [
+                {
+                    "model": "tuned:abc",
+                    "bt": 1256.4,
+                    "ci_low": 1169,
+                    "ci_high": 1344,
+                    "elo": 1147,
+                    "games": 20,
+                }
+            ],
+        },  # fmt: skip
+    }
+    text = render_markdown(report)
+    assert "| smollm2.gguf | 0.125 | 134,515,008 | 1.88 | 4.900 | yes | best |" in text
+    assert "| arc_easy | acc_norm | 52.0 | 50.5 | -1.5 |" in text
+    assert "## Judge: the tuned model against" in text and "| base | 9 | 1 | 0 | 0.900 |" in text
+    assert "## People: the tuned model against" in text and "| champion | 2 | 2 | 1 | 0.500 |" in text
+    assert "| tuned:abc | 1256 (1169-1344) | 1147 | 20 |" in text

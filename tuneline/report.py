@@ -11,10 +11,31 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuneline.pipeline import AUGMENT, CLEAN, COLLECT, EVALUATE, GATE, PRETRAIN, REGISTER, SPLIT, TRAIN
+from tuneline.pipeline import (
+    AUGMENT,
+    BENCHMARKS,
+    CLEAN,
+    COLLECT,
+    COMPARE,
+    EVALUATE,
+    GATE,
+    JUDGE,
+    PRETRAIN,
+    REGISTER,
+    SELECT,
+    SPLIT,
+    TRAIN,
+)
 from tuneline.recipe import Recipe, dump_recipe
 from tuneline.store import LedgerError, StageRef, check_ledger, read_manifest, read_stats, stage_dir
 
+# The stages whose results the report shows (stage name -> report key), besides evaluate.
+RESULT_SECTIONS = {
+    SELECT.name: "selection",
+    BENCHMARKS.name: "benchmarks",
+    JUDGE.name: "judge",
+    COMPARE.name: "people",
+}
 # (stage, the stage that feeds it, which of the feeder's outputs it takes in)
 LINKS = (
     (CLEAN.name, COLLECT.name, None),  # without augmentation
@@ -116,9 +137,90 @@ def build_report(stages: dict[str, StageRef], started_at: str | None = None) -> 
     if TRAIN.name in stages:
         trained = read_stats(stages[TRAIN.name])
         report["training"] = {key: trained.get(key) for key in ("steps", "train_loss", "seconds", "device")}
+    for name, key in RESULT_SECTIONS.items():
+        if name in stages:
+            report[key] = read_stats(stages[name])
     if REGISTER.name in stages:
         report["registry"] = read_stats(stages[REGISTER.name])
     return report
+
+
+def result_tables(report: dict[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
+    """(title, rows) of the model-choosing stages that ran: the base-model candidates, the
+    benchmarks base vs tuned, the judge's and people's verdicts per opponent, the ratings."""
+    tables = []
+    if selection := report.get("selection"):
+        tables.append(("Base-model candidates (validation split)", selection_rows(selection)))
+    if benchmarks := report.get("benchmarks"):
+        tables.append(("Benchmarks (lm-evaluation-harness, points)", benchmark_rows(benchmarks)))
+    for key, rater in (("judge", "Judge"), ("people", "People")):
+        if pairs := (report.get(key) or {}).get("pairs"):
+            tables.append((f"{rater}: the tuned model against", pair_rows(pairs)))
+    if leaderboard := (report.get("people") or {}).get("leaderboard"):
+        tables.append(("Ratings from people's comparisons (95% interval)", rating_rows(leaderboard)))
+    return tables
+
+
+def selection_rows(selection: dict[str, Any]) -> list[dict[str, str]]:
+    """A row per base-model candidate: the metric the rule ranks by, size, speed, the choice."""
+    rule = selection["rule"]
+    column = f"few_shot_{rule['metric']}" if rule.get("few_shot") else rule["metric"]
+    return [
+        {
+            "candidate": row["name"],
+            column: number(row["metrics"].get(column)),
+            "params": f"{row['params']:,}",
+            "train memory GB": f"{row['train_memory_gb']:.2f}",
+            "tokens/s": number(row["tokens_per_second"]),
+            "chosen": "yes" if row["chosen"] else "",
+            "why": row["reason"],
+        }
+        for row in selection["candidates"]
+    ]
+
+
+def benchmark_rows(benchmarks: dict[str, Any]) -> list[dict[str, str]]:
+    """A row per lm-eval task: its metric, base and tuned in points, and the change."""
+    return [
+        {
+            "task": task,
+            "metric": row["metric"],
+            "base": points(row.get("base")),
+            "tuned": points(row.get("tuned")),
+            "change": points(row.get("change"), signed=True),
+        }
+        for task, row in benchmarks["tasks"].items()
+    ]
+
+
+def pair_rows(pairs: dict[str, Any]) -> list[dict[str, str]]:
+    """A row per opponent of the tuned model (base, champion): wins, losses, ties, win rate."""
+    return [
+        {"opponent": opponent}
+        | {key: str(row.get(key, 0)) for key in ("wins", "losses", "ties")}
+        | {"win rate": number(row.get("win_rate"))}
+        for opponent, row in pairs.items()
+    ]
+
+
+def rating_rows(leaderboard: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """A row per rated model: Bradley-Terry with its interval, Elo, games."""
+    return [
+        {
+            "model": row["model"],
+            "Bradley-Terry": f"{row['bt']:.0f} ({row['ci_low']:.0f}-{row['ci_high']:.0f})",
+            "Elo": f"{row['elo']:.0f}",
+            "games": str(row["games"]),
+        }
+        for row in leaderboard
+    ]
+
+
+def points(share: float | None, signed: bool = False) -> str:
+    """A share (0..1) as points for a table, e.g. 0.4125 -> 41.2 (signed: +1.5); None: a dash."""
+    if share is None:
+        return "-"
+    return f"{100 * share:+.1f}" if signed else f"{100 * share:.1f}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -136,6 +238,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 label = f"champion (v{evaluation['champion_version']})" if name == "champion" else name
                 lines.append(f"| {label} | " + " | ".join(number(scores.get(c)) for c in columns) + " |")
         lines += suite_lines(evaluation.get("suites"))
+    for title, rows in result_tables(report):
+        lines += ["", f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
+        lines += ["| " + " | ".join(row.values()) + " |" for row in rows]
     if registry := report.get("registry"):
         lines += [
             "",

@@ -13,6 +13,7 @@ from tuneline.report import (
     format_dropped,
     number,
     registry_line,
+    result_tables,
     reuse_line,
     score_columns,
     suite_kind_rows,
@@ -48,6 +49,14 @@ def print_report(
         console.print(scores)
         if suites := evaluation.get("suites"):
             print_suites(suites, console)
+
+    for title, rows in result_tables(report):
+        table = Table(title=title)
+        for column in rows[0]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row.values())
+        console.print(table)
 
     if registry := report.get("registry"):
         reused = REGISTER.name in report.get("reused", [])
