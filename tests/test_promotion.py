@@ -158,7 +158,8 @@ def test_the_run_report_shows_the_champion_row_and_each_guardrail():
         ],
     }
     text = render_markdown({"funnel": [], "stage_dirs": {}, "evaluation": evaluation, "registry": registry})
-    assert "| champion (v1) | 2.000 | 0.300 |" in text
+    assert "## Base, tuned and champion (v1) on the test split (4 examples)" in text
+    assert "| champion | 2.000 | 0.300 |" in text
     assert "- guardrail min_suite_pass_rate: FAILED (tuned pass rate 0.2 < 0.5)" in text
 
 

@@ -231,12 +231,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {row['stage']} | {row['in']} | {row['out']} | {format_dropped(row['dropped'])} |")
     if evaluation := report.get("evaluation"):
         columns = score_columns(evaluation)
-        lines += ["", "## Base vs tuned (test split)", "", "| model | " + " | ".join(columns) + " |"]
+        lines += ["", f"## {evaluation_title(evaluation)}", "", "| model | " + " | ".join(columns) + " |"]
         lines.append("|---" * (len(columns) + 1) + "|")
-        for name in ("base", "tuned", "champion"):
-            if scores := evaluation.get(name):
-                label = f"champion (v{evaluation['champion_version']})" if name == "champion" else name
-                lines.append(f"| {label} | " + " | ".join(number(scores.get(c)) for c in columns) + " |")
+        for name in scored_models(evaluation):
+            scores = evaluation[name]
+            lines.append(f"| {name} | " + " | ".join(number(scores.get(c)) for c in columns) + " |")
         lines += suite_lines(evaluation.get("suites"))
     for title, rows in result_tables(report):
         lines += ["", f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|---" * len(rows[0]) + "|"]
@@ -271,15 +270,16 @@ def suite_lines(suites: dict[str, Any] | None) -> list[str]:
     did not run."""
     if not suites:
         return []
+    sides = scored_models(suites)
     lines = [
         "",
         f"## Test suites ({', '.join(suites['files'])})",
         "",
-        "| assertion | base | tuned |",
-        "|---|---|---|",
+        f"| assertion | {' | '.join(sides)} |",
+        "|---" * (len(sides) + 1) + "|",
     ]
     for kind, cells in suite_kind_rows(suites):
-        lines.append(f"| {kind} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {kind} | {' | '.join(cells)} |")
     failures = suites.get("tuned_failures") or []
     if not failures:
         return [*lines, "", "The tuned model failed no assertion that ran."]
@@ -291,9 +291,25 @@ def suite_lines(suites: dict[str, Any] | None) -> list[str]:
     return lines + [f"- {f['suite']}: {f['case']} ({f['kind']}): {f['reason']}" for f in failures]
 
 
-def suite_kind_rows(suites: dict[str, Any]) -> list[tuple[str, tuple[str, str]]]:
-    """(assertion kind, (base cell, tuned cell)) with `passed/run` or the reason it did not run."""
-    kinds = list(dict.fromkeys([*suites["base"]["by_kind"], *suites["tuned"]["by_kind"]]))
+def scored_models(scored: dict[str, Any]) -> list[str]:
+    """The models an evaluate stage's stats (or their `suites`) hold, in order: base, tuned and,
+    when the registry had one, champion."""
+    return [name for name in ("base", "tuned", "champion") if scored.get(name)]
+
+
+def evaluation_title(evaluation: dict[str, Any]) -> str:
+    """The title of the scores table: which models, which split, how many examples."""
+    models = "Base vs tuned"
+    if "champion_version" in evaluation:
+        models = f"Base, tuned and champion (v{evaluation['champion_version']})"
+    return f"{models} on the test split ({evaluation.get('examples')} examples)"
+
+
+def suite_kind_rows(suites: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """(assertion kind, a cell per model of `scored_models`) with `passed/run` or the reason it
+    did not run."""
+    sides = scored_models(suites)
+    kinds = list(dict.fromkeys(kind for side in sides for kind in suites[side]["by_kind"]))
 
     def cell(entry: dict[str, Any] | None) -> str:
         if not entry:
@@ -301,10 +317,7 @@ def suite_kind_rows(suites: dict[str, Any]) -> list[tuple[str, tuple[str, str]]]
         run = entry["passed"] + entry["failed"]
         return f"{entry['passed']}/{run}" if run else entry.get("reason", "not run")
 
-    return [
-        (kind, (cell(suites["base"]["by_kind"].get(kind)), cell(suites["tuned"]["by_kind"].get(kind))))
-        for kind in kinds
-    ]
+    return [(kind, tuple(cell(suites[side]["by_kind"].get(kind)) for side in sides)) for kind in kinds]
 
 
 def registry_line(registry: dict[str, Any], reused: bool) -> str:

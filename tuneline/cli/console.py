@@ -10,12 +10,14 @@ from rich.table import Table
 from tuneline.pipeline import REGISTER
 from tuneline.recipe import Recipe
 from tuneline.report import (
+    evaluation_title,
     format_dropped,
     number,
     registry_line,
     result_tables,
     reuse_line,
     score_columns,
+    scored_models,
     suite_kind_rows,
 )
 
@@ -39,13 +41,11 @@ def print_report(
     if evaluation := report.get("evaluation"):
         columns = score_columns(evaluation)
         columns.insert(1, "perplexity")
-        scores = Table(title=f"Base vs tuned on the test split ({evaluation.get('examples')} examples)")
+        scores = Table(title=evaluation_title(evaluation))
         for column in ("model", *columns):
             scores.add_column(column)
-        for name in ("base", "tuned", "champion"):
-            if row := evaluation.get(name):
-                label = f"champion (v{evaluation['champion_version']})" if name == "champion" else name
-                scores.add_row(label, *(number(row.get(key)) for key in columns))
+        for name in scored_models(evaluation):
+            scores.add_row(name, *(number(evaluation[name].get(key)) for key in columns))
         console.print(scores)
         if suites := evaluation.get("suites"):
             print_suites(suites, console)
@@ -73,12 +73,12 @@ def print_report(
 
 
 def print_suites(suites: dict[str, Any], console: Console) -> None:
-    """Test-suite pass rates per assertion kind, base vs tuned, and where the failures are."""
+    """Test-suite pass rates per assertion kind and model, and where the failures are."""
     table = Table(title="Test suites (passed/run)")
-    for column in ("assertion", "base", "tuned"):
+    for column in ("assertion", *scored_models(suites)):
         table.add_column(column)
-    for kind, (base, tuned) in suite_kind_rows(suites):
-        table.add_row(kind, base, tuned)
+    for kind, cells in suite_kind_rows(suites):
+        table.add_row(kind, *cells)
     console.print(table)
     console.print(
         f"Suites: {', '.join(suites['files'])}; failed assertions: suite_failures.jsonl (evaluate stage)."
