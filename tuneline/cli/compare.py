@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import click
 import typer
 
+from tuneline.cli.options import DEFAULT_ARTIFACTS_DIR, ArtifactsDir, fail
 from tuneline.evaluate.compare import (
     Answer,
     CompareError,
@@ -47,17 +48,9 @@ compare_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ArtifactsDir = Annotated[Path, typer.Option("--artifacts-dir", help="The recipe's artifacts_dir.")]
 Rater = Annotated[str, typer.Option(help="Name recorded with your answers.", envvar="TUNELINE_RATER")]
 Resume = Annotated[bool, typer.Option(help="Resume the paused run once the batch is answered.")]
-DEFAULT_ARTIFACTS_DIR = Path(".tuneline")
 DEFAULT_RATER = os.environ.get("USER", "rater")
-
-
-def fail(error: CompareError) -> typer.Exit:
-    """Print the error (no traceback) and return the exit to raise."""
-    typer.secho(str(error), err=True, fg=typer.colors.RED)
-    return typer.Exit(2)
 
 
 def describe(pending: PendingComparison) -> str:

@@ -40,6 +40,7 @@ from tuneline.augment.review import (
     to_form_input,
     undecided,
 )
+from tuneline.cli.options import DEFAULT_ARTIFACTS_DIR, ArtifactsDir, fail
 
 KEYS = "[a]ccept  [r]eject  [e]dit  [s]kip  [q]uit (decisions so far are kept)"
 
@@ -48,17 +49,9 @@ review_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ArtifactsDir = Annotated[Path, typer.Option("--artifacts-dir", help="The recipe's artifacts_dir.")]
 Reviewer = Annotated[str, typer.Option(help="Name recorded with your decisions.", envvar="TUNELINE_REVIEWER")]
 Resume = Annotated[bool, typer.Option(help="Resume the paused run once the batch is decided.")]
-DEFAULT_ARTIFACTS_DIR = Path(".tuneline")
 DEFAULT_REVIEWER = os.environ.get("USER", "reviewer")
-
-
-def fail(error: ReviewError) -> typer.Exit:
-    """Print a review error (no traceback) and return the exit to raise: the input cannot be used."""
-    typer.secho(str(error), err=True, fg=typer.colors.RED)
-    return typer.Exit(2)
 
 
 def describe(pending: PendingBatch) -> str:
