@@ -34,7 +34,7 @@ import torch
 from tuneline import models
 from tuneline.errors import UserError
 from tuneline.evaluate import suites as test_suites
-from tuneline.evaluate.stage import generate_replies, load_json_schema, score_model
+from tuneline.evaluate.stage import generate_replies, load_json_schema, run_suites, score_model
 from tuneline.experiment import TrackingTarget, is_number, open_experiment
 from tuneline.pipeline import SELECT, SELECT_CANDIDATE, select_candidate_key, select_key
 from tuneline.recipe import EvaluateSpec, ModelSpec, SelectSpec
@@ -252,24 +252,6 @@ def score_candidate(
             writer.stats["suites"] = test_suites.summarize(suite_rows)
 
     return reuse_or_write(artifacts_dir, SELECT_CANDIDATE, digest, write, [splits])
-
-
-def run_suites(
-    model: Any, tokenizer: Any, suites: dict[str, test_suites.Suite], spec: EvaluateSpec
-) -> list[dict[str, Any]]:
-    """The recipe's test suites on one candidate: a row per assertion. Rubric assertions need the
-    judge and are not run on candidates (they stay `not run`, with the reason)."""
-    rows = []
-    for name, suite in suites.items():
-        replies = generate_replies(
-            model,
-            tokenizer,
-            suite.conversations(),
-            max_new_tokens=spec.max_new_tokens,
-            batch_size=spec.batch_size,
-        )
-        rows += test_suites.run_checks(name, suite, replies)
-    return rows
 
 
 def _validation_conversations(

@@ -350,16 +350,7 @@ def _score_folder(
             scores, replies = score_model(model, tokenizer, conversations, evaluate, schema)
         else:
             scores, replies = dict.fromkeys(["loss", "perplexity", *evaluate.chosen_metrics()]), []
-        rows = []
-        for name, suite in suites.items():
-            suite_replies = generate_replies(
-                model,
-                tokenizer,
-                suite.conversations(),
-                max_new_tokens=evaluate.max_new_tokens,
-                batch_size=evaluate.batch_size,
-            )
-            rows += test_suites.run_checks(name, suite, suite_replies, rubric_judge(evaluate.judge))
+        rows = run_suites(model, tokenizer, suites, evaluate, rubric_judge(evaluate.judge))
         if suites:
             scores["suite_pass_rate"] = test_suites.summarize(rows)["pass_rate"]
         return Scored(scores, replies, rows)
@@ -368,6 +359,28 @@ def _score_folder(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def run_suites(
+    model: Any,
+    tokenizer: Any,
+    suites: dict[str, test_suites.Suite],
+    spec: EvaluateSpec,
+    judge: test_suites.RubricJudge | None = None,
+) -> list[dict[str, Any]]:
+    """The test suites on one loaded model: a row per assertion. Without `judge`, rubric
+    assertions are not run (their rows say why)."""
+    rows = []
+    for name, suite in suites.items():
+        replies = generate_replies(
+            model,
+            tokenizer,
+            suite.conversations(),
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+        )
+        rows += test_suites.run_checks(name, suite, replies, judge)
+    return rows
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
