@@ -20,7 +20,7 @@ from tuneline.flows.compare import compare_replies
 from tuneline.tasks.stages import (
     base_model,
     benchmarks,
-    check_suites,
+    check_evaluate,
     clean,
     collect,
     evaluate,
@@ -47,7 +47,7 @@ def finetune(recipe: Recipe) -> dict:
     started = datetime.now(UTC)
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
-    check_suites(recipe.evaluate)  # a bad test-suite file fails the run before any work
+    check_evaluate(recipe.evaluate)  # a bad suite, rubric or benchmark name fails before any work
     tidy_store(artifacts_dir)  # a killed run's temporary stage folders
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails

@@ -32,7 +32,7 @@ from tuneline.augment.teacher import TeacherUnreachable
 from tuneline.curate.clean import run_clean
 from tuneline.curate.gate import run_gate
 from tuneline.curate.split import run_split
-from tuneline.evaluate.benchmarks import run_benchmarks, table_rows
+from tuneline.evaluate.benchmarks import check_benchmarks, run_benchmarks, table_rows
 from tuneline.evaluate.judge import judge_table, load_rubric, run_judge
 from tuneline.experiment import TrackingTarget
 from tuneline.pipeline import (
@@ -398,9 +398,11 @@ def save_recipe(run_dir: Path, recipe: Recipe) -> Path:
     return save_run_recipe(run_dir, recipe)
 
 
-@task(name="check_suites", cache_policy=NO_CACHE)
-def check_suites(evaluate: EvaluateSpec) -> None:
-    """Read the recipe's test suites first, so a bad case stops the run now, not after training."""
+@task(name="check_evaluate", cache_policy=NO_CACHE)
+def check_evaluate(evaluate: EvaluateSpec) -> None:
+    """Read the recipe's test suites and the judge's rubric and check the benchmarks' task names
+    first, so a mistake there stops the run now, not after training."""
+    check_benchmarks(evaluate.benchmarks)  # imports lm-eval only when there are benchmarks
     if evaluate.suites:
         from tuneline.evaluate.suites import load_suite
 

@@ -148,6 +148,8 @@ def test_an_unknown_task_is_a_clear_error_before_any_model_loads(tiny, loads, tm
     assert "(did you mean arc_easy," in message and "`lm-eval ls tasks`" in message
     assert loads == []
     assert not (tmp_path / "stages" / "benchmark").exists()
+    with pytest.raises(UserError, match=r"evaluate.benchmarks\[1\].task: 'arc_eazy' is not a task"):
+        benchmarks.check_benchmarks(spec.benchmarks)  # what the flow runs first, before any stage
 
 
 @pytest.mark.parametrize(

@@ -182,6 +182,17 @@ def score_side(
     return found
 
 
+def check_benchmarks(benchmarks: list[BenchmarkSpec]) -> None:
+    """Check every benchmark's task name against lm-eval's index (about 6 s with lm-eval's own
+    tasks), so a typo stops the run before training, not after."""
+    if not benchmarks:
+        return
+    include_paths = tuple(dict.fromkeys(b.include_path for b in benchmarks if b.include_path))
+    manager = task_manager(include_paths, tuple(b.task for b in benchmarks))
+    for index, benchmark in enumerate(benchmarks):
+        check_task_name(manager, benchmark, index)
+
+
 def task_manager(include_paths: tuple[str, ...], names: tuple[str, ...]) -> Any:
     """lm-eval's task index: of the user's folders alone when they define every task named (fast),
     else with lm-eval's own ~15,000 tasks too (about 6 s to index; kept for the process)."""
