@@ -477,6 +477,11 @@ class Recipe(Section):
     """A whole fine-tuning project, from sources to a registered model."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Project name.")
+    description: str = Field(
+        "",
+        description="What this fine-tuning task is for, in a sentence; shown by `tuneline runs list` "
+        "and logged with the run's params (a changed description registers the model again).",
+    )
     artifacts_dir: str = Field(".tuneline", description="Where stage artifacts are stored.")
     sources: list[Source] = Field(min_length=1)
     augment: AugmentSpec | None = Field(
@@ -495,6 +500,17 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     register: RegisterSpec = Field(...)
+
+    @model_serializer(mode="wrap")
+    def _omit_no_description(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """An empty `description` is left out of dumps, so the digests of recipes without one stay
+        what they were; `context={"resolved": True}` writes it (the run's recipe.yaml, params)."""
+        data = handler(self)
+        if not self.description and not (info.context or {}).get("resolved"):
+            data.pop("description", None)
+        return data
 
     @model_validator(mode="before")
     @classmethod
