@@ -50,6 +50,9 @@ def project(tmp_path_factory):
     client.delete_registered_model_alias(MODEL_NAME, "candidate")  # only the export keeps v2
     with mlflow.start_run(experiment_id=stats[0]["experiment_id"], tags={"tuneline.stage": "train"}) as run:
         mlflow.log_params({"name": "unregistered", "train.method": "full", "model.name": "base"})
+        log = root / "train.log"
+        log.write_text("\n".join(LOG_LINES) + "\n")
+        mlflow.log_artifact(str(log))  # as the train stage attaches it; no stage folder in the store
     folder = store / "runs" / "20261206-080000-brave-otter"
     folder.mkdir(parents=True)
     (folder / "report.json").write_text(json.dumps({"registry": stats[1]}))
@@ -126,6 +129,18 @@ def test_show_compares_with_the_champion_and_says_it_was_exported(project):
     assert "Registry: not promoted: tuned_exact_match 0.4 vs champion v1 0.5" in result.output
     assert "Champion comparison: tuned_exact_match 0.4 vs champion v1 0.5" in result.output
     assert "Export: exported (gguf)" in result.output
+
+
+def test_show_reads_the_log_from_mlflow_when_the_store_has_no_train_stage(project):
+    result = invoke("runs", "show", project["unregistered"], "--json", *project["args"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found["status"] == "trained, not registered" and found["registry"] == {}
+    assert found["training"]["log"] == f"runs:/{project['unregistered']}/train.log"
+    assert found["training"]["log_tail"] == LOG_LINES and found["training"]["loss_curve"] is None
+    assert found["commands"] == {} and found["export"] == {"exported": False, "detail": None}
+    text = invoke("runs", "show", project["unregistered"], *project["args"])
+    assert "Registry: not registered" in text.output and LOG_LINES[0] in text.output
 
 
 def test_an_unknown_run_is_an_error_listing_some_that_exist(project):

@@ -11,6 +11,7 @@ which hold the funnel, the loss curve, the training log and the evaluation. Noth
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import deque
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ LOG_LINES = 20
 HYPERPARAMETER_PREFIXES = ("model.", "train.", "pretrain.")
 NOT_HYPERPARAMETERS = {"model.chat_template"}
 RUN_FOLDERS = "runs"
+TRAINING_FIGURES = ("steps", "epochs", "train_loss", "seconds", "device", "trainable_params")
 
 
 class RunNotFound(UserError):
@@ -95,13 +97,14 @@ def summarize(client: mlflow.MlflowClient, run: Run, artifacts_dir: str | Path) 
     version = registered_version(client, run)
     metric = primary_metric_name(params)
     created = datetime.fromtimestamp(run.info.start_time / 1000, UTC)
+    stages = stage_refs(artifacts_dir, run)
     return {
         "name": params.get("name") or run.info.run_name,
         "description": params.get("description", ""),
         "status": status(run, version),
-        "method": method(params),
+        "method": method(params) or trained_method(stages),
         "base_model": params.get("model.name"),
-        "data_size": data_size(metrics, stage_refs(artifacts_dir, run)),
+        "data_size": data_size(metrics, stages),
         "metric": metric,
         "metric_value": metrics.get(metric) if metric else None,
         "created": created.isoformat(timespec="seconds"),
@@ -124,6 +127,14 @@ def method(params: dict[str, str]) -> str | None:
     """The training method, with its quantization when there is one (`lora (nf4)` is QLoRA)."""
     name, quantization = params.get("train.method"), params.get("train.quantization")
     return f"{name} ({quantization})" if name and quantization not in (None, "", "None") else name
+
+
+def trained_method(stages: dict[str, StageRef]) -> str | None:
+    """The method the train stage ran (a train stage's own run holds no recipe params)."""
+    if "train" not in stages:
+        return None
+    found = read_stats(stages["train"]).get("method")
+    return found.get("name") if isinstance(found, dict) else found
 
 
 def primary_metric_name(params: dict[str, str]) -> str | None:
@@ -272,8 +283,8 @@ def show_run(
     return {
         **summarize(client, run, artifacts_dir),
         "hyperparameters": hyperparameters(params),
-        "data": training_data(artifacts_dir, run, stages),
-        "training": training(stages, log_lines),
+        "data": training_data(client, artifacts_dir, run, stages),
+        "training": training(client, run, stages, log_lines),
         "evaluation": evaluation(run, stages),
         "registry": registry_section(version, stages),
         "export": export_state(version),
@@ -303,35 +314,58 @@ def unused_distributed_setting(key: str, strategy: str) -> bool:
     return section in ("fsdp", "deepspeed") and section != strategy
 
 
-def training_data(artifacts_dir: str | Path, run: Run, stages: dict[str, StageRef]) -> dict[str, Any]:
+def training_data(
+    client: mlflow.MlflowClient, artifacts_dir: str | Path, run: Run, stages: dict[str, StageRef]
+) -> dict[str, Any]:
     """Split sizes and the funnel (records in, out and dropped by reason per stage)."""
     split = stages.get("split")
     if split is not None:
         return {"splits": read_stats(split).get("counts"), "funnel": lineage_funnel(artifacts_dir, split)}
-    try:  # the store was moved or cleared: the copy the register stage logged
-        funnel = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/funnel.json").get("funnel")
-    except (MlflowException, OSError):
-        funnel = None
-    return {"splits": None, "funnel": funnel}
+    logged = artifact_text(client, run.info.run_id, "funnel.json")  # the copy the register stage logged
+    return {"splits": None, "funnel": json.loads(logged).get("funnel") if logged else None}
 
 
-def training(stages: dict[str, StageRef], log_lines: int) -> dict[str, Any]:
-    """Training figures, the loss curve file and the last lines of the training log."""
+def training(
+    client: mlflow.MlflowClient, run: Run, stages: dict[str, StageRef], log_lines: int
+) -> dict[str, Any]:
+    """Training figures, the loss curve file and the last lines of the training log: from the
+    train stage's folder, else from the files the train stage attached to its MLflow run."""
     trained = stages.get("train")
     if trained is None:
-        return {}
+        return logged_training(client, run, log_lines)
     stats = read_stats(trained)
     curve, log = trained.file("loss_curve.png"), trained.file("train.log")
     return {
         "stage_dir": str(trained.dir),
-        **{
-            key: stats.get(key)
-            for key in ("steps", "epochs", "train_loss", "seconds", "device", "trainable_params")
-        },
+        **{key: stats.get(key) for key in TRAINING_FIGURES},
         "loss_curve": str(curve) if curve.is_file() else None,
         "log": str(log) if log.is_file() else None,
         "log_tail": tail(log, log_lines),
     }
+
+
+def logged_training(client: mlflow.MlflowClient, run: Run, log_lines: int) -> dict[str, Any]:
+    """The training section from the MLflow run alone (the store was moved or cleared)."""
+    run_id, metrics = run.info.run_id, run.data.metrics
+    files = {item.path for item in client.list_artifacts(run_id)}
+    text = artifact_text(client, run_id, "train.log") if "train.log" in files else None
+    return {
+        "stage_dir": None,
+        **{key: metrics.get(key if key.startswith("train_") else f"train_{key}") for key in TRAINING_FIGURES},
+        "loss_curve": f"runs:/{run_id}/loss_curve.png" if "loss_curve.png" in files else None,
+        "log": f"runs:/{run_id}/train.log" if text is not None else None,
+        "log_tail": text.splitlines()[-log_lines:] if text and log_lines > 0 else [],
+    }
+
+
+def artifact_text(client: mlflow.MlflowClient, run_id: str, path: str) -> str | None:
+    """A text file attached to a run, or None when it has none."""
+    with tempfile.TemporaryDirectory(prefix="tuneline-runs-") as scratch:
+        try:
+            local = client.download_artifacts(run_id, path, scratch)
+        except (MlflowException, OSError):
+            return None
+        return Path(local).read_text(encoding="utf-8", errors="replace")
 
 
 def tail(path: Path, lines: int) -> list[str]:
