@@ -150,6 +150,15 @@ def test_an_unknown_run_is_an_error_listing_some_that_exist(project):
     assert project["stats"][1]["run_id"] in result.output and "20261206-080000-brave-otter" in result.output
 
 
+def test_a_run_folder_that_registered_nothing_says_so(project):
+    folder = project["store"] / "runs" / "20261206-081000-failed-fox"
+    folder.mkdir()
+    (folder / "recipe.yaml").write_text("name: registry-test\n")
+    result = invoke("runs", "show", str(folder), *project["args"])
+    assert result.exit_code == 2
+    assert "the run folder" in result.output and "holds no registered run" in result.output
+
+
 def test_an_empty_project_lists_nothing_and_creates_no_store(tmp_path):
     result = invoke("runs", "list", "--artifacts-dir", str(tmp_path))
     assert result.exit_code == 0 and "no runs yet" in result.output
