@@ -22,6 +22,7 @@ from tuneline.cli.compare import compare_app
 from tuneline.cli.data import data_app
 from tuneline.cli.review import review_app
 from tuneline.cli.runs import runs_app
+from tuneline.cli.serve import serve_command
 from tuneline.errors import UserError
 from tuneline.recipe import Recipe, RecipeError, load_recipe
 
@@ -35,6 +36,7 @@ train_app = typer.Typer(no_args_is_help=True, help="Plan training runs.")
 app.add_typer(train_app, name="train")
 app.add_typer(review_app, name="review")
 app.add_typer(compare_app, name="compare")
+app.command("serve")(serve_command)
 app.add_typer(runs_app, name="runs")
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
