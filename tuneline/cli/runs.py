@@ -30,7 +30,7 @@ LIST_COLUMNS = {
     "base_model": "base model",
     "data_size": "examples",
     "metric_value": "metric",
-    "created": "created",
+    "created": "created (UTC)",
     "expires": "expires",
     "model_uri": "version",
     "run_id": "run id",
@@ -69,7 +69,8 @@ def runs_list(
     for title in titles.values():
         table.add_column(title, overflow="fold")
     for row in rows:
-        values = {**row, "model_uri": version_cell(row), "run_id": row["run_id"][:12]}
+        created = row["created"][:16].replace("T", " ")  # minutes are enough in a table; UTC
+        values = {**row, "model_uri": version_cell(row), "run_id": row["run_id"][:12], "created": created}
         table.add_row(*(cell(values[key]) for key in LIST_COLUMNS))
     Console().print(table)
     if len(metrics) > 1:
