@@ -183,16 +183,20 @@ def test_a_base_model_is_keyed_by_its_content_not_its_path(tmp_path):
         writer.path("model").mkdir()
         (writer.path("model") / "config.json").write_text("{}")
     dequantized = find_stage(tmp_path / "art", "base_model", "b1").file("model")
-    assert benchmarks.model_identity(ModelSpec(name=str(dequantized))) == "base_model:b1"
+    assert benchmarks.model_identity(tmp_path, ModelSpec(name=str(dequantized))) == "base_model:b1"
     folder, copy = tmp_path / "model", tmp_path / "copy"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     shutil.copytree(folder, copy)
-    identity = benchmarks.model_identity(ModelSpec(name=str(folder)))
-    assert identity.startswith("folder:") and identity == benchmarks.model_identity(ModelSpec(name=str(copy)))
+    identity = benchmarks.model_identity(tmp_path, ModelSpec(name=str(folder)))
+    assert identity.startswith("folder:") and identity == benchmarks.model_identity(
+        tmp_path, ModelSpec(name=str(copy))
+    )
     (copy / "config.json").write_text('{"hidden_size": 8}')
-    assert benchmarks.model_identity(ModelSpec(name=str(copy))) != identity
-    assert benchmarks.model_identity(ModelSpec(name="org/model", revision="v1")) == "hub:org/model@v1"
+    assert benchmarks.model_identity(tmp_path, ModelSpec(name=str(copy))) != identity
+    assert (
+        benchmarks.model_identity(tmp_path, ModelSpec(name="org/model", revision="v1")) == "hub:org/model@v1"
+    )
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tuneline import models
+from tuneline import models, store
 from tuneline.models import ModelError
 from tuneline.recipe import ModelSpec
 from tuneline.train import base_model
@@ -99,7 +99,7 @@ def test_a_gguf_base_is_dequantized_once_into_a_model_folder(
 
     # A second run reuses the stage: no load, no hashing of the file again.
     monkeypatch.setattr(base_model, "dequantize_gguf", lambda *args: pytest.fail("dequantized twice"))
-    monkeypatch.setattr(base_model, "sha256_file", lambda *args: pytest.fail("hashed twice"))
+    monkeypatch.setattr(store, "sha256_file", lambda *args: pytest.fail("hashed twice"))
     assert base_model.resolve_base_model(tmp_path, ModelSpec(name=str(path))) == resolved
 
 

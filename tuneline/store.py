@@ -38,6 +38,8 @@ from pydantic import BaseModel, ConfigDict
 
 from tuneline import __version__
 
+FILE_DIGESTS = "file_digests.json"  # under <artifacts>/cache: path -> size, mtime_ns, sha256
+
 MANIFEST = "manifest.json"
 RECORDS = "records.jsonl"
 DOCUMENTS = "documents.jsonl"  # raw documents (crawled pages) beside the records, for grounded rounds
@@ -367,6 +369,35 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cached_sha256(artifacts_dir: str | Path, paths: list[Path]) -> dict[Path, str]:
+    """sha256 of each file, remembered by path, size and modification time in
+    `<artifacts_dir>/cache/file_digests.json` (model weights are GBs; a changed file is read again)."""
+    cache_path = Path(artifacts_dir) / "cache" / FILE_DIGESTS
+    known = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
+    digests, changed = {}, False
+    for path in paths:
+        status, key = path.stat(), str(path.resolve())
+        entry = known.get(key)
+        if not entry or entry["size"] != status.st_size or entry["mtime_ns"] != status.st_mtime_ns:
+            entry = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "sha256": sha256_file(path)}
+            known[key], changed = entry, True
+        digests[path] = entry["sha256"]
+    if changed:  # a cache: two runs writing at once may each lose the other's entries, never corrupt it
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_name(f".{FILE_DIGESTS}.{uuid.uuid4().hex}")
+        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        tmp.replace(cache_path)
+    return digests
+
+
+def folder_key(artifacts_dir: str | Path, folder: Path) -> str:
+    """A local folder (a model) by content: each file's relative name and sha256, wherever it lies."""
+    digests = cached_sha256(artifacts_dir, sorted(path for path in folder.rglob("*") if path.is_file()))
+    return "folder:" + json.dumps(
+        [(path.relative_to(folder).as_posix(), digests[path]) for path in sorted(digests)]
+    )
 
 
 def check_ledger_counts(stage: str, records_in: int, records_out: int, dropped: dict[str, int]) -> None:

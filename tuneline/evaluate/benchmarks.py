@@ -42,6 +42,7 @@ from tuneline.store import (
     StageWriter,
     files_digest,
     find_stage,
+    folder_key,
     read_stats,
     reuse_or_write,
 )
@@ -63,7 +64,7 @@ def run_benchmarks(
     benchmarks = evaluate.benchmarks
     lm_eval = lm_eval_version()
     data = [data_digest(benchmark, index) for index, benchmark in enumerate(benchmarks)]
-    model_ids = {"base": model_identity(model), "tuned": f"train:{trained.digest}"}
+    model_ids = {"base": model_identity(artifacts_dir, model), "tuned": f"train:{trained.digest}"}
     keys = {
         side: [benchmark_key(model_id, b, d, lm_eval) for b, d in zip(benchmarks, data, strict=True)]
         for side, model_id in model_ids.items()
@@ -100,7 +101,7 @@ def lm_eval_version() -> str:
         ) from None
 
 
-def model_identity(spec: ModelSpec) -> str:
+def model_identity(artifacts_dir: str | Path, spec: ModelSpec) -> str:
     """What a base model's scores are keyed on: the base_model stage a dequantized GGUF folder lives
     in, another local folder's files by content, or a hub name with its revision."""
     folder = Path(spec.name)
@@ -109,9 +110,7 @@ def model_identity(spec: ModelSpec) -> str:
     stage_dir = folder.resolve().parent
     if stage_dir.parent.name == BASE_MODEL.name and (stage_dir / MANIFEST).is_file():
         return f"{BASE_MODEL.name}:{stage_dir.name}"
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
-    names = [path.relative_to(folder).as_posix() for path in files]
-    return f"folder:{files_digest(*files)}:{json.dumps(names)}"
+    return folder_key(artifacts_dir, folder)
 
 
 def data_digest(benchmark: BenchmarkSpec, index: int) -> str | None:

@@ -21,7 +21,6 @@ the caller passes them in (`resolve`, `train_memory`), as tasks/stages.py does.
 from __future__ import annotations
 
 import gc
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -43,16 +42,15 @@ from tuneline.store import (
     StageWriter,
     files_digest,
     find_stage,
+    folder_key,
     iter_records,
     read_manifest,
     read_stats,
     reuse_or_write,
-    sha256_file,
 )
 
 GIB = 1024**3
 VALIDATION = "validation.jsonl"
-FOLDER_DIGESTS = "select_folder_digests.json"  # under <artifacts>/cache: file -> size, mtime, sha256
 FEW_SHOT = "few_shot_"  # prefix of the few-shot scores' names
 
 
@@ -127,29 +125,7 @@ def content_key(artifacts_dir: str | Path, spec: ModelSpec) -> str:
     folder = Path(spec.name)
     if not folder.is_dir():
         return f"hub:{spec.name}@{spec.revision or 'default'}"
-    digests = _cached_digests(artifacts_dir, sorted(p for p in folder.rglob("*") if p.is_file()))
-    listing = [(path.relative_to(folder).as_posix(), digests[path]) for path in sorted(digests)]
-    return "folder:" + json.dumps(listing)
-
-
-def _cached_digests(artifacts_dir: str | Path, paths: list[Path]) -> dict[Path, str]:
-    """sha256 of each file, remembered by path, size and modification time (weights are GBs)."""
-    cache_path = Path(artifacts_dir) / "cache" / FOLDER_DIGESTS
-    known = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
-    digests, changed = {}, False
-    for path in paths:
-        status, key = path.stat(), str(path.resolve())
-        entry = known.get(key)
-        if not entry or entry["size"] != status.st_size or entry["mtime_ns"] != status.st_mtime_ns:
-            entry = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "sha256": sha256_file(path)}
-            known[key], changed = entry, True
-        digests[path] = entry["sha256"]
-    if changed:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        tmp.replace(cache_path)
-    return digests
+    return folder_key(artifacts_dir, folder)
 
 
 def ranking_metric(select: SelectSpec, evaluate: EvaluateSpec) -> str:

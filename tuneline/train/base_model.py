@@ -14,34 +14,19 @@ A recipe whose model is not a GGUF file passes through unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from tuneline.models import gguf_path, is_gguf
 from tuneline.pipeline import BASE_MODEL
 from tuneline.recipe import ModelSpec
-from tuneline.store import StageWriter, find_stage, reuse_or_write, sha256_file, stage_key
+from tuneline.store import StageWriter, cached_sha256, find_stage, reuse_or_write, stage_key
 
 MODEL_DIR = "model"
-DIGESTS_FILE = "gguf_digests.json"  # under <artifacts>/cache: path -> size, mtime, sha256
 
 
 def gguf_digest(artifacts_dir: str | Path, path: Path) -> str:
     """The file's sha256, remembered by path, size and modification time (a GGUF file is GBs)."""
-    cache_path = Path(artifacts_dir) / "cache" / DIGESTS_FILE
-    known: dict[str, Any] = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.is_file() else {}
-    status = path.stat()
-    entry = known.get(str(path))
-    if entry and entry["size"] == status.st_size and entry["mtime_ns"] == status.st_mtime_ns:
-        return entry["sha256"]
-    digest = sha256_file(path)
-    known[str(path)] = {"size": status.st_size, "mtime_ns": status.st_mtime_ns, "sha256": digest}
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-    tmp.replace(cache_path)
-    return digest
+    return cached_sha256(artifacts_dir, [path])[path]
 
 
 def base_model_key(file_digest: str) -> str:
