@@ -119,6 +119,23 @@ def test_models_health_and_completions(server):
     assert completion.usage.completion_tokens > 0
 
 
+def test_the_teacher_client_of_another_recipe_reaches_the_served_model(server, tmp_path):
+    from tuneline.augment.teacher import TeacherError, ask_teacher
+    from tuneline.recipe import TeacherSpec
+
+    spec = TeacherSpec(
+        base_url=server["base_url"], model=server["model"], mode="live", recordings=str(tmp_path),
+        temperature=0, max_tokens=MAX_TOKENS, json_mode=False, concurrency=2,
+    )  # fmt: skip
+    # The tiny model never says its end-of-turn token, so every reply runs into max_tokens: the
+    # teacher client got the served model's replies and refuses them as cut off, as it would from
+    # any endpoint (a real model ends its turn; the benchmark's SmolLM2 replies do).
+    with pytest.raises(
+        TeacherError, match=r"all 4 request\(s\) failed; the first: reply cut off at max_tokens=6"
+    ):
+        ask_teacher(spec, CONVERSATIONS)
+
+
 def test_lm_eval_scores_the_served_model(server, tmp_path):
     import lm_eval
 
