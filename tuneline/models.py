@@ -411,6 +411,16 @@ def trained_folder(stage_dir: str | Path) -> Path:
     return stage_dir / "model" if (stage_dir / "model" / "config.json").is_file() else stage_dir / "adapter"
 
 
+def load_spec(spec: ModelSpec) -> Any:
+    """The model a recipe's ModelSpec names (folder, hub name or adapter), for inference."""
+    return load_trained(
+        spec.name,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        allow_pickle_weights=spec.allow_pickle_weights,
+    )
+
+
 def load_trained(
     name_or_path: str | Path,
     *,

@@ -278,12 +278,7 @@ def wrap_model(spec: ModelSpec, batch_size: int) -> Any:
     from tuneline import models
 
     tokenizer = models.load_tokenizer(spec)
-    model = models.load_trained(
-        spec.name,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
-        allow_pickle_weights=spec.allow_pickle_weights,
-    )
+    model = models.load_spec(spec)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 

@@ -255,12 +255,7 @@ def loaded(candidate: Candidate) -> Iterator[tuple[Any, Any]]:
     """The candidate's model and tokenizer, freed when done (the next candidate loads after)."""
     with candidate_errors(candidate.field):
         tokenizer = models.load_tokenizer(candidate.spec)
-        model = models.load_trained(
-            candidate.spec.name,
-            revision=candidate.spec.revision,
-            trust_remote_code=candidate.spec.trust_remote_code,
-            allow_pickle_weights=candidate.spec.allow_pickle_weights,
-        )
+        model = models.load_spec(candidate.spec)
     try:
         yield model, tokenizer
     finally:

@@ -339,12 +339,7 @@ def _score_folder(
         empty = dict.fromkeys(["loss", "perplexity", *evaluate.chosen_metrics()])
         return Scored(empty, [])
     tokenizer = models.load_tokenizer(spec)
-    model = models.load_trained(
-        spec.name,
-        revision=spec.revision,
-        trust_remote_code=spec.trust_remote_code,
-        allow_pickle_weights=spec.allow_pickle_weights,
-    )
+    model = models.load_spec(spec)
     try:
         if conversations:
             scores, replies = score_model(model, tokenizer, conversations, evaluate, schema)

@@ -3,23 +3,14 @@ each scored on the validation split before training. Re-exported by tuneline.rec
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
+from tuneline.recipe.evaluate import PromoteMetric
 from tuneline.recipe.section import Section
 
-# What a candidate can be ranked by: a task metric (higher is better) or the loss (lower is better).
-SelectMetric = Literal[
-    "exact_match",
-    "loss",
-    "label_accuracy",
-    "rouge_l",
-    "token_f1",
-    "json_valid",
-    "schema_match",
-    "suite_pass_rate",
-]
+# What a candidate can be ranked by: what promotion may compare (a task metric, the loss, or the
+# test suites' pass rate).
+SelectMetric = PromoteMetric
 
 
 class SelectSpec(Section):
