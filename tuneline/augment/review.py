@@ -183,21 +183,27 @@ def record_decision(artifacts_dir: str | Path, batch: str, decision: Decision) -
 
 def read_decisions(artifacts_dir: str | Path, batch: str) -> dict[str, Decision]:
     """Decisions made on a batch so far, by candidate id (the latest one wins)."""
-    folder = batch_dir(artifacts_dir, batch)
-    final = folder / "decisions.json"
+    return read_journaled(batch_dir(artifacts_dir, batch), "decisions.json", "decisions", Decision)
+
+
+def read_journaled(folder: Path, final_name: str, key: str, model: type[BaseModel]) -> dict[str, Any]:
+    """What a batch folder holds, by id: the final file's rows (`final_name`, under `key`) once
+    written, else every whole line of its journal (the latest one per id wins). A line cut short
+    by a kill mid-write was never given, and is skipped. Data review and comparisons share it."""
+    final = folder / final_name
     if final.is_file():
-        rows = json.loads(final.read_text(encoding="utf-8"))["decisions"]
-        return {row["id"]: Decision.model_validate(row) for row in rows}
-    decisions: dict[str, Decision] = {}
+        rows = json.loads(final.read_text(encoding="utf-8"))[key]
+        return {row["id"]: model.model_validate(row) for row in rows}
+    found: dict[str, Any] = {}
     journal = folder / "journal.jsonl"
     if journal.is_file():
         for line in journal.read_text(encoding="utf-8").splitlines():
             try:
-                decision = Decision.model_validate_json(line)
-            except ValidationError:  # a line cut short by a kill mid-write: that decision was not made
+                entry = model.model_validate_json(line)
+            except ValidationError:
                 continue
-            decisions[decision.id] = decision
-    return decisions
+            found[entry.id] = entry
+    return found
 
 
 def finished_decisions(artifacts_dir: str | Path, batch: str) -> list[dict[str, Any]] | None:
@@ -379,19 +385,26 @@ def export_batch(artifacts_dir: str | Path, pending: PendingBatch, path: str | P
 
 def read_review_file(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """Rows of an exported-and-edited review file with their line numbers."""
-    path = Path(path)
+    return read_row_file(Path(path), ReviewError, review_command_line("export"))
+
+
+def read_row_file(
+    path: Path, error: type[UserError], export_command: str
+) -> list[tuple[int, dict[str, Any]]]:
+    """Rows of a filled-in .csv or .jsonl export with their line numbers; a file that cannot be
+    read raises `error` naming it (and the line), and what wrote it (`export_command`)."""
     try:
         if path.suffix == ".csv":
             with open(path, encoding="utf-8", newline="") as handle:
-                return [(number, row) for number, row in enumerate(csv.DictReader(handle), start=2)]
+                return list(enumerate(csv.DictReader(handle), start=2))
         if path.suffix == ".jsonl":
             lines = path.read_text(encoding="utf-8").splitlines()
             return [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
-    except OSError as error:
-        raise ReviewError(f"{path}: cannot read: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise ReviewError(f"{path}:{error.lineno}: not a JSON line: {error.msg}") from None
-    raise ReviewError(f"{path}: import a .jsonl or .csv file written by `{review_command_line('export')}`")
+    except OSError as problem:
+        raise error(f"{path}: cannot read: {problem.strerror}") from None
+    except json.JSONDecodeError as problem:
+        raise error(f"{path}:{problem.lineno}: not a JSON line: {problem.msg}") from None
+    raise error(f"{path}: import a .jsonl or .csv file written by `{export_command}`")
 
 
 def import_decisions(

@@ -31,9 +31,9 @@ from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 from filelock import FileLock
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from tuneline.augment.review import append_synced, now, write_atomic
+from tuneline.augment.review import append_synced, now, read_journaled, write_atomic
 from tuneline.errors import UserError
 from tuneline.recipe.evaluate import HumanSpec
 from tuneline.store import MANIFEST, STATS, StageRef, iter_jsonl, read_stats
@@ -204,20 +204,7 @@ def record_answer(artifacts_dir: str | Path, batch: str, answer: Answer) -> None
 
 def read_answers(artifacts_dir: str | Path, batch: str) -> dict[str, Answer]:
     """Answers given on a batch so far, by item id (the latest one wins)."""
-    folder = batch_dir(artifacts_dir, batch)
-    if (folder / "answers.json").is_file():
-        rows = json.loads((folder / "answers.json").read_text(encoding="utf-8"))["answers"]
-        return {row["id"]: Answer.model_validate(row) for row in rows}
-    answers: dict[str, Answer] = {}
-    journal = folder / "journal.jsonl"
-    if journal.is_file():
-        for line in journal.read_text(encoding="utf-8").splitlines():
-            try:
-                answer = Answer.model_validate_json(line)
-            except ValidationError:  # a line cut short by a kill mid-write: that answer was not given
-                continue
-            answers[answer.id] = answer
-    return answers
+    return read_journaled(batch_dir(artifacts_dir, batch), "answers.json", "answers", Answer)
 
 
 def finished_answers(artifacts_dir: str | Path, batch: str) -> list[dict[str, Any]] | None:

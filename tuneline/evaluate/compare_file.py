@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuneline.augment.review import read_row_file
 from tuneline.evaluate.compare import (
     PICKS,
     Answer,
@@ -49,18 +50,7 @@ def export_batch(artifacts_dir: str | Path, pending: PendingComparison, path: st
 
 def read_answer_file(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """Rows of a filled-in export file with their line numbers."""
-    try:
-        if path.suffix == ".csv":
-            with open(path, encoding="utf-8", newline="") as handle:
-                return list(enumerate(csv.DictReader(handle), start=2))
-        if path.suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
-    except OSError as error:
-        raise CompareError(f"{path}: cannot read: {error.strerror}") from None
-    except json.JSONDecodeError as error:
-        raise CompareError(f"{path}:{error.lineno}: not a JSON line: {error.msg}") from None
-    raise CompareError(f"{path}: import a .csv or .jsonl file written by `{compare_command_line('export')}`")
+    return read_row_file(path, CompareError, compare_command_line("export"))
 
 
 def import_answers(
