@@ -20,6 +20,9 @@ import typer
 
 from tuneline.cli.compare import compare_app
 from tuneline.cli.data import data_app
+from tuneline.cli.deploy import deploy_command
+from tuneline.cli.export import export_command
+from tuneline.cli.options import fail, quiet_environment
 from tuneline.cli.review import review_app
 from tuneline.cli.runs import runs_app
 from tuneline.cli.serve import serve_command
@@ -37,7 +40,9 @@ app.add_typer(train_app, name="train")
 app.add_typer(review_app, name="review")
 app.add_typer(compare_app, name="compare")
 app.command("serve")(serve_command)
+app.command("export")(export_command)
 app.add_typer(runs_app, name="runs")
+app.command("deploy")(deploy_command)
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
 QUICKSTART_DATA = Path("recipes/data/support_intents.jsonl")
@@ -46,12 +51,6 @@ MLFLOW_AUTH_DIR = "mlflow-auth"
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. train.epochs=2")]
-
-
-def fail(message: str, code: int) -> typer.Exit:
-    """Print a user-facing error (no traceback) and return the exit to raise."""
-    typer.secho(message, err=True, fg=typer.colors.RED)
-    return typer.Exit(code)
 
 
 def read_recipe(path: Path, overrides: list[str] | None) -> Recipe:
@@ -139,24 +138,6 @@ def quickstart() -> None:
         )
         make_tiny_model_command(QUICKSTART_MODEL, QUICKSTART_DATA)
     run_recipe(recipe)
-
-
-def quiet_environment(prefect_home: Path) -> None:
-    """The project's Prefect home, no analytics, and no progress bars in the run's log.
-
-    Set before Prefect, transformers or datasets are imported: they read these at import time.
-    """
-    os.environ.setdefault("PREFECT_HOME", str(prefect_home))
-    for name, value in (
-        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-        ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
-        ("TQDM_DISABLE", "1"),
-        ("GX_ANALYTICS_ENABLED", "false"),
-        # Tuneline's own log lines (a run waiting for another's stage) in the task's log too.
-        ("PREFECT_LOGGING_EXTRA_LOGGERS", "tuneline"),
-    ):
-        os.environ.setdefault(name, value)
 
 
 def hide_user_error_tracebacks(record: logging.LogRecord) -> bool:
