@@ -10,6 +10,7 @@ Relative paths in a recipe are relative to the project folder (the working direc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -53,6 +54,7 @@ from tuneline.recipe.evaluate import (  # noqa: F401 - re-exported
     promote_metric_problem,
 )
 from tuneline.recipe.pretrain import PretrainSpec  # noqa: F401 - re-exported
+from tuneline.recipe.refresh import RefreshSchedule, RefreshSpec  # noqa: F401 - re-exported
 from tuneline.recipe.section import Format, Section, is_plain_text_path  # noqa: F401 - re-exported
 from tuneline.recipe.select import SelectMetric, SelectSpec  # noqa: F401 - re-exported
 from tuneline.recipe.train import (  # noqa: F401 - re-exported
@@ -369,6 +371,24 @@ class SplitSpec(Section):
         default_factory=list,
         description="Benchmark prompt files (dataset files, or .txt: one prompt a line) kept out.",
     )
+    test_file: str | None = Field(
+        None,
+        description="A file of records (any supported format) that is the test split, exactly and "
+        "unchanged: records of the data with the same content are kept out of train and validation "
+        "(dropped as in_test_file), and records the `test` share would hold out train instead. Keeps "
+        "the test set fixed while the data changes (the refresh flow pins one itself when unset).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_no_test_file(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """An unset `test_file` is left out of dumps, so split digests of recipes without one stay
+        what they were; `context={"resolved": True}` writes it."""
+        data = handler(self)
+        if self.test_file is None and not (info.context or {}).get("resolved"):
+            data.pop("test_file", None)
+        return data
 
     @model_validator(mode="after")
     def _leave_training_data(self) -> SplitSpec:
@@ -446,6 +466,9 @@ class Guardrails(Section):
     )
 
 
+RETENTION_DAYS = 15  # as ModelStudio, which clears models that were not exported after 15 days
+
+
 class RegisterSpec(Section):
     """MLflow registration and the promotion rule for the `champion` alias."""
 
@@ -462,6 +485,23 @@ class RegisterSpec(Section):
     guardrails: Guardrails = Field(
         Guardrails(), description="Checks that can refuse a promotion the promote metric would allow."
     )
+    retention_days: int = Field(
+        RETENTION_DAYS,
+        ge=1,
+        description="Days after training that the `retention` flow removes a trained model (its train "
+        "stage, the stages built from it, its MLflow versions) unless an alias or an export keeps it.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_retention(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """The default `retention_days` is left out of dumps, so the digests of recipes that do not
+        set it stay what they were; `context={"resolved": True}` writes it (recipe.yaml, params)."""
+        data = handler(self)
+        if self.retention_days == RETENTION_DAYS and not (info.context or {}).get("resolved"):
+            data.pop("retention_days", None)
+        return data
 
 
 # `register` is the stage's name everywhere. As a field it shadows ABCMeta.register, which
@@ -500,17 +540,31 @@ class Recipe(Section):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     register: RegisterSpec = Field(...)
+    refresh: RefreshSpec | None = Field(
+        None,
+        description="The schedule of the `refresh` flow (cron or interval): re-fetch the sources and "
+        "retrain only when the collected data changed. `tuneline deploy` schedules it.",
+    )
 
     @model_serializer(mode="wrap")
     def _omit_no_description(
         self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
     ) -> dict[str, Any]:
-        """An empty `description` is left out of dumps, so the digests of recipes without one stay
-        what they were; `context={"resolved": True}` writes it (the run's recipe.yaml, params)."""
+        """An empty `description` (and an unset `refresh`) is left out of dumps, so the digests of
+        recipes without one stay what they were; `context={"resolved": True}` writes it (the run's
+        recipe.yaml, params)."""
         data = handler(self)
         if not self.description and not (info.context or {}).get("resolved"):
             data.pop("description", None)
+        if self.refresh is None and not (info.context or {}).get("resolved"):
+            data.pop("refresh", None)
         return data
+
+    def digest(self) -> str:
+        """Content digest of the recipe, without `refresh`: when it runs decides no stage's output,
+        so a new schedule registers no model again."""
+        text = json.dumps(self.model_dump(mode="json", exclude={"refresh"}), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @model_validator(mode="before")
     @classmethod

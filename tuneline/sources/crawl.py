@@ -39,16 +39,39 @@ class CrawlResult:
     stats: dict[str, Any]
 
 
+# A refresh asks the site again for every page it has cached (If-None-Match / If-Modified-Since
+# from the cached page's ETag and Last-Modified, through Scrapy's RFC 2616 cache policy and a
+# `max-age=0` request): a 304 reuses the cached page, anything else is fetched anew. A plain crawl
+# trusts its cache for a day (settings.py).
+REVALIDATE_SETTINGS = {
+    "HTTPCACHE_POLICY": "scrapy.extensions.httpcache.RFC2616Policy",
+    "HTTPCACHE_ALWAYS_STORE": "True",  # pages without validators too (they are simply fetched again)
+    "DEFAULT_REQUEST_HEADERS": json.dumps(
+        {
+            "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # Scrapy's
+            "Accept-Language": "en",
+            "Cache-Control": "max-age=0",
+        }
+    ),
+}
+
+
 def spider_args(source: CrawlSource) -> str:
     """The source as the spider's typed arguments: everything but the recipe's kind and name."""
     return json.dumps(source.model_dump(mode="json", exclude={"kind", "name"}))
 
 
 def crawl_command(
-    source: CrawlSource, out_dir: Path, cache_dir: Path, process: int = 0, frontier: Path | None = None
+    source: CrawlSource,
+    out_dir: Path,
+    cache_dir: Path,
+    process: int = 0,
+    frontier: Path | None = None,
+    revalidate: bool = False,
 ) -> list[str]:
     """The `scrapy crawl` command line for a source (or, with a frontier folder, for one of its
-    processes); outputs go to out_dir. The per-domain concurrency is shared by the processes."""
+    processes); outputs go to out_dir. The per-domain concurrency is shared by the processes.
+    `revalidate` (a refresh) asks the site whether each cached page changed."""
     concurrency = -(-source.concurrency // source.processes)
     settings = {
         "FEEDS": json.dumps({str(out_dir / ITEMS): {"format": "jsonlines", "encoding": "utf8"}}),
@@ -66,23 +89,29 @@ def crawl_command(
     }
     if frontier is not None:
         settings |= {"TUNELINE_FRONTIER_DIR": str(frontier), "TUNELINE_PROCESS": str(process)}
+    if revalidate:
+        settings |= REVALIDATE_SETTINGS
     command = [sys.executable, "-m", "scrapy", "crawl", "site", "-a", f"args={spider_args(source)}"]
     for key, value in settings.items():
         command += ["-s", f"{key}={value}"]
     return command
 
 
-def run_crawl(source: CrawlSource, out_dir: Path, cache_dir: Path, timeout_s: float = 3600) -> CrawlResult:
+def run_crawl(
+    source: CrawlSource, out_dir: Path, cache_dir: Path, timeout_s: float = 3600, revalidate: bool = False
+) -> CrawlResult:
     """Crawl a source into out_dir; raises SourceUnreachable when the site is down, SourceError when
     the crawl ran but kept nothing, naming the source and the last error either way.
 
     With `processes` > 1 each process writes to a folder of its own (its HTTP cache too, keyed by
     the process count, as the pages a process owns depend on it); the results are merged here.
+    `revalidate` (a refresh): cached pages are checked with the site, not trusted for a day.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.processes == 1:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _run_processes(source, [crawl_command(source, out_dir, cache_dir)], [out_dir], timeout_s)
+        command = crawl_command(source, out_dir, cache_dir, revalidate=revalidate)
+        _run_processes(source, [command], [out_dir], timeout_s)
         stats = json.loads((out_dir / CRAWL_STATS).read_text(encoding="utf-8"))
     else:
         work = out_dir / "processes"
@@ -95,7 +124,7 @@ def run_crawl(source: CrawlSource, out_dir: Path, cache_dir: Path, timeout_s: fl
             folder.mkdir()
             cache = cache_dir / f"{index}-of-{source.processes}"
             cache.mkdir(parents=True, exist_ok=True)
-            commands.append(crawl_command(source, folder, cache, index, frontier))
+            commands.append(crawl_command(source, folder, cache, index, frontier, revalidate))
         _run_processes(source, commands, folders, timeout_s)
         stats = merge_stats([json.loads((f / CRAWL_STATS).read_text(encoding="utf-8")) for f in folders])
         for name in (ITEMS, DROPS, LOG):
