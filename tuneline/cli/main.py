@@ -23,6 +23,7 @@ from tuneline.cli.data import data_app
 from tuneline.cli.deploy import deploy_command
 from tuneline.cli.export import export_command
 from tuneline.cli.options import fail, quiet_environment
+from tuneline.cli.retention import retention_command
 from tuneline.cli.review import review_app
 from tuneline.cli.runs import runs_app
 from tuneline.cli.serve import serve_command
@@ -42,6 +43,7 @@ app.add_typer(compare_app, name="compare")
 app.command("serve")(serve_command)
 app.command("export")(export_command)
 app.add_typer(runs_app, name="runs")
+app.command("retention")(retention_command)
 app.command("deploy")(deploy_command)
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")

@@ -11,7 +11,7 @@ which hold the funnel, the loss curve, the training log and the evaluation. Noth
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,16 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from tuneline.errors import UserError
+from tuneline.recipe import RETENTION_DAYS
 from tuneline.register.registry import DIGEST_TAG
+from tuneline.register.retention import (
+    REMOVED_TAG,
+    expiry,
+    holders,
+    model_created,
+    open_client,
+    read_exports,
+)
 from tuneline.register.run_details import (
     EXPORTED_TAG,
     commands,
@@ -38,8 +47,6 @@ from tuneline.register.run_details import (
 )
 from tuneline.store import StageRef, find_stage, read_manifest, read_stats
 
-# The retention flow's default (ModelStudio clears models that were not exported after 15 days).
-RETENTION_DAYS = 15
 # Where a recipe may set another retention (the flat param names MLflow holds).
 RETENTION_PARAMS = ("retention_days", "register.retention_days")
 STAGE_TAG = "tuneline.stage"  # set by the train stage on the run it opens
@@ -54,15 +61,6 @@ class RunNotFound(UserError):
 def default_tracking_uri(artifacts_dir: str | Path) -> str:
     """The SQLite store a recipe with this artifacts_dir uses when it names no tracking URI."""
     return f"sqlite:///{str(artifacts_dir).rstrip('/')}/mlflow.db"
-
-
-def open_client(tracking_uri: str) -> mlflow.MlflowClient | None:
-    """A client of the store, or None when the SQLite file does not exist (nothing was run; a
-    client would create it). Checked here, not with champion.store_exists, which imports torch."""
-    database = tracking_uri.removeprefix("sqlite:///")
-    if tracking_uri.startswith("sqlite:///") and not Path(database).is_file():
-        return None
-    return mlflow.MlflowClient(tracking_uri)
 
 
 def list_runs(artifacts_dir: str | Path, tracking_uri: str) -> list[dict[str, Any]]:
@@ -109,7 +107,7 @@ def summarize(client: mlflow.MlflowClient, run: Run, artifacts_dir: str | Path) 
         "metric": metric,
         "metric_value": metrics.get(metric) if metric else None,
         "created": created.isoformat(timespec="seconds"),
-        "expires": expiry(created, params, version),
+        "expires": expires(artifacts_dir, run, created, version, stages),
         "run_id": run.info.run_id,
         "model_uri": f"models:/{version.name}/{version.version}" if version else None,
         "aliases": sorted(version.aliases) if version else [],
@@ -121,6 +119,8 @@ def status(run: Run, version: ModelVersion | None) -> str:
     state = run.info.status.lower()
     if state != "finished":
         return state
+    if REMOVED_TAG in run.data.tags:
+        return "removed by retention"
     return "registered" if version else "trained, not registered"
 
 
@@ -154,13 +154,26 @@ def data_size(metrics: dict[str, float], stages: dict[str, StageRef]) -> int | N
     return None
 
 
-def expiry(created: datetime, params: dict[str, str], version: ModelVersion | None) -> str:
-    """The date retention may remove the model, or `kept` for a version behind an alias or
-    tagged exported (retention never removes those)."""
-    if version is not None and (version.aliases or version.tags.get(EXPORTED_TAG)):
-        return "kept"
+def expires(
+    artifacts_dir: str | Path,
+    run: Run,
+    created: datetime,
+    version: ModelVersion | None,
+    stages: dict[str, StageRef],
+) -> str:
+    """When retention may remove the model, by the retention flow's own rule (retention.expiry):
+    the train stage's finish time (the run's start without it) plus the run's retention_days;
+    `kept` behind an alias or exported; `removed on DATE` once retention removed it."""
+    if REMOVED_TAG in run.data.tags:
+        return "removed on " + run.data.tags[REMOVED_TAG][:10]
+    params = run.data.params
     days = next((params[key] for key in RETENTION_PARAMS if key in params), RETENTION_DAYS)
-    return (created + timedelta(days=float(days))).date().isoformat()
+    trained = stages.get("train")
+    exports = read_exports(artifacts_dir).get(trained.digest, []) if trained else []
+    aliases, tags = (version.aliases, [version.tags.get(EXPORTED_TAG)]) if version else ([], [])
+    return expiry(
+        model_created(trained.dir) if trained else created, float(days), holders(aliases, tags, exports)
+    )
 
 
 def registered_version(client: mlflow.MlflowClient, run: Run) -> ModelVersion | None:
