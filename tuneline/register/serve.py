@@ -35,10 +35,16 @@ START_TIMEOUT_S = 300.0  # SmolLM2-135M loads in ~10-50 s on two busy cores; a 1
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What a MODEL argument resolved to: the local folder to serve and words for people."""
+    """What a MODEL argument resolved to: the local folder to serve and words for people; where
+    it came from for exports (the train stage folder when the store holds it, its digest, and the
+    registered name and version)."""
 
     folder: Path
     label: str
+    stage_dir: Path | None = None
+    train_digest: str | None = None
+    model_name: str | None = None
+    version: str | None = None
 
 
 def resolve_model(model: str, artifacts_dir: str | Path, tracking_uri: str) -> ServedModel:
@@ -61,7 +67,8 @@ def folder_model(path: Path) -> ServedModel:
     from tuneline.models import trained_folder
 
     if (path / "manifest.json").is_file() and path.parent.name == "train":
-        path = trained_folder(path)
+        stage_dir = path.resolve()
+        return ServedModel(trained_folder(stage_dir), str(path), stage_dir, stage_dir.name)
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return ServedModel(path.resolve(), str(path))
     raise UserError(
@@ -97,7 +104,7 @@ def registered_model(
     stage = find_stage(artifacts_dir, "train", digest) if digest else None
     folder = trained_folder(stage.dir) if stage else downloaded_model(artifacts_dir, name, wanted)
     label = f"{name} version {wanted}" + (f" (@{alias})" if alias else "")
-    return ServedModel(Path(folder).resolve(), label)
+    return ServedModel(Path(folder).resolve(), label, stage.dir if stage else None, digest, name, wanted)
 
 
 def registry_listing(client: object, name: str) -> tuple[list[str], dict[str, str]]:
