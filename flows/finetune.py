@@ -38,6 +38,7 @@ from tuneline.tasks.stages import (
 )
 
 from tuneline.recipe import Recipe
+from tuneline.store import StageRef
 
 
 @flow(name="finetune")
@@ -52,6 +53,14 @@ def finetune(recipe: Recipe) -> dict:
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails
     collected = collect(artifacts_dir, recipe.sources, fetched)
+    return run_from_collected(artifacts_dir, recipe, collected, run_dir, started)
+
+
+def run_from_collected(
+    artifacts_dir: Path, recipe: Recipe, collected: StageRef, run_dir: Path, started: datetime
+) -> dict:
+    """Everything after collect, up to the run report: the finetune flow's and the refresh flow's
+    shared body (called inline, so a review pause or suspension holds the calling run)."""
     if recipe.augment is not None:  # teacher rounds, each reviewed; clean reads collected + accepted
         data, _ = augment_rounds(artifacts_dir, recipe.augment, collected, recipe.register)
     else:

@@ -123,9 +123,10 @@ def network_retries(backoff_factor: float) -> dict[str, Any]:
     **network_retries(backoff_factor=2),
     cache_policy=NO_CACHE,
 )
-def fetch(artifacts_dir: Path, source: Source) -> StageRef:
-    """Download, crawl or load one source into its own cached stage folder."""
-    return run_fetch(artifacts_dir, source)
+def fetch(artifacts_dir: Path, source: Source, refresh: str | None = None) -> StageRef:
+    """Download, crawl or load one source into its own cached stage folder; `refresh` (only the
+    refresh flow passes it) crawls again and re-downloads what no validator vouches for."""
+    return run_fetch(artifacts_dir, source, refresh)
 
 
 @task(

@@ -17,6 +17,7 @@ import pytest
 from sites.site import FixtureSite
 
 from tuneline.curate.split import TestFileError, run_split
+from tuneline.models import make_tiny_model
 from tuneline.recipe import CrawlSource, HfSource, RecipeError, SplitSpec, UrlSource, validate_recipe
 from tuneline.records import make_record
 from tuneline.refresh import collected_digest
@@ -224,3 +225,118 @@ def test_a_test_file_is_the_test_split_and_its_records_stay_out_of_training(tmp_
     test_file.write_text("{not json\n")
     with pytest.raises(TestFileError, match=r"split.test_file: .*test.jsonl:1: "):
         run_split(tmp_path / "store", gated, SplitSpec(test_file=str(test_file)))
+
+
+# --- the refresh flow ---------------------------------------------------------------------------
+
+DOWNSTREAM_FREE = {"tidy_store", "fetch", "collect", "refresh_check", "refresh_record"}
+
+
+def flow_task_names(flow_run_id) -> set[str]:
+    """The tasks a flow run ran, by task name (`fetch-tagged` -> fetch)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.split("-")[0] for run in runs}
+
+
+def refresh_recipe(root: Path, url: str, strong: bool, **register):
+    """Two URL sources (one with an ETag, one with only Last-Modified) and a tiny model; `strong`
+    training learns the labels, the weak one leaves the base model almost as it was."""
+    steps, rate = (30, 3e-3) if strong else (1, 1e-6)
+    return validate_recipe(
+        {
+            "name": "refresh-test",
+            "artifacts_dir": str(root / "store"),
+            "sources": [
+                {"kind": "url", "name": "tagged", "url": f"{url}/etag/a.jsonl"},
+                {"kind": "url", "name": "dated", "url": f"{url}/lm/b.jsonl"},
+            ],
+            "clean": {"workers": 1},
+            "gate": {"min_records": 10},
+            "model": {"name": str(root / "base")},
+            "train": {
+                "max_steps": steps, "learning_rate": rate, "batch_size": 16, "max_length": 96,
+                "lora": {"r": 8, "alpha": 16, "modules_to_save": ["embed_tokens", "lm_head"]},
+            },
+            "evaluate": {"max_new_tokens": 4},
+            "register": {
+                "model_name": "refresh-test", "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                "promote_metric": "loss", **register,
+            },
+        }
+    )  # fmt: skip
+
+
+def change_a_line(path: Path, mtime: float | None = None) -> None:
+    """The same size, other content (one question upper-cased), and a new date when given."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    row = json.loads(lines[0])
+    lines[0] = lines[0].replace(row["instruction"], row["instruction"].upper())
+    write_lines(path, lines, mtime)
+
+
+@pytest.mark.slow
+def test_refresh_trains_only_on_changed_data_on_a_fixed_test_set_and_promotes_only_on_a_win(
+    server, tmp_path, prefect_server
+):
+    from tuneline.flows.refresh import refresh
+
+    folder, url, requests = server
+    lines = intent_lines(100, 120)
+    write_lines(folder / "a.jsonl", lines[:60])
+    write_lines(folder / "b.jsonl", lines[60:], mtime=1_700_000_000)
+    words = [json.loads(line)[key] for line in lines for key in ("instruction", "output")]
+    make_tiny_model(tmp_path / "base", words, vocab_size=300, hidden_size=48, num_layers=2, num_heads=4)
+
+    first = refresh(refresh_recipe(tmp_path, url, strong=False))
+    assert first["status"] == "trained" and first["reason"] == "first refresh"
+    assert first["promoted"] is True and first["registered"]["version"] == "1"
+    pinned = Path(first["test_file"])
+    assert pinned == tmp_path / "store" / "refresh" / "refresh-test" / "test.jsonl"
+    pinned_bytes = pinned.read_bytes()
+    split_dir = Path(json.loads((Path(first["run_dir"]) / "report.json").read_text())["stage_dirs"]["split"])
+    assert pinned_bytes == (split_dir / "test.jsonl").read_bytes()
+
+    # Nothing changed: HEADs only (no body downloaded), and no task after collect ran.
+    gets = len([r for r in requests if r[0] == "GET"])
+    state = refresh(refresh_recipe(tmp_path, url, strong=False), return_state=True)
+    unchanged = state.result()
+    assert unchanged["status"] == "unchanged" and unchanged["registered"] is None
+    assert unchanged["digest"] == first["digest"]
+    assert len([r for r in requests if r[0] == "GET"]) == gets
+    assert requests[-2:] in ([("HEAD", "/etag/a.jsonl"), ("HEAD", "/lm/b.jsonl")],
+                             [("HEAD", "/lm/b.jsonl"), ("HEAD", "/etag/a.jsonl")])  # fmt: skip
+    assert flow_task_names(state.state_details.flow_run_id) <= DOWNSTREAM_FREE
+
+    # A changed file (same size, only its Last-Modified says so): trains, compared on the pinned set.
+    change_a_line(folder / "b.jsonl", mtime=1_700_000_500)
+    better = refresh(refresh_recipe(tmp_path, url, strong=True))
+    assert better["status"] == "trained" and better["reason"].startswith("the collected data changed")
+    assert body_gets(requests, "/lm/b.jsonl") == 2 and body_gets(requests, "/etag/a.jsonl") == 1
+    report = json.loads((Path(better["run_dir"]) / "report.json").read_text())
+    assert read_stats_at(report["stage_dirs"]["split"])["test_file"] == str(pinned)
+    predicted = [row["id"] for row in iter_jsonl_at(report["stage_dirs"]["evaluate"], "predictions.jsonl")]
+    assert predicted == [json.loads(line)["id"] for line in pinned_bytes.decode().splitlines()]
+    assert report["evaluation"]["champion_version"] == "1"  # the champion scored on the same set
+    assert better["promoted"] is True, better["registered"]["reason"]
+    assert "vs champion v1" in better["registered"]["reason"]
+
+    # Changed again, but a win must now be by more than a margin it cannot reach: not promoted.
+    change_a_line(folder / "a.jsonl")
+    held = refresh(refresh_recipe(tmp_path, url, strong=True, margin=1000))
+    assert held["status"] == "trained" and held["promoted"] is False
+    assert "does not beat it by more than the margin 1000" in held["registered"]["reason"]
+    assert pinned.read_bytes() == pinned_bytes
+    state_file = json.loads((tmp_path / "store" / "refresh" / "refresh-test.json").read_text())
+    assert state_file["digest"] == held["digest"] and state_file["registered"]["version"] == "3"
+
+
+def read_stats_at(folder: str) -> dict:
+    return json.loads((Path(folder) / "stats.json").read_text())
+
+
+def iter_jsonl_at(folder: str, name: str):
+    return (json.loads(line) for line in (Path(folder) / name).read_text().splitlines())
