@@ -1,8 +1,8 @@
 """The `refresh` flow and what it relies on: sources looked at again, the data's digest, a fixed
 test set, and promotion only on a win.
 
-A loopback file server gives one file with an ETag, one with only a Last-Modified date and one
-with no validator at all, and counts HEADs and GETs; the crawl fixture site counts page hits.
+A loopback file server gives files with an ETag (and answers 304 to a matching If-None-Match),
+with only a Last-Modified date, or with no validator at all, and records every HEAD and GET.
 """
 
 import hashlib
@@ -14,7 +14,6 @@ from email.utils import formatdate
 from pathlib import Path
 
 import pytest
-from sites.site import FixtureSite
 
 from tuneline.curate.split import TestFileError, run_split
 from tuneline.models import make_tiny_model
@@ -29,11 +28,13 @@ DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "support_inten
 
 
 class ValidatorHandler(http.server.BaseHTTPRequestHandler):
-    """Serves files under /etag/ with an ETag, /lm/ with only Last-Modified, /plain/ with neither;
-    `requests` records (method, path) of every request."""
+    """Serves files under /etag/ with an ETag (304 to a matching If-None-Match), /lm/ with only
+    Last-Modified, /plain/ with neither; `requests` records (method, path) of every request and
+    `revalidated` the paths it answered 304."""
 
     folder: Path
     requests: list
+    revalidated: list
 
     def do_HEAD(self):  # noqa: N802
         self.answer(body=False)
@@ -49,10 +50,19 @@ class ValidatorHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        if kind == "etag" and self.headers.get("If-None-Match") == etag:
+            self.revalidated.append(self.path)
+            self.send_response(304)
+            self.send_header("ETag", etag)
+            self.end_headers()
+            return
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
+        if path.suffix == ".html":
+            self.send_header("Content-Type", "text/html")
         if kind == "etag":
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()[:16]}"')
+            self.send_header("ETag", etag)
         elif kind == "lm":
             self.send_header("Last-Modified", formatdate(path.stat().st_mtime, usegmt=True))
         self.end_headers()
@@ -65,13 +75,13 @@ class ValidatorHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(tmp_path):
-    """(folder served, base URL, requests) of the validator server on an OS-chosen port."""
+    """(folder served, base URL, requests, revalidated) of the validator server on an OS-chosen port."""
     folder = tmp_path / "served"
     folder.mkdir()
-    handler = type("Handler", (ValidatorHandler,), {"folder": folder, "requests": []})
+    handler = type("Handler", (ValidatorHandler,), {"folder": folder, "requests": [], "revalidated": []})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield folder, f"http://127.0.0.1:{httpd.server_port}", handler.requests
+    yield folder, f"http://127.0.0.1:{httpd.server_port}", handler.requests, handler.revalidated
     httpd.shutdown()
     httpd.server_close()
 
@@ -141,7 +151,7 @@ def test_unset_refresh_and_test_file_move_no_digest():
 
 def test_a_changed_file_with_only_last_modified_and_the_same_size_is_downloaded_again(server, tmp_path):
     """Before, size and ETag alone were the fingerprint: the change went unseen."""
-    folder, url, requests = server
+    folder, url, requests, _ = server
     write_lines(folder / "d.jsonl", intent_lines(0, 5), mtime=1_700_000_000)
     source = UrlSource(name="d", url=f"{url}/lm/d.jsonl")
     first = run_fetch(tmp_path / "store", source)
@@ -155,7 +165,7 @@ def test_a_changed_file_with_only_last_modified_and_the_same_size_is_downloaded_
 
 
 def test_a_refresh_downloads_a_file_without_validators_again_and_its_content_decides(server, tmp_path):
-    folder, url, requests = server
+    folder, url, requests, _ = server
     write_lines(folder / "d.jsonl", intent_lines(0, 5))
     source = UrlSource(name="d", url=f"{url}/plain/d.jsonl")
     first = run_fetch(tmp_path / "store", source, refresh="r1")
@@ -168,20 +178,23 @@ def test_a_refresh_downloads_a_file_without_validators_again_and_its_content_dec
     assert not any((tmp_path / "store" / "downloads").iterdir()), "no download left behind"
 
 
-def test_a_refresh_crawls_again_where_a_plain_run_reuses_the_crawl(tmp_path):
-    site = FixtureSite()
-    try:
-        pages = [f"{site.url}/page/28", f"{site.url}/page/29"]
-        source = CrawlSource(name="docs", start_urls=pages, max_depth=0, allow_private=True)
-        first = run_fetch(tmp_path / "store", source)
-        assert run_fetch(tmp_path / "store", source) == first  # a plain run reuses the crawl
-        assert site.hits["/page/28"] == 1
-        again = run_fetch(tmp_path / "store", source, refresh="r1")
-        assert again != first and site.hits["/page/28"] == 2, "the refresh asked the site again"
-        collected = [run_collect(tmp_path / "store", [source], [ref]) for ref in (first, again)]
-        assert collected_digest(collected[0]) == collected_digest(collected[1])  # same pages, same data
-    finally:
-        site.close()
+def test_a_refresh_crawls_again_and_revalidates_cached_pages_where_a_plain_run_reuses_the_crawl(
+    server, tmp_path
+):
+    folder, url, requests, revalidated = server
+    words = "Refunds take five days after the parcel is back. " * 20
+    (folder / "page.html").write_text(
+        f"<html><head><title>Refunds</title></head><body><p>{words}</p></body></html>"
+    )
+    source = CrawlSource(name="docs", start_urls=[f"{url}/etag/page.html"], max_depth=0, allow_private=True)
+    first = run_fetch(tmp_path / "store", source)
+    assert run_fetch(tmp_path / "store", source) == first  # a plain run reuses the crawl
+    assert body_gets(requests, "/etag/page.html") == 1
+    again = run_fetch(tmp_path / "store", source, refresh="r1")
+    assert again != first and body_gets(requests, "/etag/page.html") == 2, "the refresh asked the site again"
+    assert revalidated == ["/etag/page.html"]  # asked with its ETag: 304, the cached page is reused
+    collected = [run_collect(tmp_path / "store", [source], [ref]) for ref in (first, again)]
+    assert collected_digest(collected[0]) == collected_digest(collected[1])  # same page, same data
 
 
 def test_hf_sources_record_the_revision_of_local_data_by_content(tmp_path):
@@ -284,7 +297,7 @@ def test_refresh_trains_only_on_changed_data_on_a_fixed_test_set_and_promotes_on
 ):
     from tuneline.flows.refresh import refresh
 
-    folder, url, requests = server
+    folder, url, requests, _ = server
     lines = intent_lines(100, 120)
     write_lines(folder / "a.jsonl", lines[:60])
     write_lines(folder / "b.jsonl", lines[60:], mtime=1_700_000_000)
