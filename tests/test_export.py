@@ -105,6 +105,10 @@ def test_merged_export_loads_with_plain_transformers_and_tags_the_version(regist
     )
     assert torch.equal(exported(ids).logits, original(ids).logits)
 
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+
     tag = mlflow.MlflowClient(uri).get_model_version(MODEL_NAME, "1").tags[EXPORTED_TAG]
     assert tag.startswith(f"merged -> {target} at 20")
     ledger = [json.loads(line) for line in (store / "exports.jsonl").read_text().splitlines()]
@@ -130,6 +134,20 @@ def test_merged_export_loads_with_plain_transformers_and_tags_the_version(regist
     )
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["export"] == {"exported": True, "detail": tag}
+
+
+def test_a_train_stage_exported_by_folder_tags_the_versions_registered_from_it(registered, tmp_path):
+    from tuneline.register.export import export_model
+    from tuneline.register.serve import resolve_model
+
+    store, uri = registered["store"], registered["tracking_uri"]
+    stage = resolve_model(str(find_stage(store, "train", "t-first").dir), store, uri)
+    done = export_model(
+        stage, "merged", tmp_path / "out", artifacts_dir=store, tracking_uri=uri, registered_name=MODEL_NAME
+    )
+    assert done["tagged"] == [f"models:/{MODEL_NAME}/1"]
+    tag = mlflow.MlflowClient(uri).get_model_version(MODEL_NAME, "1").tags[EXPORTED_TAG]
+    assert tag.startswith(f"merged -> {tmp_path / 'out'} at ")
 
 
 def test_a_folder_that_is_not_empty_is_kept_unless_forced(registered, tmp_path):

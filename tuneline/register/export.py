@@ -20,6 +20,7 @@ export, which the retention flow reads to keep exported train stages.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -123,6 +124,7 @@ def staged_folder(target: Path) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-export-", dir=target.parent))
     try:
         yield scratch
+        scratch.chmod(0o777 & ~current_umask())  # not mkdtemp's (or a copied stage folder's) 0700
         old = target.parent / f"{scratch.name}-old"
         if target.exists():
             target.rename(old)
@@ -130,6 +132,13 @@ def staged_folder(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def method_name(model: ServedModel) -> str:
