@@ -64,23 +64,21 @@ def export_model(
     """
     check_format(fmt, quantize)
     target = check_target(Path(to), force)
+    source = adapter_folder(model) if fmt == "adapter" else merged_folder(model)
+    if target == source or target in source.parents:
+        raise UserError(f"--to {target}: that folder holds the model being exported; give another folder")
     converter = None
     with staged_folder(target) as scratch:
-        if fmt == "merged":
-            source = merged_folder(model)
-            copy_files(source, scratch)
-        elif fmt == "adapter":
-            source = adapter_folder(model)
-            copy_files(source, scratch)
-            write_adapter_readme(scratch, model, target)
-        else:
-            source = merged_folder(model)
+        if fmt == "gguf":
             converter = converter_dir(llama_cpp_dir, cache_dir)
-            gguf_name = f"{slug(model)}-{quantize or DEFAULT_GGUF_TYPE}.gguf"
-            convert_to_gguf(
-                converter, source, scratch / gguf_name, quantize or DEFAULT_GGUF_TYPE, model.label
-            )
+            outtype = quantize or DEFAULT_GGUF_TYPE
+            gguf_name = f"{slug(model)}-{outtype}.gguf"
+            convert_to_gguf(converter, source, scratch / gguf_name, outtype, model.label)
             (scratch / "Modelfile").write_text(ollama_modelfile(source, gguf_name), encoding="utf-8")
+        else:
+            copy_files(source, scratch)
+        if fmt == "adapter":
+            write_adapter_readme(scratch, model, target)
         manifest = export_manifest(model, fmt, quantize, source, scratch, converter)
         (scratch / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     manifest["to"] = str(target)
@@ -141,13 +139,13 @@ def current_umask() -> int:
     return mask
 
 
-def method_name(model: ServedModel) -> str:
-    """The training method the train stage recorded, for error messages."""
+def method_name(model: ServedModel, otherwise: str) -> str:
+    """The training method the train stage recorded (`otherwise` without one), for errors."""
     stats = model.stage_dir / "stats.json" if model.stage_dir else None
     if stats and stats.is_file():
         method = json.loads(stats.read_text(encoding="utf-8")).get("method")
         return str(method.get("name") if isinstance(method, dict) else method)
-    return "a peft method"
+    return otherwise
 
 
 def merged_folder(model: ServedModel) -> Path:
@@ -156,9 +154,9 @@ def merged_folder(model: ServedModel) -> Path:
     if (folder / "config.json").is_file():
         return folder
     raise UserError(
-        f"MODEL {model.label}: trained with {method_name(model)}, a soft-prompt method, which has no "
-        "merged model (hence no GGUF either); export it with --format adapter and load it on its base "
-        "with peft"
+        f"MODEL {model.label}: trained with {method_name(model, 'a soft-prompt method')}, which has no "
+        "merged model (the soft prompt is applied as the model runs; hence no GGUF either); export it "
+        "with --format adapter and load it on its base with peft"
     )
 
 
@@ -167,10 +165,9 @@ def adapter_folder(model: ServedModel) -> Path:
     folder = model.stage_dir / "adapter" if model.stage_dir else model.folder
     if (folder / "adapter_config.json").is_file():
         return folder
-    method = method_name(model) if model.stage_dir else "full fine-tuning"
     raise UserError(
-        f"MODEL {model.label}: trained with {method}, which leaves no adapter (all weights changed); "
-        "export it with --format merged"
+        f"MODEL {model.label}: trained with {method_name(model, 'full fine-tuning')}, which leaves no "
+        "adapter (all weights changed); export it with --format merged"
     )
 
 
