@@ -56,6 +56,7 @@ from tuneline.store import (
     TMP_PREFIX,
     _stage_file_lock,
     remove_stale_temporaries,
+    stage_dir,
 )
 
 MODEL_STAGES = ("train", "pretrain")
@@ -63,7 +64,7 @@ MODEL_STAGES = ("train", "pretrain")
 BUILT_FROM_MODEL = ("register", "compare", "judge", "benchmarks", "benchmark", "evaluate")
 EXPORTS_FILE = "exports.jsonl"  # {train_digest, version, format, to, at} per export
 REMOVED_TAG = "tuneline.removed"
-TRAIN_DIGEST_TAG = "tuneline.train_digest"
+TRAIN_DIGEST_TAG = "tuneline.train_digest"  # set by the register stage (as register.champion reads it)
 REFERENCE_FILES = ("stats.json", "adapter/adapter_config.json", "model/config.json")
 
 
@@ -154,9 +155,9 @@ def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def model_created(stage_dir: Path) -> datetime:
+def model_created(folder: Path) -> datetime:
     """When a stage finished: its manifest's `finished_at`."""
-    manifest = json.loads((stage_dir / MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     return as_utc(datetime.fromisoformat(manifest["finished_at"]))
 
 
@@ -257,10 +258,6 @@ def folder_bytes(path: Path) -> int:
     return sum(item.lstat().st_size for item in path.rglob("*") if item.is_file() and not item.is_symlink())
 
 
-def stage_path(artifacts_dir: str | Path, stage: str, digest: str) -> Path:
-    return Path(artifacts_dir) / "stages" / stage / digest
-
-
 def lock_free(artifacts_dir: str | Path, stage: str, digest: str) -> bool:
     """Whether no live run holds the stage's lock (writing it, or waiting to reuse it)."""
     lock = _stage_file_lock(artifacts_dir, stage, digest)
@@ -329,7 +326,7 @@ def plan_model(
 ) -> ModelEntry:
     """One model stage's entry: what holds it (alias, export, a kept train built on it, youth,
     a live run), else `remove` with the stages built from it and its versions."""
-    path = stage_path(artifacts_dir, stage, digest)
+    path = stage_dir(artifacts_dir, stage, digest)
     created = model_created(path)
     expires = expires_at(created, retention_days)
     versions = context["versions"].get(digest, []) if stage == "train" else []
@@ -349,8 +346,8 @@ def plan_model(
     if busy:
         reasons.append("in use (a run holds or writes " + ", ".join(busy) + ")")
     items = [
-        StageItem(stage=s, digest=d, path=str(stage_path(artifacts_dir, s, d)),
-                  bytes=folder_bytes(stage_path(artifacts_dir, s, d)))
+        StageItem(stage=s, digest=d, path=str(stage_dir(artifacts_dir, s, d)),
+                  bytes=folder_bytes(stage_dir(artifacts_dir, s, d)))
         for s, d in group[1:]
     ]  # fmt: skip
     size = folder_bytes(path) + sum(item.bytes for item in items)
@@ -452,15 +449,15 @@ def remove_model(plan: RetentionPlan, entry: ModelEntry, client: mlflow.MlflowCl
     it ended (kept, with the reason, when a run or an alias took it since the plan)."""
     group = [*((item.stage, item.digest) for item in entry.stages), (entry.stage, entry.digest)]
     with held_locks(plan.artifacts_dir, group) as busy:
-        if busy or live_writers(plan.artifacts_dir):
-            why = busy or live_writers(plan.artifacts_dir)
-            return entry.model_copy(update={"action": "keep", "reasons": [f"in use (a run holds {why[0]})"]})
+        busy = busy or live_writers(plan.artifacts_dir)
+        if busy:
+            return entry.model_copy(update={"action": "keep", "reasons": [f"in use (a run holds {busy[0]})"]})
         if entry.stage == "train":
             kept_by = remove_versions(plan, entry, client)
             if kept_by:
                 return entry.model_copy(update={"action": "keep", "reasons": kept_by})
         for stage, digest in group:  # the stages built from the model first, the model last
-            trash(stage_path(plan.artifacts_dir, stage, digest))
+            trash(stage_dir(plan.artifacts_dir, stage, digest))
     return entry
 
 
