@@ -398,6 +398,23 @@ def test_gguf_of_a_locally_trained_byte_level_bpe_is_refused_with_the_reason(reg
     assert not target.exists() and "Traceback" not in result.output
 
 
+def test_a_chat_template_that_is_not_chatml_is_left_to_ollama_with_the_jinja_as_a_comment(
+    registered, tmp_path
+):
+    import shutil
+
+    from tuneline.register.gguf_export import ollama_modelfile
+
+    folder = tmp_path / "llama2-style"
+    shutil.copytree(registered["store"] / "tiny-model", folder)
+    template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    (folder / "chat_template.jinja").write_text(template)
+    text = ollama_modelfile(folder, "x.gguf")
+    assert "FROM ./x.gguf" in text and 'TEMPLATE """' not in text
+    assert "# The chat template is not ChatML" in text and f"#   {template}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "<|im_start|>"' not in text
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
