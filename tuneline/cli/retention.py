@@ -99,8 +99,9 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     console.print(table)
     freed = "would free" if report["dry_run"] else "freed"
     versions = ", ".join(report["versions_deleted"]) or "none"
+    deleted = "MLflow versions to delete" if report["dry_run"] else "MLflow versions deleted"
     console.print(
-        f"{len(report['removed'])} model(s) {verb}, {len(report['kept'])} kept; {freed} "
-        f"{size(report['bytes_freed'])}; MLflow versions deleted: {versions}",
+        f"{verb} {len(report['removed'])} model(s), kept {len(report['kept'])}; {freed} "
+        f"{size(report['bytes_freed'])}; {deleted}: {versions}",
         highlight=False,
     )

@@ -143,10 +143,13 @@ def expiry(created: datetime, retention_days: float, held_by: list[str]) -> str:
 
 
 def holders(aliases: Iterable[str], exported_tags: Iterable[str | None], exports: list[dict]) -> list[str]:
-    """Why a model is kept whatever its age: its aliases and its exports (tag or exports.jsonl)."""
+    """Why a model is kept whatever its age: its aliases and its exports (the exports.jsonl lines,
+    else the versions' `tuneline.exported` tags, which say the same about one export each)."""
     found = [f"alias {alias}" for alias in aliases]
-    found += [f"exported ({tag})" for tag in exported_tags if tag]
-    found += [f"exported ({line.get('format')} to {line.get('to')})" for line in exports]
+    places = [f"{line.get('format')} to {line.get('to')}" for line in exports]
+    places = list(dict.fromkeys(places)) or [tag for tag in exported_tags if tag]
+    if places:
+        found.append(f"exported ({'; '.join(places)})")
     return found
 
 
