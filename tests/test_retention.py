@@ -193,7 +193,9 @@ def bare(tmp_path):
     old pretrain stage nothing names."""
     store = tmp_path / "store"
     splits = stage(store, "split", "s1", {})
-    trained = stage(store, "train", "t-old", TRAIN_STATS, [splits])
+    trained = stage(
+        store, "train", "t-old", {**TRAIN_STATS, "mlflow_run_id": "in-a-store-now-gone"}, [splits]
+    )
     stage(store, "evaluate", "e-old", {}, [splits, trained])
     set_finished_at(trained, OLD)
     set_finished_at(stage(store, "pretrain", "p-unused", {}), OLD)
@@ -243,6 +245,16 @@ def test_a_run_writing_a_stage_that_reads_models_keeps_them_all(bare):
         worker.join()
     assert report.removed == [] and find_stage(store, "train", "t-old") is not None
     assert by_digest(report.kept)["t-old"].reasons == ["in use (a run holds or writes evaluate e-new)"]
+
+
+def test_an_export_made_after_the_plan_keeps_the_model(bare):
+    plan = bare["plan"]()
+    export = {"train_digest": "t-old", "version": None, "format": "gguf", "to": "/exports/x", "at": OLD}
+    (bare["store"] / EXPORTS_FILE).write_text(json.dumps(export) + "\n")
+    report = apply_retention(plan)
+    assert [entry.digest for entry in report.removed] == ["p-unused"]
+    assert by_digest(report.kept)["t-old"].reasons == ["exported (gguf to /exports/x)"]
+    assert find_stage(bare["store"], "train", "t-old") is not None
 
 
 def test_a_crashed_removal_is_finished_by_the_next_run(bare):

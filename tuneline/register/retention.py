@@ -468,6 +468,8 @@ def remove_versions(plan: RetentionPlan, entry: ModelEntry, client: mlflow.Mlflo
     """Delete the train stage's versions and their logged models' files, and tag their runs
     `tuneline.removed`; under each model name's registry lock, so a registration deciding aliases
     meanwhile is waited for. Returns the holders found instead (an alias or export since the plan)."""
+    if client is None:  # no registry: only an export listed since the plan can hold it
+        return holders((), (), read_exports(plan.artifacts_dir).get(entry.digest, []))
     versions = registered_versions(client).get(entry.digest, [])
     names = sorted({version.name for version in versions})
     with ExitStack() as stack:
