@@ -99,12 +99,12 @@ def load_flow(entrypoint: str, where: str) -> Any:
 
 def recipe_schedules(recipe: Recipe) -> list[Schedule]:
     """The recipe's `refresh` schedule (cron or interval), or none when it has no `refresh`."""
-    refresh = getattr(recipe, "refresh", None)
-    if refresh is None:
+    if recipe.refresh is None:
         return []
-    if refresh.cron:
-        return [Cron(refresh.cron, timezone=refresh.timezone)]
-    return [Interval(timedelta(minutes=refresh.interval_minutes), timezone=refresh.timezone)]
+    kind, value, timezone = recipe.refresh.schedule()
+    if kind == "cron":
+        return [Cron(str(value), timezone=timezone)]
+    return [Interval(timedelta(seconds=float(value)), timezone=timezone)]
 
 
 def file_schedule(entry: dict[str, Any], where: str) -> list[Schedule]:
