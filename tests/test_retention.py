@@ -225,13 +225,17 @@ def test_a_live_run_keeps_the_model_it_holds(bare):
     assert find_stage(store, "train", "t-old") is not None
 
 
-def test_a_run_writing_a_stage_that_reads_models_keeps_them_all(bare):
+@pytest.mark.parametrize(
+    ("writing", "removed"),
+    [("evaluate", []), ("train", ["t-old"])],  # a training reads a pretrain stage, no train stage
+)
+def test_a_run_writing_a_stage_that_may_read_models_keeps_them(bare, writing, removed):
     store = bare["store"]
-    (store / "stages" / "evaluate" / f"{TMP_PREFIX}e-new-1234abcd").mkdir()  # its inputs are unknown yet
+    (store / "stages" / writing / f"{TMP_PREFIX}new-1234abcd").mkdir()  # its inputs are unknown yet
     held, release = threading.Event(), threading.Event()
 
     def write() -> None:
-        with stage_lock(store, "evaluate", "e-new"):
+        with stage_lock(store, writing, "new"):
             held.set()
             release.wait(30)
 
@@ -243,8 +247,8 @@ def test_a_run_writing_a_stage_that_reads_models_keeps_them_all(bare):
     finally:
         release.set()
         worker.join()
-    assert report.removed == [] and find_stage(store, "train", "t-old") is not None
-    assert by_digest(report.kept)["t-old"].reasons == ["in use (a run holds or writes evaluate e-new)"]
+    assert [entry.digest for entry in report.removed] == removed
+    assert by_digest(report.kept)["p-unused"].reasons == [f"in use (a run holds or writes {writing} new)"]
 
 
 def test_an_export_made_after_the_plan_keeps_the_model(bare):

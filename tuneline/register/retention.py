@@ -272,11 +272,13 @@ def lock_free(artifacts_dir: str | Path, stage: str, digest: str) -> bool:
     return True
 
 
-def live_writers(artifacts_dir: str | Path) -> list[str]:
-    """The model stages and stages built from models that live runs are writing now: such a
-    run may be reading any trained model, so retention removes none while one runs."""
+def live_writers(artifacts_dir: str | Path, model_stage: str) -> list[str]:
+    """The stages live runs are writing now that may read a model of `model_stage` whose stage
+    folder says nothing yet (its manifest, with the inputs, comes last): while one runs, retention
+    removes no model of that kind. A stage built from a model reads any train stage (and the
+    pretrain stage under an adapter); a training reads only a pretrain stage."""
     busy = []
-    for stage in (*MODEL_STAGES, *BUILT_FROM_MODEL):
+    for stage in (*BUILT_FROM_MODEL, *(("train",) if model_stage == "pretrain" else ())):
         for tmp in sorted((Path(artifacts_dir) / "stages" / stage).glob(f"{TMP_PREFIX}*")):
             digest = tmp.name.removeprefix(TMP_PREFIX).rpartition("-")[0]
             if not lock_free(artifacts_dir, stage, digest):
@@ -295,7 +297,7 @@ def plan_retention(
     client = open_client(tracking_uri)
     versions = registered_versions(client)
     exports = read_exports(artifacts_dir)
-    writers = live_writers(artifacts_dir)
+    writers = {stage: live_writers(artifacts_dir, stage) for stage in MODEL_STAGES}
     context = {"versions": versions, "exports": exports, "writers": writers, "children": children}
     trains = [
         plan_model(artifacts_dir, "train", digest, retention_days, now, context, client)
@@ -345,7 +347,7 @@ def plan_model(
     if now < expires:
         reasons.append(f"young (expires {expires.date().isoformat()})")
     group = [(stage, digest), *downstream((stage, digest), context["children"])]
-    busy = [f"{s} {d}" for s, d in group if not lock_free(artifacts_dir, s, d)] + context["writers"]
+    busy = [f"{s} {d}" for s, d in group if not lock_free(artifacts_dir, s, d)] + context["writers"][stage]
     if busy:
         reasons.append("in use (a run holds or writes " + ", ".join(busy) + ")")
     items = [
@@ -452,7 +454,7 @@ def remove_model(plan: RetentionPlan, entry: ModelEntry, client: mlflow.MlflowCl
     it ended (kept, with the reason, when a run or an alias took it since the plan)."""
     group = [*((item.stage, item.digest) for item in entry.stages), (entry.stage, entry.digest)]
     with held_locks(plan.artifacts_dir, group) as busy:
-        busy = busy or live_writers(plan.artifacts_dir)
+        busy = busy or live_writers(plan.artifacts_dir, entry.stage)
         if busy:
             return entry.model_copy(update={"action": "keep", "reasons": [f"in use (a run holds {busy[0]})"]})
         if entry.stage == "train":
