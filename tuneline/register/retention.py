@@ -193,17 +193,17 @@ def open_client(tracking_uri: str) -> mlflow.MlflowClient | None:
 
 
 def registered_versions(client: mlflow.MlflowClient | None) -> dict[str, list[Version]]:
-    """Every registered version that names its train stage, by train digest, with its aliases."""
+    """Every registered version that names its train stage, by train digest, with its aliases
+    (searches return no aliases: they come from each registered model)."""
     if client is None:
         return {}
+    tagged = [version for version in all_versions(client) if TRAIN_DIGEST_TAG in version.tags]
     aliases: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for model in client.search_registered_models():
-        for alias, number in model.aliases.items():  # numbers come back as ints in MLflow 3
-            aliases[(model.name, str(number))].append(alias)
+    for name in sorted({version.name for version in tagged}):
+        for alias, number in client.get_registered_model(name).aliases.items():  # ints in MLflow 3
+            aliases[(name, str(number))].append(alias)
     found: dict[str, list[Version]] = defaultdict(list)
-    for version in client.search_model_versions():
-        if TRAIN_DIGEST_TAG not in version.tags:
-            continue
+    for version in tagged:
         number = str(version.version)
         found[version.tags[TRAIN_DIGEST_TAG]].append(
             Version(
@@ -216,6 +216,17 @@ def registered_versions(client: mlflow.MlflowClient | None) -> dict[str, list[Ve
             )
         )
     return found
+
+
+def all_versions(client: mlflow.MlflowClient) -> Iterator[Any]:
+    """Every model version of the registry, page after page (a search returns one page)."""
+    token = None
+    while True:
+        page = client.search_model_versions(page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def stage_manifests(artifacts_dir: str | Path, stages: Iterable[str]) -> dict[tuple[str, str], dict]:
