@@ -122,8 +122,8 @@ def project(tmp_path):
         tmp_path,
         artifacts_dir="store",
         gate={"min_records": 50, "min_chars": 1, "max_chars": 400},
-        train={"max_steps": 6, "batch_size": 16, "max_length": 96},
-        evaluate={"max_new_tokens": 4, "max_examples": 8},
+        train={"max_steps": 3, "batch_size": 16, "max_length": 96},
+        evaluate={"max_new_tokens": 3, "max_examples": 4},
         register={"model_name": "deploy-test", "margin": 1.0},
     )
     return tmp_path
@@ -214,17 +214,17 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
     worker = None
     try:
         with local_prefect_server(home) as api_url, temporary_settings({PREFECT_API_URL: api_url}):
-            deploy(
-                api_url,
-                plan_deployments(recipe, PREFECT_FILE, only=["refresh"], every={"refresh": 8}),
-                project,
-            )
             worker = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "worker", "start", "--pool", "tuneline"],
                 env={**os.environ, "PREFECT_API_URL": api_url, "PREFECT_WORKER_QUERY_SECONDS": "1"},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
+            )
+            deploy(
+                api_url,
+                plan_deployments(recipe, PREFECT_FILE, only=["refresh"], every={"refresh": 4}),
+                project,
             )
             first = wait_for_runs("refresh", 1, worker)[0]
             assert "train" in task_names(first.id)
@@ -243,7 +243,7 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
 
             later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
             retention = plan_deployments(
-                recipe, PREFECT_FILE, only=["retention"], every={"retention": 8},
+                recipe, PREFECT_FILE, only=["retention"], every={"retention": 4},
                 parameters={"retention": {"now": later}},
             )  # fmt: skip
             deploy(api_url, retention, project)
