@@ -142,10 +142,15 @@ BENCHMARK = Stage(
     code=("tuneline.evaluate.benchmarks", "tuneline.models"),
 )
 BENCHMARKS = Stage("benchmarks", entry=BENCHMARK.entry, code=BENCHMARK.code)
+# The modules the register stage runs, and chat_model.py, the MLflow model's code it logs; not the
+# whole package (serve, export, retention and runs do not change what a registration writes).
 REGISTER = Stage(
     "register",
     entry="tuneline.register.stage",
-    code=("tuneline.register", "tuneline.experiment", "tuneline.report", *MODEL_CODE),
+    code=(
+        *("tuneline.register.stage", "tuneline.register.registry", "tuneline.register.guardrails"),
+        *("tuneline.register.chat_model", "tuneline.experiment", "tuneline.report", *MODEL_CODE),
+    ),
 )
 
 # Every stage, in pipeline order; the run report's funnel follows it.
