@@ -102,10 +102,15 @@ def check_format(fmt: str, quantize: str | None) -> None:
 
 
 def check_target(target: Path, force: bool) -> Path:
-    """The absolute export folder: its parent must exist, and it must be empty unless `force`."""
+    """The absolute export folder (its parents are created): empty unless `force`."""
     target = target.expanduser().absolute()
-    if not target.parent.is_dir():
-        raise UserError(f"--to {target}: its parent folder {target.parent} does not exist; create it first")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"--to {target}: cannot create its parent folder {target.parent} ({error.strerror}); "
+            "give a folder path you can write to"
+        ) from None
     if target.exists() and not target.is_dir():
         raise UserError(f"--to {target}: a file is in the way; give a folder path")
     if target.is_dir() and any(target.iterdir()) and not force:
