@@ -35,6 +35,7 @@ from tuneline.tasks.stages import collect, fetch, tidy_store
 from tuneline.augment.checkpoint import review_instructions, review_round, review_timeout
 from tuneline.augment.review import PendingBatch
 from tuneline.augment.rounds import ReviewedRound, next_round_or_stop
+from tuneline.errors import quiet_user_errors
 from tuneline.recipe import AugmentSpec, Recipe, RecipeError, RegisterSpec, ReviewSpec
 from tuneline.store import StageRef
 
@@ -63,6 +64,7 @@ class ReviewForm(RunInput):
 @flow(name="augment")
 def augment(recipe: Recipe) -> dict:
     """Collect the recipe's sources and grow them with reviewed teacher rounds (no training)."""
+    quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
     if recipe.augment is None:
         raise RecipeError(
             "recipe", ["augment: the augment flow needs this section (see recipes/augment_demo.yaml)"]

@@ -37,6 +37,7 @@ from tuneline.tasks.stages import (
     train,
 )
 
+from tuneline.errors import quiet_user_errors
 from tuneline.recipe import Recipe
 from tuneline.store import StageRef
 
@@ -44,6 +45,7 @@ from tuneline.store import StageRef
 @flow(name="finetune")
 def finetune(recipe: Recipe) -> dict:
     """Fine-tune a base model on the recipe's sources and register it; returns the run report."""
+    quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
     artifacts_dir = Path(recipe.artifacts_dir).resolve()
     started = datetime.now(UTC)
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"

@@ -27,6 +27,7 @@ from prefect.runtime import flow_run
 from tuneline.flows.finetune import run_from_collected
 from tuneline.tasks.stages import check_evaluate, collect, fetch, save_recipe, tidy_store
 
+from tuneline.errors import quiet_user_errors
 from tuneline.recipe import Recipe
 from tuneline.refresh import (
     change_reason,
@@ -51,6 +52,7 @@ def refresh(recipe: Recipe) -> dict:
     refresh, run the pipeline and register the model, promoted only if it beats the champion on
     the pinned test set. Returns status ("unchanged" or "trained"), digest, registered, promoted,
     run_dir, test_file and reason."""
+    quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
     artifacts_dir = Path(recipe.artifacts_dir).resolve()
     started = datetime.now(UTC)
     token = str(flow_run.get_id() or started.isoformat())  # the same on a suspended run's resume

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from tuneline.errors import quiet_user_errors
 from tuneline.recipe import Recipe
 from tuneline.register.retention import RetentionReport, apply_retention, plan_retention
 
@@ -23,6 +24,7 @@ def retention(recipe: Recipe, dry_run: bool = False, now: datetime | None = None
     """Remove trained models older than `register.retention_days` that no alias or export keeps,
     with the stages built from them and their MLflow versions (`dry_run`: only list them); `now`
     sets the clock (default: the current time)."""
+    quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
     spec = recipe.register
     plan = plan_retention(recipe.artifacts_dir, spec.tracking_uri, spec.retention_days, now)
     report = apply_retention(plan, dry_run=dry_run)

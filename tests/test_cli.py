@@ -6,7 +6,8 @@ import sys
 
 from typer.testing import CliRunner
 
-from tuneline.cli.main import app, hide_user_error_tracebacks
+from tuneline.cli.main import app
+from tuneline.errors import hide_user_error_tracebacks
 from tuneline.recipe import RecipeError
 
 

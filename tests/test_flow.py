@@ -163,6 +163,22 @@ def test_a_bad_test_suite_stops_the_run_before_any_stage(project, prefect_server
     )
     recipe = recipe_for(project, evaluate={"suites": [str(suite)]})
     recipe = recipe.model_copy(update={"artifacts_dir": str(tmp_path / "store")})
+    state = finetune(recipe, return_state=True)
     with pytest.raises(UserError, match=r"suite.yaml:2: case 1 .*regex: not a valid regular expression"):
-        finetune(recipe)
+        state.result()
     assert not (tmp_path / "store" / "stages").exists()
+    # The run's log (what the UI shows for a worker's run) has the message without a traceback.
+    messages = run_log(state.state_details.flow_run_id)
+    assert "regex: not a valid regular expression" in messages and "Traceback" not in messages
+
+
+def run_log(flow_run_id) -> str:
+    """Every log line a flow run sent to the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)

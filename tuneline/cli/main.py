@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import threading
 from pathlib import Path
@@ -27,7 +26,7 @@ from tuneline.cli.retention import retention_command
 from tuneline.cli.review import review_app
 from tuneline.cli.runs import runs_app
 from tuneline.cli.serve import serve_command
-from tuneline.errors import UserError
+from tuneline.errors import UserError, quiet_user_errors
 from tuneline.recipe import Recipe, RecipeError, load_recipe
 
 app = typer.Typer(
@@ -142,14 +141,6 @@ def quickstart() -> None:
     run_recipe(recipe)
 
 
-def hide_user_error_tracebacks(record: logging.LogRecord) -> bool:
-    """Logging filter: a user's mistake is logged as its message, without Tuneline's traceback."""
-    if record.exc_info and isinstance(record.exc_info[1], UserError):
-        record.exc_info = None
-        record.exc_text = None
-    return True
-
-
 def run_recipe(recipe: Recipe) -> dict:
     """Start (or reuse) a Prefect server, run the flow, print the report; exit 1 if it failed."""
     home = Path(recipe.artifacts_dir).resolve() / "prefect"
@@ -169,9 +160,7 @@ def run_recipe(recipe: Recipe) -> dict:
 
             from tuneline.flows.finetune import finetune
 
-            for name in ("prefect.flow_runs", "prefect.task_runs", ""):  # "" is the root's console
-                for handler in logging.getLogger(name).handlers:
-                    handler.addFilter(hide_user_error_tracebacks)
+            quiet_user_errors()
 
             with temporary_settings({PREFECT_API_URL: api_url}):
                 try:
