@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -203,12 +204,13 @@ def bare(tmp_path):
     return {"store": store, "plan": lambda: plan_retention(store, tracking_uri, RETENTION_DAYS, NOW)}
 
 
-def test_a_live_run_keeps_the_model_it_holds(bare):
-    store = bare["store"]
+@contextmanager
+def lock_held_elsewhere(store, stage: str, digest: str):
+    """A stage lock held by another thread for the block (filelock re-enters in its own thread)."""
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with stage_lock(store, "evaluate", "e-old"):  # a run writing or waiting on this stage
+        with stage_lock(store, stage, digest):
             held.set()
             release.wait(30)
 
@@ -216,10 +218,16 @@ def test_a_live_run_keeps_the_model_it_holds(bare):
     worker.start()
     held.wait(30)
     try:
-        report = apply_retention(bare["plan"]())
+        yield
     finally:
         release.set()
         worker.join()
+
+
+def test_a_live_run_keeps_the_model_it_holds(bare):
+    store = bare["store"]
+    with lock_held_elsewhere(store, "evaluate", "e-old"):  # a run writing or waiting on this stage
+        report = apply_retention(bare["plan"]())
     old = by_digest(report.kept)["t-old"]
     assert old.reasons == ["in use (a run holds or writes evaluate e-old)"]
     assert find_stage(store, "train", "t-old") is not None
@@ -232,21 +240,8 @@ def test_a_live_run_keeps_the_model_it_holds(bare):
 def test_a_run_writing_a_stage_that_may_read_models_keeps_them(bare, writing, removed):
     store = bare["store"]
     (store / "stages" / writing / f"{TMP_PREFIX}new-1234abcd").mkdir()  # its inputs are unknown yet
-    held, release = threading.Event(), threading.Event()
-
-    def write() -> None:
-        with stage_lock(store, writing, "new"):
-            held.set()
-            release.wait(30)
-
-    worker = threading.Thread(target=write)
-    worker.start()
-    held.wait(30)
-    try:
+    with lock_held_elsewhere(store, writing, "new"):
         report = apply_retention(bare["plan"]())
-    finally:
-        release.set()
-        worker.join()
     assert [entry.digest for entry in report.removed] == removed
     assert by_digest(report.kept)["p-unused"].reasons == [f"in use (a run holds or writes {writing} new)"]
 
