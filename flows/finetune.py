@@ -38,6 +38,7 @@ from tuneline.tasks.stages import (
 )
 
 from tuneline.errors import quiet_user_errors
+from tuneline.experiment import check_tracking_store
 from tuneline.recipe import Recipe
 from tuneline.store import StageRef
 
@@ -51,6 +52,7 @@ def finetune(recipe: Recipe) -> dict:
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)
     check_evaluate(recipe.evaluate)  # a bad suite, rubric or benchmark name fails before any work
+    check_tracking_store(recipe.register.tracking_uri)  # so does a database store that is down
     tidy_store(artifacts_dir)  # a killed run's temporary stage folders
 
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()  # raises if a source fails

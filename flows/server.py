@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -43,6 +44,9 @@ LEASES = "leases"
 IDLE_ENV = "TUNELINE_SERVER_IDLE_S"
 DEFAULT_IDLE_S = 600
 ALLOWED_HOSTS = ("127.0.0.1", "localhost")
+# Prefect's own setting (and its older name): the server's database, SQLite under PREFECT_HOME unset.
+DATABASE_ENVS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+EMPTY_KEY = hashlib.sha256(b"").hexdigest()[:16]  # no database setting: SQLite under PREFECT_HOME
 
 
 class ServerStartError(RuntimeError):
@@ -97,6 +101,12 @@ def alive(pid: int) -> bool:
     return True
 
 
+def database_key() -> str:
+    """Which database a server started now would use, as a digest (the URL may hold a password)."""
+    url = next((os.environ[name] for name in DATABASE_ENVS if os.environ.get(name)), "")
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
@@ -114,6 +124,23 @@ def recorded_server(prefect_home: Path) -> dict | None:
     if record.get("prefect") != version("prefect") or not alive(record["pid"]) or not healthy(record["url"]):
         return None
     return record
+
+
+def reusable_server(prefect_home: Path, lease: Path) -> dict | None:
+    """The recorded server when it runs on the database the environment names now. One idle on
+    another database (kept up on SQLite, now the run names PostgreSQL) is replaced; one that other
+    runs hold is left to them, and this run stops with the reason."""
+    record = recorded_server(prefect_home)
+    if record is None or record.get("database", EMPTY_KEY) == database_key():
+        return record
+    holders = sorted({held.name.split("-")[0] for held in live_leases(prefect_home) if held != lease})
+    if holders:
+        raise ServerStartError(
+            f"the project's Prefect server ({record['url']}) runs on another database than "
+            f"{DATABASE_ENVS[0]} now names, for the runs of processes {', '.join(holders)}; run again "
+            "when they end, or with the same setting as they have"
+        )
+    return None
 
 
 def live_leases(prefect_home: Path) -> list[Path]:
@@ -160,7 +187,13 @@ def start_server(prefect_home: Path, port: int, timeout: float) -> dict:
                 f"the Prefect server was not healthy after {timeout:.0f} s; see {log_path}"
             )
         time.sleep(0.1)
-    record = {"pid": process.pid, "port": port, "url": url, "prefect": version("prefect")}
+    record = {
+        "pid": process.pid,
+        "port": port,
+        "url": url,
+        "prefect": version("prefect"),
+        "database": database_key(),
+    }
     write_atomic(prefect_home / SERVER_FILE, json.dumps(record))
     return record
 
@@ -187,7 +220,9 @@ def local_prefect_server(prefect_home: Path, timeout: float = 90, port: int | No
     with locked(prefect_home):
         lease.touch()  # before a start: the new server must see it
         try:
-            record = recorded_server(prefect_home) or start_server(prefect_home, port or free_port(), timeout)
+            record = reusable_server(prefect_home, lease) or start_server(
+                prefect_home, port or free_port(), timeout
+            )
         except BaseException:
             lease.unlink(missing_ok=True)
             raise

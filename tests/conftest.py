@@ -4,6 +4,7 @@ import os
 
 import pytest
 from openai_server import teacher_server  # noqa: F401  (the loopback OpenAI server fixture)
+from postgres_server import postgres  # noqa: F401  (a real PostgreSQL for the session)
 
 # Nothing in the test suite may reach a hub; fail fast instead of hanging on a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

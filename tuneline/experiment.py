@@ -26,6 +26,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 MAX_PARAM_CHARS = 6000  # MLflow rejects longer param values (e.g. a pasted chat template)
 TRUNCATED = "...[truncated]"
+DATABASE_STORES = ("postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores besides SQLite
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,39 @@ class TrackingTarget:
     run_name: str
 
 
+def check_tracking_store(tracking_uri: str, field: str = "register.tracking_uri") -> None:
+    """Fail at once, naming `field`, when a database tracking store (PostgreSQL, MySQL, SQL Server)
+    cannot be reached: MLflow itself retries a refused connection for ~100 s, then shows a traceback.
+    Other stores (SQLite, an MLflow server, a folder) are left to MLflow."""
+    if tracking_uri.partition("://")[0].partition("+")[0] not in DATABASE_STORES:
+        return
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        url = sqlalchemy.engine.make_url(tracking_uri)
+        shown = url.render_as_string(hide_password=True)
+        timeout = url.get_backend_name() == "postgresql" and url.get_driver_name() in ("psycopg2", "psycopg")
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 10} if timeout else {})
+    except (ArgumentError, NoSuchModuleError, ImportError) as error:
+        raise UserError(
+            f"{field}: {tracking_uri.split('@')[-1]!r} is not a database URL MLflow can use ({error}); "
+            "write postgresql://USER:PASSWORD@HOST:PORT/DATABASE (its driver, psycopg2, comes with Tuneline)"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise UserError(
+            f"{field} {shown}: cannot connect to the MLflow database ({reason}); start the database "
+            f"server, or fix the host, port, user or database name in {field} (the database must "
+            "exist, e.g. `createdb mlflow`); an unset tracking_uri uses the SQLite file in artifacts_dir"
+        ) from None
+    finally:
+        engine.dispose()
+
+
 def open_experiment(tracking_uri: str, experiment: str, artifacts_dir: str | Path) -> str:
     """Point MLflow at the store and return the experiment's id, creating it (its artifacts under
     the project's `mlartifacts/`) and a SQLite database's folder when missing.
@@ -48,6 +82,7 @@ def open_experiment(tracking_uri: str, experiment: str, artifacts_dir: str | Pat
     to match one row"), and two creating one experiment at once collide."""
     import mlflow
 
+    check_tracking_store(tracking_uri)
     guard: Any = nullcontext()
     if tracking_uri.startswith("sqlite:///"):
         # `sqlite:///rel/path.db` is relative to the working directory, `sqlite:////abs.db` absolute;
