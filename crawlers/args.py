@@ -70,6 +70,9 @@ class SiteArgs(BaseModel):
     processes: int = Field(1, ge=1, le=16)
     allow_private: bool = False
     subdomains: bool = False
+    # The spider reads the URL from its settings (REDIS_URL, from the environment), never from here:
+    # the arguments are on the command line. Kept to mirror the recipe section.
+    redis_url: str | None = None
 
     def domains(self) -> list[str]:
         """Allowed hosts in canonical form: the configured ones, or the hosts of the start URLs and

@@ -5,6 +5,8 @@ control listener, and an HTTP cache that never stores a failure (else a retry wo
 Per-crawl values (feed path, concurrency, depth, cache folder) come as `-s` options.
 """
 
+import os
+
 BOT_NAME = "tuneline"
 SPIDER_MODULES = ["tuneline.crawlers.spiders"]
 NEWSPIDER_MODULE = "tuneline.crawlers.spiders"
@@ -48,6 +50,8 @@ DOWNLOADER_MIDDLEWARES = {
     # Scrapy's own lets through all but the first request waiting for a host's robots.txt.
     "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
     "tuneline.crawlers.middlewares.RobotsTxtMiddleware": 100,
+    # A crawl shared through Redis only: after the HTTP cache (900), one lease per request in flight.
+    "tuneline.crawlers.shared.SharedConcurrencyMiddleware": 950,
 }
 ITEM_PIPELINES = {
     "tuneline.crawlers.pipelines.ExtractTextPipeline": 100,
@@ -61,3 +65,7 @@ EXTENSIONS = {
 
 FEED_EXPORT_ENCODING = "utf-8"
 LOG_LEVEL = "INFO"
+
+# A crawl shared through Redis (the source's redis_url): the URL comes through the environment,
+# not as a `-s` option, so a password in it stays out of the process list. Read by scrapy-redis.
+REDIS_URL = os.environ.get("TUNELINE_REDIS_URL")

@@ -36,6 +36,7 @@ FETCH = Stage(
         "tuneline.sources.download",
         "tuneline.sources.unpack",
         "tuneline.sources.crawl",
+        "tuneline.sources.shared_crawl",  # a crawl shared through Redis (redis_url)
         "tuneline.sources.errors",
         "tuneline.crawlers",  # the Scrapy project the crawl runs in a subprocess
         "tuneline.formats",  # what a download really is and how it unpacks (formats.containers)

@@ -8,6 +8,8 @@ item with `error` set, so it is dropped with a reason rather than lost.
 
 With `processes` above 1 (and a frontier folder from tuneline.sources.crawl), several of these spiders
 share one crawl: each fetches the URLs it owns and hands the others over (tuneline.crawlers.frontier).
+With a Redis namespace (the source's `redis_url`), processes on any number of hosts share one queue,
+seen-set and page budget in Redis instead (tuneline.crawlers.shared).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tuneline.crawlers.args import SiteArgs
 from tuneline.crawlers.frontier import BUDGET, Frontier, PageBudget
 from tuneline.crawlers.items import DocumentItem, PairItem
 from tuneline.crawlers.middlewares import host_allowed
+from tuneline.crawlers.shared import SharedCrawl, connect
 from twisted.internet.task import LoopingCall
 
 SPACES = re.compile(r"\s+")
@@ -80,6 +83,7 @@ class SiteSpider(scrapy.Spider):
         self.waiting: deque[tuple[str, int]] = deque()
         self.budget = PageBudget(self.args.max_pages)
         self.frontier: Frontier | None = None
+        self.shared: SharedCrawl | None = None
         self.item_class = DocumentItem if self.args.mode == "documents" else PairItem
 
     @classmethod
@@ -88,6 +92,13 @@ class SiteSpider(scrapy.Spider):
         folder = crawler.settings.get("TUNELINE_FRONTIER_DIR")
         if folder and spider.args.processes > 1:
             spider.share_crawl(Path(folder), crawler.settings.getint("TUNELINE_PROCESS"))
+        if namespace := crawler.settings.get("TUNELINE_REDIS_NAMESPACE"):
+            spider.share_through_redis(
+                SharedCrawl(
+                    connect(crawler.settings.get("REDIS_URL")), namespace,
+                    crawler.settings.get("TUNELINE_PROCESS_ID"), spider.args.max_pages,
+                )
+            )  # fmt: skip
         return spider
 
     def share_crawl(self, folder: Path, index: int) -> None:
@@ -98,6 +109,31 @@ class SiteSpider(scrapy.Spider):
         self.crawler.signals.connect(self.on_idle, signal=signals.spider_idle)
         self.crawler.signals.connect(self.on_opened, signal=signals.spider_opened)
         self.crawler.signals.connect(self.on_closed, signal=signals.spider_closed)
+
+    def share_through_redis(self, shared: SharedCrawl) -> None:
+        """Take pages from the queue all processes share, and stay open until none of them is busy."""
+        self.shared = shared
+        self.budget = shared
+        self.crawler.signals.connect(self.on_opened_shared, signal=signals.spider_opened)
+        self.crawler.signals.connect(self.on_idle_shared, signal=signals.spider_idle)
+
+    def on_opened_shared(self) -> None:
+        self.shared.set_busy(True)  # before the first start URL: peers must not end the crawl meanwhile
+        # An idle engine looks at its scheduler again on a heartbeat, every 5 s by default: pages that
+        # peers queue meanwhile would wait that long. 0.1 s costs one ZCARD a tick.
+        self.crawler.engine._SLOT_HEARTBEAT_INTERVAL = 0.1
+
+    def on_idle_shared(self) -> None:
+        """Nothing to do here: take waiting pages the budget has room for again, else stay open
+        while the queue has pages or another process is busy (it may queue more)."""
+        if requests := self.waiting_requests():
+            self.shared.set_busy(True)
+            for request in requests:
+                self.crawler.engine.crawl(request)
+            raise DontCloseSpider
+        self.shared.set_busy(False)
+        if not self.shared.finished():
+            raise DontCloseSpider
 
     def owns(self, url: str) -> bool:
         return self.frontier is None or self.frontier.owns(url)
@@ -121,6 +157,8 @@ class SiteSpider(scrapy.Spider):
             self.frontier.hand_over(url, depth)
             return None
         self.seen.add(url)
+        if self.shared is not None and not self.shared.first_sight(scrapy.Request(url)):
+            return None  # another process has it
         if not host_allowed(urlsplit(url).hostname or "", self.domains, self.args.subdomains):
             return self.request(url, depth, budgeted=False)
         if not self.budget.claim():
@@ -130,8 +168,9 @@ class SiteSpider(scrapy.Spider):
 
     def request(self, url: str, depth: int, *, budgeted: bool) -> scrapy.Request:
         return scrapy.Request(
-            url, callback=self.parse, errback=self.failed, meta={LINK_DEPTH: depth, BUDGETED: budgeted}
-        )
+            url, callback=self.parse, errback=self.failed, meta={LINK_DEPTH: depth, BUDGETED: budgeted},
+            dont_filter=self.shared is not None,  # already checked against the crawl's seen-set
+        )  # fmt: skip
 
     def waiting_requests(self) -> list[scrapy.Request]:
         """Requests for waiting pages, as many as the budget has pages again."""

@@ -177,6 +177,22 @@ class CrawlSource(Section):
     allow_private: bool = Field(
         False, description="Allow private, loopback and link-local addresses (local test sites only)."
     )
+    redis_url: str | None = Field(
+        None,
+        description="Share the crawl through this Redis (redis://host:6379/0, rediss://, unix:///path): "
+        "processes on every host running the same recipe with the same Redis crawl the site once, "
+        "with one queue, seen-set and max_pages; none: the crawl stays on this machine.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"{url.split('@')[-1]!r} is not a Redis URL; write redis://HOST:6379/0, "
+                "rediss://HOST:6380/0 (TLS) or unix:///path/to/redis.sock"
+            )
+        return url
 
     @field_validator("allowed_domains")
     @classmethod

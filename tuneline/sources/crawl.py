@@ -7,6 +7,9 @@ writes every dropped item with its reason and the crawl's stats beside it.
 
 A source with `processes: N` runs N such processes on one site, each fetching the pages it owns
 (tuneline.crawlers.frontier); their items, drops, logs and stats are merged into the same files.
+A source with a `redis_url` shares its queue, seen-set and page budget through Redis instead
+(tuneline.crawlers.shared, tuneline.sources.shared_crawl), with the processes of every host
+running it; each host's fetch stage gets the items of all of them.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from tuneline.recipe import CrawlSource
+from tuneline.sources import shared_crawl as shared
 from tuneline.sources.errors import SourceError, SourceUnreachable
 
 ITEMS = "items.jsonl"
@@ -58,7 +65,7 @@ REVALIDATE_SETTINGS = {
 
 def spider_args(source: CrawlSource) -> str:
     """The source as the spider's typed arguments: everything but the recipe's kind and name."""
-    return json.dumps(source.model_dump(mode="json", exclude={"kind", "name"}))
+    return json.dumps(source.model_dump(mode="json", exclude={"kind", "name", "redis_url"}))
 
 
 def crawl_command(
@@ -68,10 +75,12 @@ def crawl_command(
     process: int = 0,
     frontier: Path | None = None,
     revalidate: bool = False,
+    redis_process: tuple[str, str] | None = None,
 ) -> list[str]:
     """The `scrapy crawl` command line for a source (or, with a frontier folder, for one of its
     processes); outputs go to out_dir. The per-domain concurrency is shared by the processes.
-    `revalidate` (a refresh) asks the site whether each cached page changed."""
+    `revalidate` (a refresh) asks the site whether each cached page changed. `redis_process`
+    (namespace, process id): a process of a crawl shared through Redis."""
     concurrency = -(-source.concurrency // source.processes)
     settings = {
         "FEEDS": json.dumps({str(out_dir / ITEMS): {"format": "jsonlines", "encoding": "utf8"}}),
@@ -91,6 +100,19 @@ def crawl_command(
         settings |= {"TUNELINE_FRONTIER_DIR": str(frontier), "TUNELINE_PROCESS": str(process)}
     if revalidate:
         settings |= REVALIDATE_SETTINGS
+    if redis_process is not None:
+        namespace, process_id = redis_process
+        settings |= {
+            "SCHEDULER": "tuneline.crawlers.shared.SharedScheduler",
+            "SCHEDULER_PERSIST": "True",  # scrapy-redis would empty the queue when any process ends
+            "SCHEDULER_QUEUE_KEY": f"{namespace}:requests",
+            "SCHEDULER_DUPEFILTER_KEY": f"{namespace}:seen",
+            "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
+            "TUNELINE_REDIS_NAMESPACE": namespace,
+            "TUNELINE_PROCESS_ID": process_id,
+            # SharedConcurrencyMiddleware caps the whole crawl; any process may use every slot.
+            "CONCURRENT_REQUESTS_PER_DOMAIN": str(source.concurrency),
+        }
     command = [sys.executable, "-m", "scrapy", "crawl", "site", "-a", f"args={spider_args(source)}"]
     for key, value in settings.items():
         command += ["-s", f"{key}={value}"]
@@ -98,7 +120,12 @@ def crawl_command(
 
 
 def run_crawl(
-    source: CrawlSource, out_dir: Path, cache_dir: Path, timeout_s: float = 3600, revalidate: bool = False
+    source: CrawlSource,
+    out_dir: Path,
+    cache_dir: Path,
+    timeout_s: float = 3600,
+    revalidate: bool = False,
+    digest: str = "",
 ) -> CrawlResult:
     """Crawl a source into out_dir; raises SourceUnreachable when the site is down, SourceError when
     the crawl ran but kept nothing, naming the source and the last error either way.
@@ -106,9 +133,12 @@ def run_crawl(
     With `processes` > 1 each process writes to a folder of its own (its HTTP cache too, keyed by
     the process count, as the pages a process owns depend on it); the results are merged here.
     `revalidate` (a refresh): cached pages are checked with the site, not trusted for a day.
+    With `redis_url` the crawl is shared through Redis under the fetch stage's `digest`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    if source.processes == 1:
+    if source.redis_url:
+        stats = run_shared_crawl(source, out_dir, cache_dir, timeout_s, revalidate, digest)
+    elif source.processes == 1:
         cache_dir.mkdir(parents=True, exist_ok=True)
         command = crawl_command(source, out_dir, cache_dir, revalidate=revalidate)
         _run_processes(source, [command], [out_dir], timeout_s)
@@ -127,12 +157,7 @@ def run_crawl(
             commands.append(crawl_command(source, folder, cache, index, frontier, revalidate))
         _run_processes(source, commands, folders, timeout_s)
         stats = merge_stats([json.loads((f / CRAWL_STATS).read_text(encoding="utf-8")) for f in folders])
-        for name in (ITEMS, DROPS, LOG):
-            with open(out_dir / name, "wb") as merged:
-                for folder in folders:
-                    if (folder / name).is_file():
-                        with open(folder / name, "rb") as part:
-                            shutil.copyfileobj(part, merged)
+        merge_files(folders, out_dir, (ITEMS, DROPS, LOG))
         (out_dir / CRAWL_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
         shutil.rmtree(work)
     items_path = out_dir / ITEMS
@@ -147,11 +172,94 @@ def run_crawl(
     return CrawlResult(items_path, out_dir / DROPS, stats)
 
 
+def merge_files(folders: list[Path], out_dir: Path, names: tuple[str, ...]) -> None:
+    """Each named file of out_dir: the processes' files of that name, one after another."""
+    for name in names:
+        with open(out_dir / name, "wb") as merged:
+            for folder in folders:
+                if (folder / name).is_file():
+                    with open(folder / name, "rb") as part:
+                        shutil.copyfileobj(part, merged)
+
+
+def shown_url(url: str) -> str:
+    """A Redis URL as it may be shown: without its password."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"
+
+
+def connect_redis(source: CrawlSource) -> redis.Redis:
+    """The source's Redis, answering; else an error naming the source, the field and the fix."""
+    try:
+        return shared.connect(source.redis_url)
+    except (redis.RedisError, ValueError, OSError) as error:
+        raise SourceUnreachable(
+            f"source {source.name!r}: redis_url {shown_url(source.redis_url)} does not answer "
+            f"({type(error).__name__}: {error}); start Redis there, fix redis_url (redis://HOST:6379/0 "
+            "or unix:///path/to/redis.sock), or remove it to crawl on this machine alone"
+        ) from None
+
+
+def run_shared_crawl(
+    source: CrawlSource, out_dir: Path, cache_dir: Path, timeout_s: float, revalidate: bool, digest: str
+) -> dict[str, Any]:
+    """This host's processes of a crawl shared through Redis; once every process of every host
+    has uploaded its results, all of them are written to out_dir. Returns the merged stats."""
+    server = connect_redis(source)
+    namespace = shared.namespace_of(digest)
+    work = out_dir / "processes"
+    shutil.rmtree(work, ignore_errors=True)
+    folders = [work / str(index) for index in range(source.processes)]
+    process_ids = [uuid.uuid4().hex for _ in folders]
+    commands = []
+    for folder, process_id in zip(folders, process_ids, strict=True):
+        folder.mkdir(parents=True)
+        # Which process fetches a page changes from crawl to crawl: one cache per local process
+        # slot still serves a retry on this host most of its pages.
+        cache = cache_dir / f"shared-{folders.index(folder)}"
+        cache.mkdir(parents=True, exist_ok=True)
+        commands.append(crawl_command(source, folder, cache, revalidate=revalidate,
+                                      redis_process=(namespace, process_id)))  # fmt: skip
+    deadline = time.monotonic() + timeout_s
+    _run_processes(source, commands, folders, timeout_s, {"TUNELINE_REDIS_URL": source.redis_url})
+    for folder, process_id in zip(folders, process_ids, strict=True):
+        shared.upload_results(
+            server, namespace, process_id,
+            _lines(folder / ITEMS), _lines(folder / DROPS),
+            json.loads((folder / CRAWL_STATS).read_text(encoding="utf-8")),
+        )  # fmt: skip
+    while not shared.results_ready(server, namespace):  # processes on other hosts
+        if time.monotonic() > deadline:
+            raise SourceError(
+                f"source {source.name!r}: processes of the shared crawl on other hosts did not finish "
+                f"in {timeout_s:g} s; lower max_pages or max_depth"
+            )
+        time.sleep(0.2)
+    items, drops, parts = shared.read_results(server, namespace)
+    (out_dir / ITEMS).write_bytes(b"".join(line + b"\n" for line in items))
+    (out_dir / DROPS).write_bytes(b"".join(line + b"\n" for line in drops))
+    merge_files(folders, out_dir, (LOG,))
+    stats = merge_stats(parts) | {"tuneline/shared_processes": len(parts)}
+    (out_dir / CRAWL_STATS).write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    shutil.rmtree(work)
+    if not stats.get("item_scraped_count"):
+        shared.forget(server, namespace)  # a retry crawls afresh instead of reading nothing again
+    return stats
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines() if path.is_file() else []
+
+
 def _run_processes(
-    source: CrawlSource, commands: list[list[str]], folders: list[Path], timeout_s: float
+    source: CrawlSource,
+    commands: list[list[str]],
+    folders: list[Path],
+    timeout_s: float,
+    env_extra: dict[str, str] | None = None,
 ) -> None:
     """Run the crawl's processes side by side; the first to fail (or the clock) stops them all."""
-    env = {**os.environ, "SCRAPY_SETTINGS_MODULE": "tuneline.crawlers.settings"}
+    env = {**os.environ, "SCRAPY_SETTINGS_MODULE": "tuneline.crawlers.settings", **(env_extra or {})}
     logs = [folder / LOG for folder in folders]
     running = []
     for command, log in zip(commands, logs, strict=True):

@@ -284,7 +284,9 @@ def fetch_crawl(artifacts_dir: str | Path, source: CrawlSource, refresh: str | N
     cache_dir = Path(artifacts_dir).resolve() / "cache" / "crawl" / source.name
 
     def write(writer: StageWriter) -> None:
-        result = run_crawl(source, writer.dir, cache_dir, revalidate=refresh is not None)
+        result = run_crawl(
+            source, writer.dir, cache_dir, revalidate=refresh is not None, digest=writer.digest
+        )
         kept = sum(1 for _ in iter_jsonl(writer.dir / ITEMS))
         writer.count_in(kept)
         writer.records_out = kept
