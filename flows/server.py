@@ -107,6 +107,19 @@ def database_key() -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def database_hint(log_path: Path) -> str:
+    """Why a server on a configured database did not start, from its log, and what to check."""
+    name = next((name for name in DATABASE_ENVS if os.environ.get(name)), None)
+    if name is None:
+        return ""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0]] or lines[-1:]
+    return (
+        f" ({errors[-1] if errors else 'no log'}); its database is {name}'s: check that the database "
+        f"server is up and the database exists (createdb), or unset {name} for the project's SQLite"
+    )
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
@@ -180,6 +193,7 @@ def start_server(prefect_home: Path, port: int, timeout: float) -> dict:
         if process.poll() is not None:
             raise ServerStartError(
                 f"the Prefect server exited with code {process.returncode}; see {log_path}"
+                + database_hint(log_path)
             )
         if time.monotonic() > deadline:
             process.kill()

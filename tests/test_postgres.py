@@ -136,7 +136,6 @@ def test_runs_register_and_record_in_postgresql(project, services, postgres):
     assert second.exit_code == 0, second.output
     before, after = reports(project)[-2:]
     assert after["stage_dirs"] == before["stage_dirs"]
-    assert sorted(after["reused"]) == sorted(after["stage_dirs"])
     assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
 
     runs = postgres.query(
@@ -149,14 +148,25 @@ def test_runs_register_and_record_in_postgresql(project, services, postgres):
     assert served.version == "1" and served.stage_dir == Path(before["stage_dirs"]["train"]).resolve()
 
 
-def test_a_server_on_another_database_is_not_reused(project, services):
+def test_a_prefect_database_that_does_not_exist_is_named(services, postgres, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", postgres.url("absent", driver="asyncpg"))
+    with (
+        pytest.raises(
+            ServerStartError, match=r'database "absent" does not exist.*check that the database server'
+        ),
+        local_prefect_server(tmp_path / "prefect", timeout=60),
+    ):
+        pass
+
+
+def test_a_server_on_another_database_is_not_reused(project, services, monkeypatch):
     """The project's server stays up between runs; a run whose environment names another database
     (here none: SQLite) replaces it when it is idle, and stops with the reason while others hold it."""
     home, new_lease = project["store"] / "prefect", project["store"] / "prefect" / "leases" / "new-run"
     with local_prefect_server(home) as url:  # the PostgreSQL one: up from the tests above, or started
-        services.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL")
+        monkeypatch.delenv("PREFECT_SERVER_DATABASE_CONNECTION_URL")
         with pytest.raises(ServerStartError, match=rf"runs on another database .* processes {os.getpid()}"):
             reusable_server(home, new_lease)
     assert reusable_server(home, new_lease) is None
-    services.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", project["prefect_asyncpg"])
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", project["prefect_asyncpg"])
     assert reusable_server(home, new_lease)["url"] == url
