@@ -24,6 +24,7 @@ from tuneline.cli.main import app
 from tuneline.errors import UserError
 from tuneline.experiment import check_tracking_store
 from tuneline.models import make_tiny_model
+from tuneline.recipe import RecipeError, validate_recipe
 from tuneline.register.serve import resolve_model
 
 pytestmark = pytest.mark.slow
@@ -170,3 +171,21 @@ def test_a_server_on_another_database_is_not_reused(project, services, monkeypat
     assert reusable_server(home, new_lease) is None
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", project["prefect_asyncpg"])
     assert reusable_server(home, new_lease)["url"] == url
+
+
+def test_a_password_in_the_tracking_uri_is_refused_and_not_shown():
+    """It would land in recipe.yaml, stats and the Prefect run's parameters: libpq's PGPASSWORD or
+    ~/.pgpass keep it out of the recipe."""
+    data = {
+        "name": "pg-test",
+        "sources": [{"name": "tickets", "path": "tickets.jsonl"}],
+        "model": {"name": "base"},
+        "register": {"model_name": MODEL, "tracking_uri": "postgresql://me:s3cret@db.example:5432/mlflow"},
+    }
+    with pytest.raises(RecipeError) as raised:
+        validate_recipe(data)
+    message = str(raised.value)
+    assert "register.tracking_uri: holds a password" in message and "set PGPASSWORD or ~/.pgpass" in message
+    assert "postgresql://me:***@db.example:5432/mlflow" in message and "s3cret" not in message
+    data["register"]["tracking_uri"] = "postgresql://me@db.example:5432/mlflow"
+    assert validate_recipe(data).register.tracking_uri == "postgresql://me@db.example:5432/mlflow"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -491,7 +492,9 @@ class RegisterSpec(Section):
     model_name: str = Field(description="Registered model name in MLflow.")
     tracking_uri: str = Field(
         "sqlite:///.tuneline/mlflow.db",
-        description="MLflow tracking URI. Unset, it follows artifacts_dir: sqlite:///<artifacts_dir>/mlflow.db.",
+        description="MLflow tracking URI. Unset, it follows artifacts_dir: "
+        "sqlite:///<artifacts_dir>/mlflow.db. A team's store: postgresql://USER@HOST:5432/DATABASE "
+        "(the password from PGPASSWORD or ~/.pgpass, never in the URI) or an MLflow server's http(s):// URL.",
     )
     experiment: str = "tuneline"
     promote_metric: PromoteMetric = Field(
@@ -508,6 +511,18 @@ class RegisterSpec(Section):
         "stage, the stages built from it, its MLflow versions) unless an alias or an export keeps it.",
     )
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, uri: str) -> str:
+        """The URI is written to recipe.yaml, stage stats and the Prefect run's parameters."""
+        if PASSWORD_IN_URL.search(uri):
+            raise ValueError(
+                "holds a password, which would be written to the run's recipe.yaml and stats and to the "
+                "Prefect run's parameters; remove it and set PGPASSWORD or ~/.pgpass (PostgreSQL), or "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (an MLflow server)"
+            )
+        return uri
+
     @model_serializer(mode="wrap")
     def _omit_default_retention(
         self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
@@ -518,6 +533,10 @@ class RegisterSpec(Section):
         if self.retention_days == RETENTION_DAYS and not (info.context or {}).get("resolved"):
             data.pop("retention_days", None)
         return data
+
+
+# The password of a URL with credentials (scheme://user:password@host), hidden in error messages.
+PASSWORD_IN_URL = re.compile(r"(://[^/@:\s\"]*:)[^@/\s\"]+@")
 
 
 # `register` is the stage's name everywhere. As a field it shadows ABCMeta.register, which
@@ -740,7 +759,7 @@ def describe_error(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{where}: required, but missing"
     value = error.get("input")
-    shown = json.dumps(value, default=str)
+    shown = PASSWORD_IN_URL.sub(r"\1***@", json.dumps(value, default=str))  # user:***@host
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return f"{where}: {message} (got {shown})"
