@@ -212,16 +212,20 @@ def run_shared_crawl(
     folders = [work / str(index) for index in range(source.processes)]
     process_ids = [uuid.uuid4().hex for _ in folders]
     commands = []
-    for folder, process_id in zip(folders, process_ids, strict=True):
+    for index, (folder, process_id) in enumerate(zip(folders, process_ids, strict=True)):
         folder.mkdir(parents=True)
         # Which process fetches a page changes from crawl to crawl: one cache per local process
         # slot still serves a retry on this host most of its pages.
-        cache = cache_dir / f"shared-{folders.index(folder)}"
+        cache = cache_dir / f"shared-{index}"
         cache.mkdir(parents=True, exist_ok=True)
         commands.append(crawl_command(source, folder, cache, revalidate=revalidate,
                                       redis_process=(namespace, process_id)))  # fmt: skip
     deadline = time.monotonic() + timeout_s
-    _run_processes(source, commands, folders, timeout_s, {"TUNELINE_REDIS_URL": source.redis_url})
+    try:
+        _run_processes(source, commands, folders, timeout_s, {"TUNELINE_REDIS_URL": source.redis_url})
+    except SourceError:
+        shared.abandon(server, namespace, process_ids)  # peers need not wait for them
+        raise
     for folder, process_id in zip(folders, process_ids, strict=True):
         shared.upload_results(
             server, namespace, process_id,

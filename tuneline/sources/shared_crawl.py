@@ -75,6 +75,16 @@ def read_results(
     return items, drops, [json.loads(part) for part in stats]
 
 
+def abandon(server: redis.Redis, namespace: str, process_ids: list[str]) -> None:
+    """Processes that failed: neither busy nor alive, so no peer waits for them (the pages they
+    had taken from the queue are lost to this crawl)."""
+    with server.pipeline(transaction=True) as pipe:
+        for process_id in process_ids:
+            pipe.hset(f"{namespace}:processes", process_id, "failed")
+            pipe.zrem(f"{namespace}:beats", process_id)
+        pipe.execute()
+
+
 def forget(server: redis.Redis, namespace: str) -> None:
     """Delete a crawl's keys (a crawl that kept nothing: its retry starts afresh)."""
     server.delete(*(f"{namespace}:{name}" for name in KEYS))
