@@ -67,7 +67,8 @@ def check_tracking_store(tracking_uri: str, field: str = "register.tracking_uri"
         raise UserError(
             f"{field} {shown}: cannot connect to the MLflow database ({reason}); start the database "
             f"server, or fix the host, port, user or database name in {field} (the database must "
-            "exist, e.g. `createdb mlflow`); an unset tracking_uri uses the SQLite file in artifacts_dir"
+            "exist, e.g. `createdb mlflow`) or the password (PGPASSWORD or ~/.pgpass); an unset "
+            "tracking_uri uses the SQLite file in artifacts_dir"
         ) from None
     finally:
         engine.dispose()
