@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -36,10 +37,11 @@ def test_two_hosts_crawl_the_site_once_with_the_result_of_one_process(redis_serv
     alone, together = FixtureSite(), FixtureSite()
     try:
         source = CrawlSource(name="docs", start_urls=[alone.url + "/"], allow_private=True, max_depth=3)
-        single = run_fetch(tmp_path / "single", source)
         shared = source.model_copy(update={"start_urls": [together.url + "/"], "redis_url": redis_server.url})
-        with ThreadPoolExecutor(2) as pool:  # two hosts: two stores, one Redis, the same recipe
-            hosts = list(pool.map(lambda host: run_fetch(tmp_path / host, shared), ["a", "b"]))
+        # Two hosts: two stores, one Redis, the same recipe; beside them, one process alone.
+        with ThreadPoolExecutor(3) as pool:
+            single, *hosts = pool.map(run_fetch, [tmp_path / name for name in ("single", "a", "b")],
+                                      [source, shared, shared])  # fmt: skip
     finally:
         alone.close()
         together.close()
@@ -106,10 +108,12 @@ def test_a_redis_that_does_not_answer_is_a_clear_error(tmp_path):
 
 class GeneratedSite:
     """A site of `pages` articles, page n linking to pages 2n+1 and 2n+2, each answered after
-    `delay_s`; records the most requests it had in flight at once."""
+    `delay_s` (the nav links of every page lead to / and /about too); records the most requests
+    it had in flight at once and the requests per path."""
 
     def __init__(self, pages: int, delay_s: float = 0.0) -> None:
         state = {"now": 0, "most": 0, "hits": 0}
+        paths: Counter = Counter()
         lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -117,29 +121,27 @@ class GeneratedSite:
                 with lock:
                     state["now"] += 1
                     state["hits"] += 1
+                    paths[self.path] += 1
                     state["most"] = max(state["most"], state["now"])
-                try:
-                    time.sleep(delay_s)
-                    n = int(self.path.rsplit("/", 1)[-1]) if self.path.startswith("/page/") else -1
-                    links = "".join(
-                        f"<a href='/page/{k}'>{k}</a> " for k in (2 * n + 1, 2 * n + 2) if k < pages
-                    )
-                    body = page(f"Article {n}", f"<p>Article number {n}. {WORDS * 3}</p>{links}")
-                    if self.path == "/robots.txt":
-                        body = b"User-agent: *\nDisallow: /private/\n"
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/html; charset=utf-8")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                finally:
-                    with lock:
-                        state["now"] -= 1
+                time.sleep(delay_s)
+                with lock:  # before the answer: the crawler may send its next request once it has it
+                    state["now"] -= 1
+                n = int(self.path.rsplit("/", 1)[-1]) if self.path.startswith("/page/") else -1
+                links = "".join(f"<a href='/page/{k}'>{k}</a> " for k in (2 * n + 1, 2 * n + 2) if k < pages)
+                body = page(f"Article {n}", f"<p>Article number {n}. {WORDS * 3}</p>{links}")
+                if self.path == "/robots.txt":
+                    body = b"User-agent: *\nDisallow: /private/\n"
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: object) -> None:
                 pass
 
         self.state = state
+        self.paths = paths
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -147,6 +149,25 @@ class GeneratedSite:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_two_hosts_keep_the_concurrency_of_the_whole_crawl(redis_server, tmp_path):
+    """Each host's process may have `concurrency` requests in flight by Scrapy's own cap (two hosts:
+    twice that); the leases in Redis hold the site at `concurrency` for the crawl as a whole."""
+    site = GeneratedSite(pages=60, delay_s=0.1)
+    try:
+        source = CrawlSource(
+            name="slow", start_urls=[site.url + "/page/0"], allow_private=True, max_depth=10,
+            concurrency=2, redis_url=redis_server.url,
+        )  # fmt: skip
+        with ThreadPoolExecutor(2) as pool:
+            stages = list(pool.map(run_fetch, [tmp_path / "a", tmp_path / "b"], [source] * 2))
+    finally:
+        site.close()
+    kept = {item["url"].removeprefix(site.url) for item in iter_records(stages[0], "items.jsonl")}
+    assert {f"/page/{n}" for n in range(60)} <= kept
+    assert {path: n for path, n in site.paths.items() if path != "/robots.txt"} == dict.fromkeys(kept, 1)
+    assert site.state["most"] == 2
 
 
 @pytest.mark.skipif(
