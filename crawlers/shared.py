@@ -37,7 +37,8 @@ from scrapy_redis.scheduler import Scheduler
 # (and for a host started just after the end to find them), short enough not to hoard pages.
 KEY_TTL_S = 600
 # A process that has not beaten for this long is gone (killed or its host lost): not waited for.
-STALE_S = 30.0
+# Generous: a process beats from its event loop, which one long page parse can hold up.
+STALE_S = 120.0
 BEAT_EVERY_S = 1.0
 # The crawl's keys (after `tuneline:crawl:<digest>:`); tuneline.sources.shared_crawl, which
 # uploads and reads the results in the tuneline process, names the same ones.

@@ -18,7 +18,7 @@ import redis
 # As in tuneline.crawlers.shared (the crawl processes' side), which this package does not import:
 # the stages that read sources must not depend on the Scrapy project.
 KEY_TTL_S = 600
-STALE_S = 30.0
+STALE_S = 120.0
 KEYS = ("requests", "seen", "budget", "processes", "beats", "uploaded", "items", "drops", "stats")
 
 
