@@ -132,6 +132,7 @@ def postgres_server(timeout: int = 60) -> Iterator[PostgresServer]:
             ),
             check=True,
             capture_output=True,
+            cwd=root,  # the server user may not enter the caller's folder
             timeout=timeout,
         )
         port = free_port()
@@ -142,6 +143,7 @@ def postgres_server(timeout: int = 60) -> Iterator[PostgresServer]:
             ),
             check=True,
             capture_output=True,
+            cwd=root,
             timeout=timeout + 10,
         )
     except subprocess.CalledProcessError as error:
@@ -152,7 +154,7 @@ def postgres_server(timeout: int = 60) -> Iterator[PostgresServer]:
         yield PostgresServer("127.0.0.1", port, root)
     finally:
         subprocess.run(
-            as_server_user([*run, "-m", "immediate", "-w", "stop"]), capture_output=True, timeout=60
+            as_server_user([*run, "-m", "immediate", "-w", "stop"]), capture_output=True, cwd=root, timeout=60
         )
         shutil.rmtree(root, ignore_errors=True)
 
