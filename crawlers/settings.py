@@ -69,3 +69,5 @@ LOG_LEVEL = "INFO"
 # A crawl shared through Redis (the source's redis_url): the URL comes through the environment,
 # not as a `-s` option, so a password in it stays out of the process list. Read by scrapy-redis.
 REDIS_URL = os.environ.get("TUNELINE_REDIS_URL")
+# Its password, never in the URL (the recipe refuses one): REDISCLI_AUTH, as redis-cli reads it.
+REDIS_PARAMS = {"password": os.environ.get("REDISCLI_AUTH")}

@@ -75,9 +75,9 @@ def redis_now(server: redis.Redis) -> float:
     return seconds + microseconds / 1e6
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, password: str | None) -> redis.Redis:
     """A client for `url` (redis://, rediss:// or unix://), checked with a PING."""
-    server = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=30)
+    server = redis.Redis.from_url(url, password=password, socket_connect_timeout=10, socket_timeout=30)
     server.ping()
     return server
 

@@ -17,9 +17,10 @@ import redis
 
 
 class RedisServer:
-    """redis-server listening on `socket` only; `url` is what a recipe's redis_url would say."""
+    """redis-server listening on `socket` only, asking for `password` if given; `url` is what a
+    recipe's redis_url would say."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, password: str | None = None) -> None:
         self.socket = folder / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.process = subprocess.Popen(
@@ -27,11 +28,12 @@ class RedisServer:
                 shutil.which("redis-server") or "redis-server",
                 *("--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"),
                 *("--save", "", "--appendonly", "no", "--dir", str(folder)),
+                *(("--requirepass", password) if password else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
         )
-        self.client = redis.Redis(unix_socket_path=str(self.socket))
+        self.client = redis.Redis(unix_socket_path=str(self.socket), password=password)
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -93,12 +93,10 @@ class SiteSpider(scrapy.Spider):
         if folder and spider.args.processes > 1:
             spider.share_crawl(Path(folder), crawler.settings.getint("TUNELINE_PROCESS"))
         if namespace := crawler.settings.get("TUNELINE_REDIS_NAMESPACE"):
-            spider.share_through_redis(
-                SharedCrawl(
-                    connect(crawler.settings.get("REDIS_URL")), namespace,
-                    crawler.settings.get("TUNELINE_PROCESS_ID"), spider.args.max_pages,
-                )
-            )  # fmt: skip
+            settings = crawler.settings
+            server = connect(settings.get("REDIS_URL"), settings.getdict("REDIS_PARAMS").get("password"))
+            process_id = settings.get("TUNELINE_PROCESS_ID")
+            spider.share_through_redis(SharedCrawl(server, namespace, process_id, spider.args.max_pages))
         return spider
 
     def share_crawl(self, folder: Path, index: int) -> None:

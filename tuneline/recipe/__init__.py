@@ -182,7 +182,8 @@ class CrawlSource(Section):
         None,
         description="Share the crawl through this Redis (redis://host:6379/0, rediss://, unix:///path): "
         "processes on every host running the same recipe with the same Redis crawl the site once, "
-        "with one queue, seen-set and max_pages; none: the crawl stays on this machine.",
+        "with one queue, seen-set, max_pages and concurrency; its password comes from REDISCLI_AUTH, "
+        "never the URL; none: the crawl stays on this machine.",
     )
 
     @field_validator("redis_url")
@@ -193,7 +194,24 @@ class CrawlSource(Section):
                 f"{url.split('@')[-1]!r} is not a Redis URL; write redis://HOST:6379/0, "
                 "rediss://HOST:6380/0 (TLS) or unix:///path/to/redis.sock"
             )
+        if url is not None and PASSWORD_IN_URL.search(url):
+            raise ValueError(
+                "holds a password, which would be written to the run's recipe.yaml and stats and to the "
+                "Prefect run's parameters; remove it and set REDISCLI_AUTH (the variable redis-cli "
+                "reads) in the environment of every host's run"
+            )
         return url
+
+    @model_serializer(mode="wrap")
+    def _omit_no_redis(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """No `redis_url` is left out of dumps, so the digests of crawls that do not set it (and
+        the recipe digest a refresh compares) stay what they were."""
+        data = handler(self)
+        if self.redis_url is None and not (info.context or {}).get("resolved"):
+            data.pop("redis_url", None)
+        return data
 
     @field_validator("allowed_domains")
     @classmethod

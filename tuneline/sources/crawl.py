@@ -46,6 +46,9 @@ class CrawlResult:
     stats: dict[str, Any]
 
 
+# A shared crawl's Redis password: from the environment, never the recipe (redis-cli's variable).
+REDIS_PASSWORD_ENV = "REDISCLI_AUTH"
+
 # A refresh asks the site again for every page it has cached (If-None-Match / If-Modified-Since
 # from the cached page's ETag and Last-Modified, through Scrapy's RFC 2616 cache policy and a
 # `max-age=0` request): a 304 reuses the cached page, anything else is fetched anew. A plain crawl
@@ -191,12 +194,13 @@ def shown_url(url: str) -> str:
 def connect_redis(source: CrawlSource) -> redis.Redis:
     """The source's Redis, answering; else an error naming the source, the field and the fix."""
     try:
-        return shared.connect(source.redis_url)
+        return shared.connect(source.redis_url, os.environ.get(REDIS_PASSWORD_ENV))
     except (redis.RedisError, ValueError, OSError) as error:
         raise SourceUnreachable(
             f"source {source.name!r}: redis_url {shown_url(source.redis_url)} does not answer "
             f"({type(error).__name__}: {error}); start Redis there, fix redis_url (redis://HOST:6379/0 "
-            "or unix:///path/to/redis.sock), or remove it to crawl on this machine alone"
+            f"or unix:///path/to/redis.sock) or set {REDIS_PASSWORD_ENV} to its password, or remove "
+            "redis_url to crawl on this machine alone"
         ) from None
 
 

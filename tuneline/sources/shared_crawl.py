@@ -27,9 +27,9 @@ def namespace_of(digest: str) -> str:
     return f"tuneline:crawl:{digest}"
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, password: str | None) -> redis.Redis:
     """A client for `url` (redis://, rediss:// or unix://), checked with a PING."""
-    server = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=30)
+    server = redis.Redis.from_url(url, password=password, socket_connect_timeout=10, socket_timeout=30)
     server.ping()
     return server
 
