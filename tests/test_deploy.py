@@ -17,6 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tuneline.cli.main import app
+from tuneline.store import StageRef
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = ROOT / "deployments" / "prefect.yaml"
@@ -195,12 +196,24 @@ def add_records_and_wait_for_a_refresh(project: Path, lines: list[str], worker) 
         time.sleep(1)
 
 
+def train_unregistered(project: Path, recipe) -> Path:
+    """A train stage with another seed on the newest split, in this process, registered nowhere."""
+    from tuneline.train.stage import run_train
+
+    splits = max(
+        (project / "store" / "stages" / "split").iterdir(), key=lambda folder: folder.stat().st_mtime
+    )
+    ref = StageRef(stage="split", digest=splits.name, path=str(splits))
+    trained = run_train(project / "store", ref, recipe.model, recipe.train.model_copy(update={"seed": 7}))
+    return Path(trained.path)
+
+
 @pytest.mark.slow
 def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
     """The refresh deployment fires every few seconds on a real worker: the first run trains and
-    promotes, a run with unchanged data trains nothing, runs after the data changed train and
-    register without promoting (no win), and the retention deployment, with its clock 30 days
-    ahead, removes the version no alias keeps and keeps the champion and the candidate."""
+    promotes, a run with unchanged data trains nothing, a run after the data changed trains and
+    registers without promoting (no win), and the retention deployment, with its clock 30 days
+    ahead, removes a trained model nothing keeps and keeps the champion and the candidate."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from tuneline.flows.deploy import deploy, plan_deployments
     from tuneline.flows.server import local_prefect_server, stop_server
@@ -238,8 +251,7 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
             lines = DATA.read_text().splitlines()
             add_records_and_wait_for_a_refresh(project, lines[200:240], worker)
             assert registered_versions(project) == {"1": ["champion"], "2": ["candidate"]}  # no win
-            add_records_and_wait_for_a_refresh(project, lines[240:280], worker)
-            assert registered_versions(project) == {"1": ["champion"], "2": [], "3": ["candidate"]}
+            experiment = train_unregistered(project, recipe)  # someone's try, never registered
 
             later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
             retention = plan_deployments(
@@ -248,8 +260,10 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
             )  # fmt: skip
             deploy(api_url, retention, project)
             wait_for_runs("retention", 1, worker)
-            # Version 2 is neither aliased nor exported, and 30 days old by the injected clock.
-            assert registered_versions(project) == {"1": ["champion"], "3": ["candidate"]}
+            # 30 days old by the injected clock: the model no alias keeps goes, the aliased stay.
+            assert not experiment.exists()
+            assert registered_versions(project) == {"1": ["champion"], "2": ["candidate"]}
+            assert all((project / "store" / "stages" / stage).is_dir() for stage in ("collect", "split"))
     finally:
         if worker is not None:
             os.killpg(worker.pid, 15)
