@@ -8,7 +8,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["finetune", "augment"])
+@pytest.mark.parametrize("name", ["finetune", "augment", "refresh", "retention"])
 def test_prefect_yaml_entrypoints_load_flows_whose_parameter_is_the_recipe(monkeypatch, name):
     from prefect.flows import load_flow_from_entrypoint
     from prefect.utilities.callables import parameter_schema
