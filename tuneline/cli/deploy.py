@@ -15,7 +15,7 @@ from tuneline.recipe import load_recipe
 
 
 def deploy_command(
-    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe the deployments run.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe the deployments run.", show_default=False)],
     prefect_file: Annotated[
         Path, typer.Option(help="Prefect's deployment file describing flows, work pools and schedules.")
     ] = Path("deployments/prefect.yaml"),
@@ -27,10 +27,10 @@ def deploy_command(
     schedule, retention daily) and their work pool on the Prefect server; then say how to start
     a worker."""
     try:
-        recipe = load_recipe(recipe_path)
+        loaded = load_recipe(recipe)
     except UserError as error:
         raise fail(error) from None
-    home = Path(recipe.artifacts_dir).resolve() / "prefect"
+    home = Path(loaded.artifacts_dir).resolve() / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     quiet_environment(home)
     from tuneline.flows.deploy import deploy, describe_schedules, plan_deployments
@@ -38,7 +38,7 @@ def deploy_command(
 
     local = not os.environ.get("PREFECT_API_URL")
     try:
-        planned = plan_deployments(recipe, prefect_file, only=only)
+        planned = plan_deployments(loaded, prefect_file, only=only)
         with local_prefect_server(home) as api_url:
             created = deploy(api_url, planned, Path.cwd())
     except UserError as error:
