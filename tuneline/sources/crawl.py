@@ -113,8 +113,12 @@ def crawl_command(
             "DUPEFILTER_CLASS": "scrapy_redis.dupefilter.RFPDupeFilter",
             "TUNELINE_REDIS_NAMESPACE": namespace,
             "TUNELINE_PROCESS_ID": process_id,
-            # SharedConcurrencyMiddleware caps the whole crawl; any process may use every slot.
+            # SharedConcurrencyMiddleware caps the whole crawl; any process may use every slot. A
+            # request waits for its slot after it left the shared queue: a process that took more
+            # than `concurrency` would keep them from idle peers (on a slow site one process took
+            # every page while the other had none).
             "CONCURRENT_REQUESTS_PER_DOMAIN": str(source.concurrency),
+            "CONCURRENT_REQUESTS": str(source.concurrency),
         }
     command = [sys.executable, "-m", "scrapy", "crawl", "site", "-a", f"args={spider_args(source)}"]
     for key, value in settings.items():
