@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tuneline.curate.split import TestFileError, run_split
+from tuneline.errors import UserError
 from tuneline.models import make_tiny_model
 from tuneline.recipe import CrawlSource, HfSource, RecipeError, SplitSpec, UrlSource, validate_recipe
 from tuneline.records import make_record
@@ -353,3 +354,21 @@ def read_stats_at(folder: str) -> dict:
 
 def iter_jsonl_at(folder: str, name: str):
     return (json.loads(line) for line in (Path(folder) / name).read_text().splitlines())
+
+
+def test_a_refresh_without_a_test_set_to_pin_is_refused_before_training():
+    from tuneline.refresh import with_test_file
+
+    recipe = validate_recipe(
+        {
+            "name": "no-test",
+            "sources": [{"name": "tickets", "path": "tickets.jsonl"}],
+            "split": {"test": 0},
+            "model": {"name": "base"},
+            "register": {"model_name": "no-test"},
+        }
+    )
+    with pytest.raises(UserError, match=r"split.test is 0 and split.test_file is unset.*set split.test"):
+        with_test_file(recipe, None)
+    own = recipe.model_copy(update={"split": recipe.split.model_copy(update={"test_file": "held-out.jsonl"})})
+    assert with_test_file(own, None) is own  # the recipe's own test set: nothing to pin

@@ -96,7 +96,15 @@ def change_reason(state: dict[str, Any] | None, digest: str, recipe: Recipe) -> 
 def with_test_file(recipe: Recipe, state: dict[str, Any] | None) -> Recipe:
     """The recipe with the test file this refresh evaluates on: the recipe's own `split.test_file`,
     else the one an earlier refresh pinned, else the recipe as it is (this run pins one)."""
-    if recipe.split.test_file is not None or not state or not state.get("test_file"):
+    if recipe.split.test_file is not None:
+        return recipe
+    if not state or not state.get("test_file"):
+        if recipe.split.test == 0:  # nothing to pin: every later comparison would have no test set
+            raise UserError(
+                "refresh: split.test is 0 and split.test_file is unset, so there is no test set to compare "
+                "each new model with the champion on; set split.test (e.g. 0.1: the first refresh pins "
+                "its test split) or split.test_file"
+            )
         return recipe
     pinned = Path(state["test_file"])
     if not pinned.is_file():
