@@ -28,6 +28,7 @@ from tuneline.flows.finetune import run_from_collected
 from tuneline.tasks.stages import check_evaluate, collect, fetch, save_recipe, tidy_store
 
 from tuneline.errors import quiet_user_errors
+from tuneline.experiment import check_tracking_store
 from tuneline.recipe import Recipe
 from tuneline.refresh import (
     change_reason,
@@ -64,6 +65,7 @@ def refresh(recipe: Recipe) -> dict:
         since = (checked["state"] or {}).get("trained_at")
         return refresh_record(artifacts_dir, recipe, unchanged_result(checked["digest"], since))
     check_evaluate(recipe.evaluate)  # a bad suite, rubric or benchmark name fails before any work
+    check_tracking_store(recipe.register.tracking_uri)  # so does a database store that is down
     pinned = with_test_file(recipe, checked["state"])
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, pinned)
