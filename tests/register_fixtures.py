@@ -107,6 +107,16 @@ def trained_and_evaluated(store: Path, name: str, score: float) -> tuple[StageRe
     )
 
 
+def registered_store(root: Path) -> dict:
+    """A store under `root` with the tiny model registered as version 1 (@champion) from train
+    stage t-first: its root, store folder and tracking URI."""
+    from tuneline.register.stage import run_register
+
+    recipe, store, splits = make_store(root)
+    run_register(store, recipe, splits, *trained_and_evaluated(store, "first", 0.5))
+    return {"root": root, "store": store, "tracking_uri": recipe.register.tracking_uri}
+
+
 def start_child(
     root: Path, name: str, kill: str | None = None, wait_for: list[Path] = ()
 ) -> subprocess.Popen:

@@ -23,14 +23,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from register_fixtures import CONVERSATIONS, MODEL_NAME, make_store, trained_and_evaluated
+from register_fixtures import CONVERSATIONS, MODEL_NAME, registered_store
 from typer.testing import CliRunner
 
 from tuneline.cli.main import app
 from tuneline.models import CHATML_TEMPLATE
 from tuneline.register.gguf_export import converter_dir
 from tuneline.register.run_details import EXPORTED_TAG
-from tuneline.register.stage import run_register
 from tuneline.store import find_stage, sha256_file, write_stage
 
 PROMPT = [{"role": "user", "content": "where is my refund?"}]
@@ -39,10 +38,7 @@ PROMPT = [{"role": "user", "content": "where is my refund?"}]
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A store with the tiny model registered as version 1 (@champion) from train stage t-first."""
-    root = tmp_path_factory.mktemp("export")
-    recipe, store, splits = make_store(root)
-    run_register(store, recipe, splits, *trained_and_evaluated(store, "first", 0.5))
-    return {"root": root, "store": store, "tracking_uri": recipe.register.tracking_uri}
+    return registered_store(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
-from register_fixtures import CONVERSATIONS, MODEL_NAME, make_store, trained_and_evaluated
+from register_fixtures import CONVERSATIONS, MODEL_NAME, registered_store
 from typer.testing import CliRunner
 
 from tuneline.cli.main import app
@@ -21,7 +21,6 @@ from tuneline.errors import UserError
 from tuneline.recipe import ModelSpec
 from tuneline.register import serve
 from tuneline.register.serve import ServedModel, resolve_model, server_command
-from tuneline.register.stage import run_register
 
 MAX_TOKENS = 6
 
@@ -29,10 +28,7 @@ MAX_TOKENS = 6
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """A store with the tiny model registered as version 1 (@champion)."""
-    root = tmp_path_factory.mktemp("serve")
-    recipe, store, splits = make_store(root)
-    run_register(store, recipe, splits, *trained_and_evaluated(store, "first", 0.5))
-    return {"root": root, "store": store, "tracking_uri": recipe.register.tracking_uri}
+    return registered_store(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
