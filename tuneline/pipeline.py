@@ -66,6 +66,7 @@ CLEAN = Stage(
     entry="tuneline.curate.clean",
     code=(
         "tuneline.curate.clean",
+        "tuneline.curate.shards",  # clean.executor dask, and the shard ledgers of either executor
         "tuneline.curate.pii",
         "tuneline.curate.secrets",
         "tuneline.curate.dedup",

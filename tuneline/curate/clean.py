@@ -31,6 +31,7 @@ from typing import Any
 import ftfy
 from lxml.html.defs import html5_tags, tags
 
+from tuneline.curate import shards
 from tuneline.curate.dedup import NearDedup, choose_bands, lsh_keys
 from tuneline.curate.pii import Redactor
 from tuneline.errors import UserError
@@ -458,8 +459,7 @@ class Cleaner:
         """Token and language checks, then exact and near dedup against every earlier batch."""
         results, repairs, keys = prepared
         self.repairs.update(repairs)
-        self._apply(results, self.tokens is not None, self._token_step)
-        self._apply(results, self.language is not None, self._language_step)
+        self.check_records(results, self.repairs)
         for item in results:
             if item[1] is None and self.spec.dedup:
                 if item[0]["id"] in self.seen:
@@ -472,20 +472,24 @@ class Cleaner:
                     item[1] = "near_duplicate"
         return [(record, reason) for record, reason in results]
 
-    @staticmethod
-    def _apply(results: list[list[Any]], enabled: bool, step: Callable[[list[list[Any]]], None]) -> None:
+    def check_records(self, results: list[list[Any]], repairs: Counter[str]) -> None:
+        """Token and language checks of a prepared batch's surviving records, in place; `repairs`
+        counts truncations. Needs no other batch, so a Dask worker runs it on its shard."""
         alive = [item for item in results if item[1] is None]
-        if enabled and alive:
-            step(alive)
+        if self.tokens is not None and alive:
+            self._token_step(alive, repairs)
+        alive = [item for item in alive if item[1] is None]
+        if self.language is not None and alive:
+            self._language_step(alive)
 
-    def _token_step(self, alive: list[list[Any]]) -> None:
+    def _token_step(self, alive: list[list[Any]], repairs: Counter[str]) -> None:
         assert self.tokens is not None
         counts = self.tokens.counts([record_text(item[0]) for item in alive])
         for item, count in zip(alive, counts, strict=True):
             item[0] = {**item[0], "meta": {**item[0].get("meta", {}), "tokens": count}}
             item[0], item[1] = self.tokens.check(item[0], count)
             if item[0].get("meta", {}).get("truncated"):
-                self.repairs["truncated"] += 1
+                repairs["truncated"] += 1
 
     def _language_step(self, alive: list[list[Any]]) -> None:
         assert self.language is not None
@@ -495,15 +499,19 @@ class Cleaner:
             item[1] = self.language.reason(language, confidence)
 
     def stats(self) -> dict[str, Any]:
-        """Repairs by kind, and PII finds by kind: redacted, and only reported (records dropped
-        for PII are in the ledger as pii_<kind>)."""
-        actions = pii_actions(self.spec.pii)
-        repaired = {k: v for k, v in self.repairs.items() if ":" not in k}
-        return {
-            "repaired": dict(sorted(repaired.items())),
-            "pii_redacted": {k: self.repairs[f"redact:{k}"] for k in PII_KINDS if actions[k] == "redact"},
-            "pii_reported": {k: self.repairs[f"report:{k}"] for k in PII_KINDS if actions[k] == "report"},
-        }
+        return repair_stats(self.spec, self.repairs)
+
+
+def repair_stats(spec: CleanSpec, repairs: Counter[str]) -> dict[str, Any]:
+    """Repairs by kind, and PII finds by kind: redacted, and only reported (records dropped for
+    PII are in the ledger as pii_<kind>)."""
+    actions = pii_actions(spec.pii)
+    repaired = {k: v for k, v in repairs.items() if ":" not in k}
+    return {
+        "repaired": dict(sorted(repaired.items())),
+        "pii_redacted": {k: repairs[f"redact:{k}"] for k in PII_KINDS if actions[k] == "redact"},
+        "pii_reported": {k: repairs[f"report:{k}"] for k in PII_KINDS if actions[k] == "report"},
+    }
 
 
 def line_batches(path: Path, size: int) -> Iterator[list[str]]:
@@ -542,22 +550,44 @@ def prepared_batches(
             yield size, future.result()
 
 
+_shard_cleaners: dict[str, Cleaner] = {}
+
+
+def clean_shard(spec: CleanSpec, model: ModelSpec | None, lines: list[str]) -> Any:
+    """On a Dask worker: one shard (JSON lines) through every per-record step, with its records'
+    LSH band hashes; dedup is left to the stage's process, which sees every shard. One Cleaner
+    per worker process and recipe, so a tokenizer or language detector loads once."""
+    key = json.dumps([spec.model_dump(mode="json"), model.model_dump(mode="json") if model else None])
+    if key not in _shard_cleaners:
+        _shard_cleaners.clear()
+        _shard_cleaners[key] = Cleaner(spec, model)
+    results, repairs, keys = prepare_batch(spec, lines)
+    _shard_cleaners[key].check_records(results, repairs)
+    return results, repairs, keys
+
+
 def run_clean(
     artifacts_dir: str | Path, collected: StageRef, spec: CleanSpec, model: ModelSpec | None = None
 ) -> StageRef:
-    """Repair, filter, exact- and near-dedup the collected records into a new stage, in batches."""
+    """Repair, filter, exact- and near-dedup the collected records into a new stage, in batches
+    (shards): on this machine, or on Dask with `clean.executor: dask` (same records, same reasons,
+    so the digest leaves the executor out). stats.json holds each shard's ledger."""
     tokenizer_part = model if (spec.max_tokens or spec.min_tokens) else None
-    digest = stage_key(CLEAN, spec, tokenizer_part, collected.digest)
+    where = {"executor": "local", "dask_address": None}  # decides no output: same digest for all
+    digest = stage_key(CLEAN, spec.model_copy(update=where), tokenizer_part, collected.digest)
 
     def write(writer: StageWriter) -> None:
-        cleaner = Cleaner(spec, model)
-        for size, prepared in prepared_batches(spec, collected.file(RECORDS)):
-            writer.count_in(size)
-            for record, reason in cleaner.finish_batch(prepared):
-                if reason:
-                    writer.drop(record, reason)
-                else:
-                    writer.keep(record)
-        writer.stats = {"kept": writer.records_out, "dropped": dict(writer.dropped), **cleaner.stats()}
+        if spec.executor == "dask":
+            batches = line_batches(collected.file(RECORDS), spec.batch_size)
+            task = functools.partial(clean_shard, spec, model)
+            repairs, ledgers = shards.write_sharded(writer, spec, batches, task)
+        else:
+            cleaner = Cleaner(spec, model)
+            ledgers = []
+            for size, prepared in prepared_batches(spec, collected.file(RECORDS)):
+                writer.count_in(size)
+                ledgers.append(shards.write_shard(writer, cleaner.finish_batch(prepared)))
+            repairs = cleaner.repairs
+        shards.finish_stats(writer, repair_stats(spec, repairs), ledgers)
 
     return reuse_or_write(artifacts_dir, CLEAN, digest, write, [collected])

@@ -337,6 +337,43 @@ class CleanSpec(Section):
         2, ge=1, le=64, description="Processes repairing and hashing batches in parallel (1: none)."
     )
 
+    executor: Literal["local", "dask"] = Field(
+        "local",
+        description="Where batches (shards) are cleaned. local: `workers` processes of this machine. "
+        "dask: the workers of a Dask cluster (`dask_address`); exact and near dedup stay global, decided "
+        "on this machine, so the records kept and the drop reasons are the same as local, and the clean "
+        "stage's digest does not change (a stage written by either is reused by the other).",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="With executor dask: a running Dask scheduler, e.g. tcp://scheduler:8786 (its workers "
+        "need this Tuneline version installed). Unset: a local Dask cluster of `workers` processes, one "
+        "thread each, closed when the stage ends.",
+    )
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> CleanSpec:
+        if self.dask_address is not None and self.executor != "dask":
+            raise ValueError(
+                f"clean.dask_address {self.dask_address!r} is set but clean.executor is "
+                f"{self.executor!r}; set clean.executor: dask to use that cluster, or remove dask_address"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_local_executor(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> dict[str, Any]:
+        """The default executor (and no address) is left out of dumps, so recipe digests of recipes
+        that do not set them stay what they were; `context={"resolved": True}` writes them."""
+        data = handler(self)
+        if not (info.context or {}).get("resolved"):
+            if self.executor == "local":
+                data.pop("executor", None)
+            if self.dask_address is None:
+                data.pop("dask_address", None)
+        return data
+
     @model_validator(mode="before")
     @classmethod
     def _redact_pii_list(cls, data: Any) -> Any:
