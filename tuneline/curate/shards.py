@@ -4,8 +4,8 @@ The input is cut into shards of `clean.batch_size` records (the local executor's
 `clean.executor: dask` each shard is cleaned on a Dask worker (`clean_shard`): repairs, filters,
 PII, length, token and language checks, and the MinHash LSH band hashes of its records, the same
 functions the local executor runs. Shards come back in input order (at most two per worker
-thread in flight, so memory stays flat) and are spooled to a file inside the stage's temporary
-folder; exact dedup is decided on the way, one set of content ids for all shards.
+thread in flight, so memory stays flat) and are spooled (pickled) to a file inside the stage's
+temporary folder; exact dedup is decided on the way, one set of content ids for all shards.
 
 Near-dedup is global, in datatrove's three MinHash steps: signatures (per shard, on the workers),
 buckets (the band hashes of every shard sorted together: records that share a band hash share a
@@ -21,13 +21,12 @@ executor; their sums must equal the stage's ledger before the stage is written.
 
 from __future__ import annotations
 
-import json
+import pickle
 import socket
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from itertools import islice
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -38,7 +37,7 @@ from tuneline.recipe import CleanSpec
 from tuneline.records import Record
 from tuneline.store import LedgerError, StageWriter, check_ledger_counts
 
-SPOOL = ".shards.jsonl"  # cleaned shards before near-dedup; removed before the manifest is written
+SPOOL = ".shards.pickle"  # cleaned shards before near-dedup; removed before the manifest is written
 CONNECT_TIMEOUT_S = 10
 IN_FLIGHT_PER_THREAD = 2  # shards queued per worker thread: busy workers, bounded memory
 NEAR_DUPLICATE = "near_duplicate"
@@ -140,43 +139,47 @@ def write_sharded(
     JSON lines: spool the cleaned shards (exact dedup on the way), decide near duplicates over all
     shards, then write. Returns the repair counts and every shard's ledger."""
     spool_path = writer.path(SPOOL)
-    repairs: Counter[str] = Counter()
-    sizes: list[int] = []
-    seen: set[str] = set()
-    indices: list[np.ndarray] = []
-    keys: list[np.ndarray] = []
-    bands = choose_bands(spec.near_dedup_permutations, spec.near_dedup_threshold)
-    with dask_client(spec) as client, open(spool_path, "w", encoding="utf-8") as spool:
-        for size, (results, shard_repairs, shard_keys) in cleaned_shards(client, batches, clean_shard):
-            repairs.update(shard_repairs)
-            if spec.dedup:
-                drop_exact_duplicates(results, seen)
-            spool.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in results)
-            if shard_keys is not None:  # near-dedup candidates: kept so far, with words
-                picked = [
-                    i for i, item in enumerate(results) if item[1] is None and shard_keys[i] is not None
-                ]
-                indices.append(np.array(picked, dtype=np.int64) + sum(sizes))
-                rows = [shard_keys[i] for i in picked]
-                keys.append(np.array(rows, dtype=np.uint64).reshape(len(picked), bands))
-            sizes.append(size)
-    near = near_duplicates(
-        np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64),
-        np.concatenate(keys) if keys else np.zeros((0, bands), dtype=np.uint64),
-    )
+    with dask_client(spec) as client, open(spool_path, "wb") as spool:
+        repairs, sizes, candidates = spool_shards(spool, spec, cleaned_shards(client, batches, clean_shard))
+    near = near_duplicates(*candidates)
     ledgers = []
-    with open(spool_path, encoding="utf-8") as spool:
-        position = 0
+    with open(spool_path, "rb") as spool:
         for size in sizes:
-            shard = []
-            for line in islice(spool, size):
-                record, reason = json.loads(line)
-                shard.append((record, NEAR_DUPLICATE if position in near else reason))
-                position += 1
             writer.count_in(size)
+            start = writer.records_in - size
+            shard = pickle.load(spool)
+            for position, item in enumerate(shard, start):
+                if position in near:
+                    item[1] = NEAR_DUPLICATE
             ledgers.append(write_shard(writer, shard))
     spool_path.unlink()
     return repairs, ledgers
+
+
+def spool_shards(
+    spool: BinaryIO, spec: CleanSpec, shards: Iterable[tuple[int, Prepared]]
+) -> tuple[Counter[str], list[int], tuple[np.ndarray, np.ndarray]]:
+    """Pickle each cleaned shard to `spool` after exact dedup against every earlier shard; the
+    repair counts, shard sizes, and the near-dedup candidates (input positions of the records
+    kept so far that have words, and their LSH band hashes)."""
+    repairs: Counter[str] = Counter()
+    sizes: list[int] = []
+    seen: set[str] = set()
+    bands = choose_bands(spec.near_dedup_permutations, spec.near_dedup_threshold)
+    indices: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    keys: list[np.ndarray] = [np.zeros((0, bands), dtype=np.uint64)]
+    for size, (results, shard_repairs, shard_keys) in shards:
+        repairs.update(shard_repairs)
+        if spec.dedup:
+            drop_exact_duplicates(results, seen)
+        pickle.dump(results, spool, protocol=pickle.HIGHEST_PROTOCOL)
+        if shard_keys is not None:
+            picked = [i for i, item in enumerate(results) if item[1] is None and shard_keys[i] is not None]
+            indices.append(np.array(picked, dtype=np.int64) + sum(sizes))
+            rows = [shard_keys[i] for i in picked]
+            keys.append(np.array(rows, dtype=np.uint64).reshape(len(picked), bands))
+        sizes.append(size)
+    return repairs, sizes, (np.concatenate(indices), np.concatenate(keys))
 
 
 def drop_exact_duplicates(results: list[list[Any]], seen: set[str]) -> None:
