@@ -21,6 +21,7 @@ executor; their sums must equal the stage's ledger before the stage is written.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import socket
 from collections import Counter, deque
@@ -53,37 +54,58 @@ class DaskAddressError(UserError, ConnectionError):
 @contextmanager
 def dask_client(spec: CleanSpec) -> Iterator[Any]:
     """A client of the cluster at `clean.dask_address`, or of a local cluster of `clean.workers`
-    processes (one thread each), closed at the end."""
+    processes (one thread each, loopback only), closed at the end."""
     from distributed import Client, LocalCluster
 
-    if spec.dask_address is None:
-        with (
-            LocalCluster(
-                n_workers=spec.workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster, set_as_default=False) as client,
-        ):
+    with quiet_dask():
+        if spec.dask_address is None:
+            with (
+                LocalCluster(
+                    n_workers=spec.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address="127.0.0.1:0",  # its HTTP server always starts: no fixed port
+                ) as cluster,
+                Client(cluster, set_as_default=False) as client,
+            ):
+                yield client
+            return
+        with connect(spec.dask_address) as client:
             yield client
-        return
-    check_reachable(spec.dask_address)
+
+
+def connect(address: str) -> Any:
+    """A client of the scheduler at `address` that has at least one worker, or a DaskAddressError."""
+    from distributed import Client
+
+    check_reachable(address)
     try:
-        client = Client(spec.dask_address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+        client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
     except (OSError, ValueError) as error:
-        raise unreachable(spec.dask_address, str(error)) from None
-    with client:
-        try:
-            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
-        except TimeoutError:
-            raise DaskAddressError(
-                f"clean.dask_address {spec.dask_address!r}: the scheduler has no workers after "
-                f"{CONNECT_TIMEOUT_S} s; start `dask worker {spec.dask_address}` on each host "
-                "(with this Tuneline installed)"
-            ) from None
-        yield client
+        raise unreachable(address, str(error)) from None
+    try:
+        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+    except TimeoutError:
+        client.close()
+        raise DaskAddressError(
+            f"clean.dask_address {address!r}: the scheduler has no workers after {CONNECT_TIMEOUT_S} s; "
+            f"start `dask worker {address}` on each host (with this Tuneline installed)"
+        ) from None
+    return client
+
+
+@contextmanager
+def quiet_dask() -> Iterator[None]:
+    """Dask's INFO lines (scheduler, nanny and worker start and stop) stay out of the run's log
+    while the stage runs; warnings and errors still show."""
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_reachable(address: str) -> None:
