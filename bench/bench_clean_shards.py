@@ -8,9 +8,10 @@ times, each into a fresh artifacts folder:
   dask x1    clean.executor dask, a local Dask cluster of 1 worker process
   dask x2    the same with 2 worker processes
 
-Prints records/s (wall clock of run_clean, the Dask cluster's start and stop included), the ratio
-to the local run, and whether each Dask run kept the same records with the same drop reasons
-(records.jsonl, rejects.jsonl and stats.json identical to the local run's). Usage:
+Prints records/s (wall clock of run_clean, the Dask cluster's start and stop included), the CPU
+seconds of this process and its worker processes together, the ratio to the local run, and
+whether each Dask run kept the same records with the same drop reasons (records.jsonl,
+rejects.jsonl and stats.json identical to the local run's). Usage:
 
     python bench/bench_clean_shards.py [--records 55000] [--batch-size 10000] [--work DIR]
 """
@@ -18,6 +19,7 @@ to the local run, and whether each Dask run kept the same records with the same 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import time
@@ -37,11 +39,18 @@ def clean_once(work: Path, name: str, executor: str, workers: int, batch_size: i
 
     collected = find_stage(work / "in", "collect", f"bench{count}")
     spec = CleanSpec(executor=executor, workers=workers, batch_size=batch_size)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     ref = run_clean(work / name.replace(" ", ""), collected, spec)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
     files = {f: ref.file(f).read_bytes() for f in ("records.jsonl", "rejects.jsonl", "stats.json")}
-    return {"seconds": seconds, "ledger": read_manifest(ref)["ledger"], "files": files}
+    return {"seconds": seconds, "cpu": cpu, "ledger": read_manifest(ref)["ledger"], "files": files}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the clean workers, either executor)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -67,7 +76,8 @@ def main() -> None:
         ratio = local["seconds"] / result["seconds"]
         same = "identical" if result["files"] == local["files"] else "DIFFERENT"
         print(
-            f"{name:8} {rate:8,.0f} records/s ({result['seconds']:5.1f} s)  x{ratio:.2f} of local  "
+            f"{name:8} {rate:8,.0f} records/s ({result['seconds']:5.1f} s, {result['cpu']:5.1f} CPU s)  "
+            f"x{ratio:.2f} of local  "
             f"records, rejects, stats: {same}"
         )
     if any(r["files"] != local["files"] for r in results.values()):
