@@ -218,30 +218,29 @@ def near_duplicates(indices: np.ndarray, keys: np.ndarray) -> set[int]:
     hashes `keys`, one row each, in input order): buckets, then clusters; the positions dropped."""
     if not indices.size:
         return set()
-    bands = keys.shape[1]
-    flat, owner = keys.ravel(), np.repeat(indices, bands)
-    order = np.argsort(flat, kind="stable")  # buckets: equal band hashes side by side
+    flat, owner = keys.ravel(), np.repeat(indices, keys.shape[1])
+    order = np.argsort(flat)  # buckets: equal band hashes side by side
     flat, owner = flat[order], owner[order]
     starts = np.flatnonzero(np.concatenate(([True], flat[1:] != flat[:-1])))
     sizes = np.diff(np.append(starts, flat.size))
     bucket = np.repeat(np.arange(starts.size), sizes)
     shared = np.repeat(sizes >= 2, sizes)  # a bucket of one record decides nothing
     owner, bucket = owner[shared], bucket[shared]
+    if not owner.size:
+        return set()
     order = np.lexsort((bucket, owner))  # clusters: the records of shared buckets in input order
-    owner, bucket = owner[order].tolist(), bucket[order].tolist()
+    owner, bucket = owner[order], bucket[order]
+    firsts = np.flatnonzero(np.concatenate(([True], owner[1:] != owner[:-1])))
+    ends = np.append(firsts[1:], owner.size).tolist()
+    buckets = bucket.tolist()
     dropped: set[int] = set()
     kept_buckets: set[int] = set()
-    position = 0
-    while position < len(owner):
-        record, end = owner[position], position
-        while end < len(owner) and owner[end] == record:
-            end += 1
-        mine = bucket[position:end]
-        if any(b in kept_buckets for b in mine):
-            dropped.add(record)
-        else:
+    for record, start, end in zip(owner[firsts].tolist(), firsts.tolist(), ends, strict=True):
+        mine = buckets[start:end]
+        if kept_buckets.isdisjoint(mine):
             kept_buckets.update(mine)
-        position = end
+        else:
+            dropped.add(record)
     return dropped
 
 
