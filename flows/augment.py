@@ -36,6 +36,7 @@ from tuneline.augment.checkpoint import review_instructions, review_round, revie
 from tuneline.augment.review import PendingBatch
 from tuneline.augment.rounds import ReviewedRound, next_round_or_stop
 from tuneline.errors import quiet_user_errors
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import AugmentSpec, Recipe, RecipeError, RegisterSpec, ReviewSpec
 from tuneline.store import StageRef
 
@@ -69,7 +70,7 @@ def augment(recipe: Recipe) -> dict:
         raise RecipeError(
             "recipe", ["augment: the augment flow needs this section (see recipes/augment_demo.yaml)"]
         )
-    artifacts_dir = Path(recipe.artifacts_dir).resolve()
+    artifacts_dir = open_artifacts(recipe.artifacts_dir, recipe.work_dir)
     tidy_store(artifacts_dir)  # a killed run's temporary stage folders
     fetched = fetch.map(unmapped(artifacts_dir), recipe.sources).result()
     collected = collect(artifacts_dir, recipe.sources, fetched)

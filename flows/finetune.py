@@ -39,6 +39,7 @@ from tuneline.tasks.stages import (
 
 from tuneline.errors import quiet_user_errors
 from tuneline.experiment import check_tracking_store
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import Recipe
 from tuneline.store import StageRef
 
@@ -47,7 +48,7 @@ from tuneline.store import StageRef
 def finetune(recipe: Recipe) -> dict:
     """Fine-tune a base model on the recipe's sources and register it; returns the run report."""
     quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
-    artifacts_dir = Path(recipe.artifacts_dir).resolve()
+    artifacts_dir = open_artifacts(recipe.artifacts_dir, recipe.work_dir)
     started = datetime.now(UTC)
     run_dir = artifacts_dir / "runs" / f"{started:%Y%m%d-%H%M%S}-{flow_run.get_name() or 'local'}"
     save_recipe(run_dir, recipe)

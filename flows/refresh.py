@@ -29,6 +29,7 @@ from tuneline.tasks.stages import check_evaluate, collect, fetch, save_recipe, t
 
 from tuneline.errors import quiet_user_errors
 from tuneline.experiment import check_tracking_store
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import Recipe
 from tuneline.refresh import (
     change_reason,
@@ -54,7 +55,7 @@ def refresh(recipe: Recipe) -> dict:
     the pinned test set. Returns status ("unchanged" or "trained"), digest, registered, promoted,
     run_dir, test_file and reason."""
     quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
-    artifacts_dir = Path(recipe.artifacts_dir).resolve()
+    artifacts_dir = open_artifacts(recipe.artifacts_dir, recipe.work_dir)
     started = datetime.now(UTC)
     token = str(flow_run.get_id() or started.isoformat())  # the same on a suspended run's resume
     tidy_store(artifacts_dir)

@@ -26,7 +26,7 @@ def retention(recipe: Recipe, dry_run: bool = False, now: datetime | None = None
     sets the clock (default: the current time)."""
     quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
     spec = recipe.register
-    plan = plan_retention(recipe.artifacts_dir, spec.tracking_uri, spec.retention_days, now)
+    plan = plan_retention(recipe.work_dir, spec.tracking_uri, spec.retention_days, now)
     report = apply_retention(plan, dry_run=dry_run)
     create_table_artifact(
         table_rows(report),

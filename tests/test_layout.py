@@ -30,6 +30,7 @@ NOT_IN_CODE_DIGESTS = {
     "tuneline": "the package version is in every stage digest",
     "tuneline.errors": "exception classes only",
     "tuneline.store": "writes the stage folder, not its content",
+    "tuneline.objectstore": "copies stage folders to and from an object store, not their content",
     "tuneline.pipeline": "the stage catalogue (names and code lists)",
     "tuneline.recipe": "the section's content is in the digest, defaults and validation included",
 }

@@ -18,6 +18,7 @@ from typing import Any
 from filelock import FileLock
 
 from tuneline.errors import UserError
+from tuneline.objectstore import bound_store
 
 # Read when mlflow is imported: MLflow 3 starts usage telemetry (a network thread, an id file in
 # ~/.config/mlflow) from `import mlflow`, and draws progress bars over every artifact download.
@@ -76,7 +77,8 @@ def check_tracking_store(tracking_uri: str, field: str = "register.tracking_uri"
 
 def open_experiment(tracking_uri: str, experiment: str, artifacts_dir: str | Path) -> str:
     """Point MLflow at the store and return the experiment's id, creating it (its artifacts under
-    the project's `mlartifacts/`) and a SQLite database's folder when missing.
+    the project's `mlartifacts/`, or `<store>/mlartifacts` with an object store as artifacts_dir)
+    and a SQLite database's folder when missing.
 
     For a SQLite store this runs under a file lock beside the database: two processes opening a new
     database at once both run MLflow's table migrations and one fails ("Online migration expected
@@ -95,8 +97,13 @@ def open_experiment(tracking_uri: str, experiment: str, artifacts_dir: str | Pat
     with guard:
         found = mlflow.get_experiment_by_name(experiment)
         if found is None:
-            location = (Path(artifacts_dir) / "mlartifacts").resolve()
-            return mlflow.create_experiment(experiment, artifact_location=str(location))
+            remote = bound_store(artifacts_dir)  # an object store keeps the models, not this machine
+            location = (
+                f"{remote.url}/mlartifacts"
+                if remote
+                else str((Path(artifacts_dir) / "mlartifacts").resolve())
+            )
+            return mlflow.create_experiment(experiment, artifact_location=location)
     if found.lifecycle_stage == "deleted":
         raise UserError(
             f"register.experiment: {experiment!r} is deleted in the tracking store; restore it (`mlflow "

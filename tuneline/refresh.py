@@ -110,7 +110,7 @@ def with_test_file(recipe: Recipe, state: dict[str, Any] | None) -> Recipe:
     if not pinned.is_file():
         raise UserError(
             f"refresh: the pinned test set {pinned} is gone (an earlier refresh of {recipe.name!r} wrote "
-            f"it); restore it, or delete {state_path(recipe.artifacts_dir, recipe.name)} to pin a new one "
+            f"it); restore it, or delete {state_path(recipe.work_dir, recipe.name)} to pin a new one "
             "(models registered before are then compared on another test set)"
         )
     return recipe.model_copy(update={"split": recipe.split.model_copy(update={"test_file": str(pinned)})})

@@ -12,6 +12,9 @@ run waits on it, says whom it waits for, and then reuses the finished stage. A k
 lock is released by the OS; its temporary folder is removed by `remove_stale_temporaries`.
 
 Every manifest carries the ledger `records in = records out + sum(dropped by reason)`.
+
+An `artifacts_dir` on an object store (s3://...) keeps this layout in a local folder per machine
+and commits every stage to the store as well: tuneline/objectstore.py.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict
 
-from tuneline import __version__
+from tuneline import __version__, objectstore
+from tuneline.objectstore import sha256_file
 
 FILE_DIGESTS = "file_digests.json"  # under <artifacts>/cache: path -> size, mtime_ns, sha256
 
@@ -253,11 +257,28 @@ def remove_stale_temporaries(artifacts_dir: str | Path) -> list[Path]:
 
 
 def find_stage(artifacts_dir: str | Path, stage: str, digest: str) -> StageRef | None:
-    """The finished stage with this digest, or None: a folder without a manifest does not count."""
+    """The finished stage with this digest, or None: a folder without a manifest does not count.
+
+    With an object store bound to the folder (tuneline/objectstore.py) the store is the truth: a
+    stage committed there by another machine is copied here, and a local one it lacks is published.
+    """
     folder = stage_dir(artifacts_dir, stage, digest)
+    remote = objectstore.bound_store(artifacts_dir)
     if not (folder / MANIFEST).is_file():
-        return None
+        if remote is None or (manifest := remote.read_manifest(stage, digest)) is None:
+            return None
+        with stage_lock(artifacts_dir, stage, digest):
+            if not (folder / MANIFEST).is_file():
+                objectstore.fetch_stage(remote, folder, manifest)
+        _published.add((remote.url, stage, digest))
+    elif remote is not None and (remote.url, stage, digest) not in _published:
+        if not remote.has_stage(stage, digest):  # written before the store was bound, or its upload died
+            remote.publish(folder, json.loads((folder / MANIFEST).read_text(encoding="utf-8")))
+        _published.add((remote.url, stage, digest))
     return StageRef(stage=stage, digest=digest, path=str(folder.resolve()))
+
+
+_published: set[tuple[str, str, str]] = set()  # (store, stage, digest) known committed in the store
 
 
 class StageWriter:
@@ -348,6 +369,9 @@ def _write_atomically(
             "files": {name: sha256_file(tmp / name) for name in sorted(_relative_files(tmp))},
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
+        if remote := objectstore.bound_store(artifacts_dir):  # the store's manifest is the commit
+            manifest = remote.publish(tmp, manifest)
+            _published.add((remote.url, stage, digest))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if final.exists():  # a stage without manifest left by a crash before the rename
             shutil.rmtree(final)
@@ -361,14 +385,6 @@ def _relative_files(folder: Path) -> Iterator[str]:
     for path in folder.rglob("*"):
         if path.is_file():
             yield path.relative_to(folder).as_posix()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cached_sha256(artifacts_dir: str | Path, paths: list[Path]) -> dict[Path, str]:

@@ -30,7 +30,7 @@ def deploy_command(
         loaded = load_recipe(recipe)
     except UserError as error:
         raise fail(error) from None
-    home = Path(loaded.artifacts_dir).resolve() / "prefect"
+    home = Path(loaded.work_dir).resolve() / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     quiet_environment(home)
     from tuneline.flows.deploy import deploy, describe_schedules, plan_deployments

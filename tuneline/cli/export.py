@@ -65,7 +65,7 @@ def export_command(
             loaded = load_recipe(recipe)
         except RecipeError as error:
             raise fail(str(error)) from None
-        artifacts_dir = artifacts_dir or Path(loaded.artifacts_dir)
+        artifacts_dir = artifacts_dir or Path(loaded.work_dir)
         tracking_uri = tracking_uri or loaded.register.tracking_uri
         model_name = loaded.register.model_name
     artifacts_dir = artifacts_dir or DEFAULT_ARTIFACTS_DIR

@@ -132,7 +132,7 @@ def quickstart() -> None:
     if not QUICKSTART_RECIPE.is_file():
         raise fail(f"{QUICKSTART_RECIPE} not found: run the quickstart from the Tuneline project folder", 2)
     recipe = read_recipe(QUICKSTART_RECIPE, None)
-    quiet_environment(Path(recipe.artifacts_dir).resolve() / "prefect")
+    quiet_environment(Path(recipe.work_dir).resolve() / "prefect")
     if not (QUICKSTART_MODEL / "config.json").is_file():
         typer.echo(
             f"Building the quickstart's tiny base model in {QUICKSTART_MODEL} (nothing is downloaded)..."
@@ -143,7 +143,7 @@ def quickstart() -> None:
 
 def run_recipe(recipe: Recipe) -> dict:
     """Start (or reuse) a Prefect server, run the flow, print the report; exit 1 if it failed."""
-    home = Path(recipe.artifacts_dir).resolve() / "prefect"
+    home = Path(recipe.work_dir).resolve() / "prefect"
     quiet_environment(home)
     from tuneline.cli.console import print_failure, print_report
     from tuneline.flows.server import IDLE_ENV, ServerStartError, idle_seconds, local_prefect_server
@@ -208,8 +208,8 @@ def ui(
     from tuneline.flows.server import ServerStartError, local_prefect_server, recorded_server, stop_server
 
     recipe = read_recipe(recipe_path, None)
-    home = Path(recipe.artifacts_dir).resolve() / "prefect"
-    auth_dir = Path(recipe.artifacts_dir).resolve() / MLFLOW_AUTH_DIR if mlflow_auth else None
+    home = Path(recipe.work_dir).resolve() / "prefect"
+    auth_dir = Path(recipe.work_dir).resolve() / MLFLOW_AUTH_DIR if mlflow_auth else None
     if auth_dir and not (auth_dir / "basic_auth.db").is_file() and not os.environ.get(ADMIN_PASSWORD_ENV):
         raise fail(
             f"--mlflow-auth: no MLflow users yet in {auth_dir}; set {ADMIN_PASSWORD_ENV} (and "
@@ -288,7 +288,7 @@ def server_status(recipe_path: RecipeArgument = QUICKSTART_RECIPE) -> None:
     """Say whether the project's Prefect server runs, where, and which processes hold it."""
     from tuneline.flows.server import idle_seconds, live_leases, recorded_server
 
-    home = Path(read_recipe(recipe_path, None).artifacts_dir).resolve() / "prefect"
+    home = Path(read_recipe(recipe_path, None).work_dir).resolve() / "prefect"
     record = recorded_server(home)
     if record is None:
         typer.echo(f"no Prefect server runs for {home.parent}")
@@ -305,7 +305,7 @@ def server_stop(recipe_path: RecipeArgument = QUICKSTART_RECIPE) -> None:
     """Stop the project's Prefect server now (a run still using it loses its connection)."""
     from tuneline.flows.server import stop_server
 
-    record = stop_server(Path(read_recipe(recipe_path, None).artifacts_dir) / "prefect")
+    record = stop_server(Path(read_recipe(recipe_path, None).work_dir) / "prefect")
     typer.echo(
         f"stopped the Prefect server at {record['url']}" if record else "no Prefect server was running"
     )

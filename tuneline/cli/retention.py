@@ -44,7 +44,7 @@ def retention_command(
     clock = parse_now(now)
     try:
         plan = plan_retention(
-            recipe.artifacts_dir, recipe.register.tracking_uri, recipe.register.retention_days, clock
+            recipe.work_dir, recipe.register.tracking_uri, recipe.register.retention_days, clock
         )
         report = apply_retention(plan, dry_run=dry_run)
     except UserError as error:

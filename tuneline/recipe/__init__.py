@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from tuneline.errors import UserError
+from tuneline.objectstore import check_url, is_url, local_artifacts_dir
 from tuneline.recipe.augment import (  # noqa: F401 - re-exported: `from tuneline.recipe import ...`
     DOCUMENT_PROMPT,
     PROMPT_PLACEHOLDERS,
@@ -336,7 +337,6 @@ class CleanSpec(Section):
     workers: int = Field(
         2, ge=1, le=64, description="Processes repairing and hashing batches in parallel (1: none)."
     )
-
     executor: Literal["local", "dask"] = Field(
         "local",
         description="Where batches (shards) are cleaned. local: `workers` processes of this machine. "
@@ -612,7 +612,19 @@ class Recipe(Section):
         description="What this fine-tuning task is for, in a sentence; shown by `tuneline runs list` "
         "and logged with the run's params (a changed description registers the model again).",
     )
-    artifacts_dir: str = Field(".tuneline", description="Where stage artifacts are stored.")
+    artifacts_dir: str = Field(
+        ".tuneline",
+        description="Where stage artifacts are stored: a local folder, or an object store URL "
+        "(s3://BUCKET/PREFIX; gs:// or az:// with gcsfs or adlfs installed) that several machines "
+        "share. Credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_ENDPOINT_URL for an S3-compatible server), never the URL.",
+    )
+    local_dir: str | None = Field(
+        None,
+        description="With an object store as artifacts_dir: this machine's folder for the stages it "
+        "read or wrote, its locks, checkpoints, Prefect server and MLflow SQLite file. Unset: "
+        ".tuneline/stores/<scheme>/<bucket>/<prefix>. Ignored for a local artifacts_dir.",
+    )
     sources: list[Source] = Field(min_length=1)
     augment: AugmentSpec | None = Field(
         None, description="Teacher-generated examples in reviewed rounds, added before cleaning."
@@ -648,12 +660,21 @@ class Recipe(Section):
             data.pop("description", None)
         if self.refresh is None and not (info.context or {}).get("resolved"):
             data.pop("refresh", None)
+        if self.local_dir is None:
+            data.pop("local_dir", None)
         return data
 
+    @property
+    def work_dir(self) -> str:
+        """This machine's artifacts folder: artifacts_dir itself, or for an object store the local
+        folder bound to it (tuneline.objectstore.bind, when a run starts)."""
+        return local_artifacts_dir(self.artifacts_dir, self.local_dir)
+
     def digest(self) -> str:
-        """Content digest of the recipe, without `refresh`: when it runs decides no stage's output,
-        so a new schedule registers no model again."""
-        text = json.dumps(self.model_dump(mode="json", exclude={"refresh"}), sort_keys=True)
+        """Content digest of the recipe, without `refresh` (when it runs decides no stage's output,
+        so a new schedule registers no model again) and `local_dir` (which folder of which machine
+        holds copies of the object store's stages)."""
+        text = json.dumps(self.model_dump(mode="json", exclude={"refresh", "local_dir"}), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @model_validator(mode="before")
@@ -679,15 +700,23 @@ class Recipe(Section):
     def _tracking_follows_artifacts(cls, data: Any) -> Any:
         """MLflow's SQLite store lies in the artifacts folder unless the recipe names a tracking URI,
         so a run with another artifacts_dir does not register into the project's model."""
-        if not isinstance(data, dict) or "://" in str(data.get("artifacts_dir", "")):
+        if not isinstance(data, dict):
             return data
         register = data.get("register")
-        uri = f"sqlite:///{str(data.get('artifacts_dir', '.tuneline')).rstrip('/')}/mlflow.db"
+        folder = local_artifacts_dir(str(data.get("artifacts_dir", ".tuneline")), data.get("local_dir"))
+        uri = f"sqlite:///{folder.rstrip('/')}/mlflow.db"
         if isinstance(register, dict) and "tracking_uri" not in register:
             return {**data, "register": {**register, "tracking_uri": uri}}
         if isinstance(register, RegisterSpec) and "tracking_uri" not in register.model_fields_set:
             return {**data, "register": register.model_copy(update={"tracking_uri": uri})}
         return data
+
+    @field_validator("artifacts_dir")
+    @classmethod
+    def _known_object_store(cls, value: str) -> str:
+        if is_url(value):
+            check_url(value)
+        return value
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> Recipe:

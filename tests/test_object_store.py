@@ -1,0 +1,197 @@
+"""Stages on an S3 object store (moto's S3 server on loopback): the manifest is the commit.
+
+Two "machines" are two local folders bound to one bucket prefix: a stage one writes is read by the
+other from the store, a write killed half-way leaves nothing that exists, large files go up in
+multipart uploads, a changed object is refused, and a whole run's stages and MLflow artifacts
+land in the store so that a second machine reuses every stage.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from s3_server import s3_server  # noqa: F401  (fixture)
+
+from tuneline.errors import UserError
+from tuneline.objectstore import ObjectStoreError, bound_store, open_artifacts
+from tuneline.recipe import RecipeError, load_recipe
+from tuneline.store import Stage, find_stage, iter_records, reuse_or_write, verify_stage
+
+STAGE = Stage("clean", entry="tuneline.curate.clean", code=())
+
+
+def write_records(writer, records):
+    for record in records:
+        writer.count_in()
+        writer.keep(record)
+
+
+@pytest.fixture
+def store_url(s3_server):  # noqa: F811
+    return f"s3://{s3_server.bucket()}/team/project"
+
+
+def machine(tmp_path, name, url) -> Path:
+    """A machine's local artifacts folder, bound to the store as a run binds it."""
+    return open_artifacts(url, str(tmp_path / name))
+
+
+def keys(s3_server, url):  # noqa: F811
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"].removeprefix(prefix + "/") for item in listing.get("Contents", []))
+
+
+def test_a_stage_written_on_one_machine_is_read_on_another(tmp_path, s3_server, store_url):  # noqa: F811
+    first, second = machine(tmp_path, "a", store_url), machine(tmp_path, "b", store_url)
+    records = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    written = reuse_or_write(first, STAGE, "d1", lambda writer: write_records(writer, records))
+
+    stored = keys(s3_server, store_url)
+    manifest = json.loads(Path(written.file("manifest.json")).read_text())
+    attempt = manifest["attempt"]
+    assert stored == sorted(
+        ["stages/clean/d1/manifest.json"]
+        + [f"stages/clean/d1/{attempt}/{name}" for name in ("records.jsonl", "rejects.jsonl", "stats.json")]
+    )
+
+    read = find_stage(second, "clean", "d1")
+    assert read is not None and Path(read.path).is_relative_to(second)
+    assert list(iter_records(read)) == records
+    verify_stage(read)  # every file matches the manifest's sha256
+    # The second machine reuses it through the store: nothing is written again.
+    again = reuse_or_write(second, STAGE, "d1", lambda writer: pytest.fail("the stage was written again"))
+    assert again == read and keys(s3_server, store_url) == stored
+
+
+def test_a_write_killed_half_way_leaves_nothing_a_later_stage_reads(tmp_path, s3_server, store_url):  # noqa: F811
+    first = machine(tmp_path, "a", store_url)
+    started = tmp_path / "uploading"
+    script = f"""
+import sys, time
+from pathlib import Path
+from tuneline import objectstore
+from tuneline.store import Stage, reuse_or_write
+store = objectstore.bound_store({str(first)!r})
+put = store.fs.put_file
+def slow_put(local, remote, **kwargs):
+    put(local, remote, **kwargs)
+    if remote.endswith("records.jsonl"):
+        Path({str(started)!r}).touch()
+        time.sleep(600)  # killed here, the rest of the stage not uploaded yet
+store.fs.put_file = slow_put
+def write(writer):
+    for i in range(3):
+        writer.count_in()
+        writer.keep({{"instruction": "q", "output": str(i)}})
+reuse_or_write({str(first)!r}, Stage("clean", "tuneline.curate.clean", ()), "d2", write)
+"""
+    process = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not started.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert started.exists(), "the writer never reached its upload"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+    assert any(key.endswith("/records.jsonl") for key in keys(s3_server, store_url))  # half uploaded
+    assert "stages/clean/d2/manifest.json" not in keys(s3_server, store_url)
+    second = machine(tmp_path, "b", store_url)
+    assert find_stage(second, "clean", "d2") is None  # no manifest: the stage does not exist
+    assert find_stage(first, "clean", "d2") is None  # not on the killed writer's disk either
+
+    records = [{"instruction": "q", "output": "again"}]
+    reuse_or_write(first, STAGE, "d2", lambda writer: write_records(writer, records))
+    assert list(iter_records(find_stage(second, "clean", "d2"))) == records
+
+
+def test_large_files_go_up_in_parts_and_a_changed_object_is_refused(tmp_path, s3_server, store_url):  # noqa: F811
+    first, second = machine(tmp_path, "a", store_url), machine(tmp_path, "b", store_url)
+    payload = os.urandom(1 << 20) * 40  # 40 MiB: parts of 16 MiB
+
+    def write(writer):
+        writer.path("model.bin").write_bytes(payload)
+
+    written = reuse_or_write(first, STAGE, "d3", write)
+    attempt = json.loads(Path(written.file("manifest.json")).read_text())["attempt"]
+    bucket, _, prefix = store_url.removeprefix("s3://").partition("/")
+    client = s3_server.client()
+    head = client.head_object(Bucket=bucket, Key=f"{prefix}/stages/clean/d3/{attempt}/model.bin")
+    assert head["ContentLength"] == len(payload)
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of three parts
+
+    changed = f"{prefix}/stages/clean/d3/{attempt}/stats.json"
+    client.put_object(Bucket=bucket, Key=changed, Body=b'{"rows": 1}')
+    with pytest.raises(ObjectStoreError, match="sha256 differs") as error:
+        find_stage(second, "clean", "d3")
+    assert f"{store_url}/stages/clean/d3/" in str(error.value)
+    assert not (second / "stages" / "clean" / "d3" / "manifest.json").exists()
+
+
+def test_one_local_folder_serves_one_store(tmp_path, s3_server):  # noqa: F811
+    first_url, other_url = (f"s3://{s3_server.bucket()}/p" for _ in range(2))
+    folder = machine(tmp_path, "a", first_url)
+    assert bound_store(folder).url == first_url
+    with pytest.raises(UserError, match=f"holds the stages of {first_url}"):
+        open_artifacts(other_url, str(folder))
+
+
+def test_a_missing_bucket_and_credentials_in_the_url_are_clear_errors(tmp_path, s3_server):  # noqa: F811
+    with pytest.raises(
+        ObjectStoreError, match="the bucket 'no-such-bucket' of s3://no-such-bucket/p does not"
+    ):
+        open_artifacts("s3://no-such-bucket/p", str(tmp_path / "a"))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe, ["artifacts_dir=s3://key:secret@bucket/p"])
+    message = str(error.value)
+    assert "artifacts_dir" in message and "has credentials in it" in message and "secret" not in message
+
+
+@pytest.mark.slow
+def test_a_whole_run_commits_to_the_store_and_another_machine_reuses_it(tmp_path, s3_server, prefect_server):  # noqa: F811
+    """The finetune flow with artifacts_dir on S3: every stage and the MLflow model are in the
+    bucket; a second machine (another local_dir, the same tracking store) reuses every stage."""
+    from tuneline.flows.finetune import finetune
+
+    from tuneline.models import make_tiny_model
+
+    url = f"s3://{s3_server.bucket()}/runs"
+    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "support_intents.jsonl"
+    lines = data.read_text().splitlines()[:120]
+    (tmp_path / "tickets.jsonl").write_text("\n".join(lines) + "\n")
+    texts = [json.loads(line)["instruction"] for line in lines if line.endswith("}")]
+    make_tiny_model(tmp_path / "base", texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+    recipe = {
+        "name": "s3-test",
+        "artifacts_dir": url,
+        "sources": [{"name": "tickets", "path": str(tmp_path / "tickets.jsonl")}],
+        "gate": {"min_records": 50, "min_chars": 1, "max_chars": 400},
+        "model": {"name": str(tmp_path / "base")},
+        "train": {"max_steps": 2, "batch_size": 16, "max_length": 96, "lora": {"r": 4, "alpha": 8}},
+        "evaluate": {"max_new_tokens": 3, "max_examples": 4},
+        "register": {"model_name": "s3-test", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    first = finetune(load_recipe(tmp_path / "recipe.yaml", [f"local_dir={tmp_path / 'a'}"]))
+    stored = keys(s3_server, url)
+    committed = {
+        key.split("/")[1] for key in stored if key.startswith("stages/") and key.endswith("manifest.json")
+    }
+    assert {"fetch", "collect", "clean", "gate", "split", "train", "evaluate", "register"} <= committed
+    assert any(key.startswith("mlartifacts/") and key.endswith("model.safetensors") for key in stored)
+
+    second = finetune(load_recipe(tmp_path / "recipe.yaml", [f"local_dir={tmp_path / 'b'}"]))
+    digests = {stage: Path(path).name for stage, path in first["stage_dirs"].items()}
+    assert {stage: Path(path).name for stage, path in second["stage_dirs"].items()} == digests
+    assert set(second["reused"]) == set(second["stage_dirs"]) == set(first["stage_dirs"])
+    assert second["registry"]["version"] == first["registry"]["version"]
+    assert all(Path(path).is_relative_to(tmp_path / "b") for path in second["stage_dirs"].values())
+    assert (tmp_path / "b" / "stages" / "train").is_dir()  # copied from the store, not trained again
