@@ -199,7 +199,8 @@ def train_key(
     port) do not change the result, so they stay out: every node and a resumed run agree on it.
     A training that starts from a pretrain stage's model (`pretrained`) keys on that stage too."""
     section = train.model_dump(
-        mode="json", exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port"}}
+        mode="json",
+        exclude={"resume": True, "distributed": {"node_rank", "main_address", "main_port", "wait_s"}},
     )
     if pretrained is None:  # the key of a recipe without pretraining stays what it was
         return stage_key(TRAIN, model, section, splits.digest)

@@ -140,6 +140,12 @@ class DistributedSpec(Section):
     node_rank: int = Field(0, ge=0, description="This machine's rank, 0 on the main one.")
     main_address: str = Field("127.0.0.1", description="Address of the node_rank 0 machine.")
     main_port: int = Field(29500, ge=0, le=65535, description="Rendezvous port; 0: a free one (one node).")
+    wait_s: int = Field(
+        600,
+        ge=1,
+        description="Seconds a node waits for the others: for every node to join at main_address:main_port, "
+        "and (node_rank > 0) for the main node to publish the trained stage once the workers are done.",
+    )
     fsdp: FsdpSpec = FsdpSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
 

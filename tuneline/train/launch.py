@@ -8,6 +8,11 @@ same core training on the same inputs (`tuneline.train.stage.train_here`); the m
 the stage. A failed launch raises `LaunchError` with the end of the log.
 
 On a machine without CUDA the workers train on CPU and talk over gloo (tests use two processes).
+
+Several machines (`train.distributed.nodes`): every node runs the same recipe with its own
+`node_rank`; each node's launcher keeps its files in its own folder (`node_dir`), so nodes that
+share an artifacts folder do not overwrite each other's config. The workers of all nodes meet at
+`main_address:main_port` and wait up to `wait_s` for each other (torchrun's static rendezvous).
 """
 
 from __future__ import annotations
@@ -117,14 +122,23 @@ def build_accelerate_config(spec: DistributedSpec, *, use_gpu: bool, bf16: bool)
     return config
 
 
-def launch_command(config_path: Path, request_path: Path) -> list[str]:
-    """`accelerate launch` with the config file, running tuneline/train/worker.py in each worker."""
+def node_dir(work_dir: Path, spec: DistributedSpec) -> Path:
+    """Where this node's launcher writes its config, request and log: the checkpoint folder on the
+    main node, a sibling folder named after the node elsewhere (a shared disk keeps both apart)."""
+    return work_dir if spec.node_rank == 0 else work_dir.with_name(f"{work_dir.name}.node-{spec.node_rank}")
+
+
+def launch_command(config_path: Path, request_path: Path, *, join_timeout_s: int = 600) -> list[str]:
+    """`accelerate launch` with the config file, running tuneline/train/worker.py in each worker;
+    the workers wait up to `join_timeout_s` for the other nodes' workers to join."""
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
         str(config_path),
+        "--rdzv_conf",
+        f"timeout={join_timeout_s}",
         "-m",
         "tuneline.train.worker",
         str(request_path),
@@ -147,7 +161,13 @@ def launch_training(
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     request_path = work_dir / REQUEST_FILE
     request_path.write_text(request.model_dump_json(), encoding="utf-8")
-    command = launch_command(config_path, request_path)
+    command = launch_command(config_path, request_path, join_timeout_s=spec.wait_s)
+    if spec.nodes > 1 and echo:
+        echo(
+            f"node {spec.node_rank} of {spec.nodes}: {spec.processes_per_node} worker(s) wait up to "
+            f"{spec.wait_s} s (train.distributed.wait_s) for every node to join at "
+            f"{spec.main_address}:{spec.main_port}"
+        )
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     with open(work_dir / LOG_FILE, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -163,5 +183,16 @@ def launch_training(
     if returncode != 0:
         raise LaunchError(
             f"train.distributed: {spec.world_size} {spec.strategy} workers failed (exit {returncode}); "
-            f"full log: {work_dir / LOG_FILE}\n" + "\n".join(tail)
+            f"full log: {work_dir / LOG_FILE}{_nodes_hint(spec)}\n" + "\n".join(tail)
         )
+
+
+def _nodes_hint(spec: DistributedSpec) -> str:
+    """What to check when a run over several machines fails (often: a node that never joined)."""
+    if spec.nodes == 1:
+        return ""
+    return (
+        f"; on node {spec.node_rank} of {spec.nodes}: check that every node started the same recipe "
+        f"(each its own node_rank) within {spec.wait_s} s (train.distributed.wait_s) of the others and "
+        f"reaches {spec.main_address}:{spec.main_port}"
+    )

@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,13 @@ from transformers import TrainerCallback
 
 from tuneline import models
 from tuneline.experiment import TrackingTarget
+from tuneline.objectstore import download_checkpoint
 from tuneline.pipeline import TRAIN, train_key
-from tuneline.recipe import ModelSpec, TrainSpec
+from tuneline.recipe import DistributedSpec, ModelSpec, TrainSpec
 from tuneline.store import StageRef, StageWriter, find_stage, iter_records, stage_lock, write_stage
 from tuneline.train import export, launch, layout, methods
 from tuneline.train import tracking as tracking_lib
+from tuneline.train.checkpoints import checkpoint_callbacks
 from tuneline.train.methods import build_peft_config as build_peft_config  # re-exported for callers
 from tuneline.train.sft_data import (
     ExactMatchCallback,
@@ -221,9 +223,14 @@ def _train_unlocked(
     echo: Callable[[str], None] | None,
 ) -> StageRef:
     work_dir = checkpoint_dir(artifacts_dir, digest)
-    if train.resume == "fresh":
+    main_node = train.distributed.node_rank == 0
+    if train.resume == "fresh" and main_node:
         _remove_dir(work_dir)
-    if launch.needs_launch(train.distributed):
+    elif last_complete_checkpoint(work_dir, remove_partial=False) is None:
+        download_checkpoint(artifacts_dir, work_dir)  # uploaded by a run on another machine, if any
+    if not launch.needs_launch(train.distributed):
+        ref = train_here(artifacts_dir, splits, model, train, digest=digest, tracking=tracking, echo=echo)
+    else:
         request = launch.LaunchRequest(
             artifacts_dir=str(Path(artifacts_dir).resolve()),
             splits=splits,
@@ -232,16 +239,50 @@ def _train_unlocked(
             digest=digest,
             tracking=tracking,
         )
-        launch.launch_training(request, train.distributed, work_dir, echo)
+        launch_dir = launch.node_dir(work_dir, train.distributed)
+        launch.launch_training(request, train.distributed, launch_dir, echo)
         ref = find_stage(artifacts_dir, TRAIN.name, digest)
-        if ref is None:
+        if ref is None and main_node:
             raise launch.LaunchError(
                 f"train.distributed: the workers exited without writing the train stage {digest}; "
-                f"see {work_dir / launch.LOG_FILE}"
+                f"see {launch_dir / launch.LOG_FILE}"
             )
-    else:
-        ref = train_here(artifacts_dir, splits, model, train, digest=digest, tracking=tracking, echo=echo)
-    _remove_dir(work_dir)
+        if ref is None:
+            ref = wait_for_main_node(artifacts_dir, digest, train.distributed, echo)
+        _remove_dir(launch_dir)
+    if main_node:
+        _remove_dir(work_dir)
+    else:  # on a disk shared with the main node the checkpoints are its to remove
+        with suppress(OSError):
+            work_dir.rmdir()
+    return ref
+
+
+def wait_for_main_node(
+    artifacts_dir: str | Path,
+    digest: str,
+    spec: DistributedSpec,
+    echo: Callable[[str], None] | None = None,
+    poll_s: float = 1.0,
+) -> StageRef:
+    """On a node other than the main one, once its workers are done: the train stage that the
+    main node's rank 0 writes and publishes (with an object store as artifacts_dir, found there and
+    copied here). Raises LaunchError after `spec.wait_s` seconds without it."""
+    if echo:
+        echo(
+            f"node {spec.node_rank}: workers done; waiting up to {spec.wait_s} s for node 0 to "
+            f"publish the train stage {digest}"
+        )
+    deadline = time.monotonic() + spec.wait_s
+    while (ref := find_stage(artifacts_dir, TRAIN.name, digest)) is None:
+        if time.monotonic() > deadline:
+            raise launch.LaunchError(
+                f"train.distributed: node {spec.node_rank} trained, but the train stage {digest} did not "
+                f"appear in {artifacts_dir} within {spec.wait_s} s (train.distributed.wait_s); check node "
+                "0's log, that both nodes use the same artifacts_dir (an object store), or raise wait_s "
+                "if saving the model takes longer"
+            )
+        time.sleep(poll_s)
     return ref
 
 
@@ -297,6 +338,7 @@ def train_here(
         prepared = methods.prepare_model(model, train)  # frozen or peft-wrapped as the method says
         args = build_sft_config(train, work_dir, loss_mode=loss_mode, evaluate=evaluate)
         callbacks += methods.method_callbacks(train, prepared)
+        callbacks += checkpoint_callbacks(artifacts_dir)  # uploaded when due, with an object store
         # TRL's packing flattens a batch into one sequence: cheap with a varlen (flash) kernel only;
         # otherwise each packed bin stays its own row (tuneline/train/packing.py).
         rows_of_bins = train.packing and not has_varlen_attention(prepared.model)

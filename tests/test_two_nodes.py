@@ -1,0 +1,129 @@
+"""Two training nodes on loopback: two `accelerate launch` runs with machine ranks 0 and 1 (one gloo
+worker each on CPU) train one train stage, and it equals a one-node run with two workers (which
+also stands for distributed training on one machine: the whole split dealt over two processes).
+
+The reference is one node with 2 processes, not 1 process with a batch twice as large: under DDP
+the two layouts are the same computation (global ranks 0 and 1, the same data shards, the same
+gradient all-reduce over gloo), so the weights agree to the bit; a single process with the doubled
+batch pads and reduces in another order and agrees only to float rounding.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import make_split_and_model, small_spec
+
+from tuneline.recipe import DistributedSpec, ModelSpec
+from tuneline.store import StageRef, find_stage, read_stats
+from tuneline.train import launch
+from tuneline.train import stage as train
+
+
+def free_port() -> int:
+    """A port the OS says is free now (both nodes must know it before either starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def weights(ref: StageRef) -> dict[str, torch.Tensor]:
+    """Every tensor of every safetensors file in a train stage (adapter and merged model)."""
+    tensors = {}
+    for path in sorted(ref.dir.rglob("*.safetensors")):
+        for name, tensor in load_file(path).items():
+            tensors[f"{path.relative_to(ref.dir)}:{name}"] = tensor
+    return tensors
+
+
+def run_in_thread(results: dict[str, object], key: str, *args: object, **kwargs: object) -> threading.Thread:
+    """`train.run_train(*args)` in a thread (its workers are processes); the result or error in `results`."""
+
+    def target() -> None:
+        try:
+            results[key] = train.run_train(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - reported by the test
+            results[key] = error
+
+    thread = threading.Thread(target=target, name=key)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_two_nodes_train_the_stage_of_one_node(tmp_path):
+    splits, model = make_split_and_model(tmp_path)
+    port = free_port()
+    one_node = small_spec(
+        max_steps=2, distributed=DistributedSpec(strategy="ddp", processes_per_node=2, main_port=0)
+    )
+    results: dict[str, object] = {}
+    logs: dict[str, list[str]] = {"one_node": [], "node0": [], "node1": []}
+    threads = [
+        run_in_thread(
+            results, "one_node", tmp_path / "one", splits, model, one_node, echo=logs["one_node"].append
+        )
+    ]
+    for rank in (0, 1):
+        spec = small_spec(
+            max_steps=2,
+            distributed=DistributedSpec(strategy="ddp", nodes=2, node_rank=rank, main_port=port),
+        )
+        key = f"node{rank}"
+        threads.append(
+            run_in_thread(results, key, tmp_path / "art", splits, model, spec, echo=logs[key].append)
+        )
+    for thread in threads:
+        thread.join(timeout=300)
+    errors = {key: value for key, value in results.items() if isinstance(value, BaseException)}
+    assert not errors, errors
+    node0, node1, reference = results["node0"], results["node1"], results["one_node"]
+    assert node0.digest == node1.digest != reference.digest  # nodes and processes_per_node differ
+    assert find_stage(tmp_path / "art", "train", node0.digest) == node1
+    expected, got = weights(reference), weights(node0)
+    assert expected.keys() == got.keys() and expected
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, rtol=0, atol=0), name  # bit for bit
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in got.items())  # it trained
+    for ref in (reference, node0):
+        stats = read_stats(ref)
+        assert stats["processes"] == 2 and stats["steps"] == 2
+        assert stats["examples"] == 9  # the whole train split, dealt over both processes
+        assert "training started; 2 steps in all" in ref.file("train.log").read_text()
+        assert (ref.dir / "model" / "config.json").is_file()
+        assert not train.checkpoint_dir(ref.dir.parents[2], ref.digest).exists()
+    assert any("training step 2/2" in line for line in logs["one_node"]), "workers' output reaches the caller"
+    assert any("node 1 of 2: 1 worker(s) wait up to 600 s" in line for line in logs["node1"])
+
+
+def test_a_node_whose_main_node_never_publishes_names_wait_s(tmp_path):
+    spec = DistributedSpec(strategy="ddp", nodes=2, node_rank=1, wait_s=1)
+    lines: list[str] = []
+    with pytest.raises(launch.LaunchError, match=r"within 1 s \(train.distributed.wait_s\)") as error:
+        train.wait_for_main_node(tmp_path, "d0", spec, echo=lines.append, poll_s=0.2)
+    assert "check node 0's log" in str(error.value)
+    assert lines == ["node 1: workers done; waiting up to 1 s for node 0 to publish the train stage d0"]
+
+
+def test_each_node_launches_from_its_own_folder(tmp_path, monkeypatch):
+    """Nodes that share an artifacts folder must not overwrite each other's accelerate config
+    (both read machine_rank 0 and the second launch failed on a busy port)."""
+    work_dir = tmp_path / "checkpoints" / "train" / "d0"
+    node_dirs = [
+        launch.node_dir(work_dir, DistributedSpec(strategy="ddp", nodes=2, node_rank=rank)) for rank in (0, 1)
+    ]
+    assert node_dirs == [work_dir, Path(f"{work_dir}.node-1")]
+    monkeypatch.setattr(launch, "launch_command", lambda config, request, **_: ["python", "-c", "exit(1)"])
+    spec = DistributedSpec(strategy="ddp", nodes=2, node_rank=1, main_address="10.0.0.1", main_port=29400)
+    request = launch.LaunchRequest(
+        artifacts_dir=str(tmp_path), splits=StageRef(stage="split", digest="s0", path=str(tmp_path)),
+        model=ModelSpec(name="tiny"), train=small_spec(), digest="d0",
+    )  # fmt: skip
+    with pytest.raises(launch.LaunchError, match="reaches 10.0.0.1:29400") as error:
+        launch.launch_training(request, spec, node_dirs[1])
+    assert "every node started the same recipe (each its own node_rank) within 600 s" in str(error.value)
