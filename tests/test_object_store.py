@@ -195,3 +195,41 @@ def test_a_whole_run_commits_to_the_store_and_another_machine_reuses_it(tmp_path
     assert second["registry"]["version"] == first["registry"]["version"]
     assert all(Path(path).is_relative_to(tmp_path / "b") for path in second["stage_dirs"].values())
     assert (tmp_path / "b" / "stages" / "train").is_dir()  # copied from the store, not trained again
+
+
+@pytest.mark.slow
+def test_a_training_resumes_on_another_machine_from_the_uploaded_checkpoint(
+    tmp_path,
+    s3_server,  # noqa: F811
+    store_url,
+    monkeypatch,
+):
+    """Checkpoints go to local disk and are uploaded when due: a training that dies after its
+    checkpoint at step 2 resumes on another machine (another local folder) from that step."""
+    from train_fixtures import make_split_and_model, small_spec
+
+    from tuneline.train import stage as train
+    from tuneline.train import tracking
+
+    machine(tmp_path, "art", store_url)  # make_split_and_model writes the split into <tmp>/art
+    splits, model = make_split_and_model(tmp_path)
+    spec = small_spec(max_steps=4, save_steps=2)
+    original = tracking.TrackingCallback.on_step_end
+
+    def die_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("the machine died")
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(tracking.TrackingCallback, "on_step_end", die_at_step_3)
+    with pytest.raises(RuntimeError, match="the machine died"):
+        train.run_train(tmp_path / "art", splits, model, spec)
+    monkeypatch.setattr(tracking.TrackingCallback, "on_step_end", original)
+    uploaded = [key for key in keys(s3_server, store_url) if key.startswith("checkpoints/train/")]
+    assert any(key.endswith("checkpoint-2/trainer_state.json") for key in uploaded), uploaded
+
+    other = machine(tmp_path, "other", store_url)
+    ref = train.run_train(other, find_stage(other, "split", splits.digest), model, spec)
+    stats = json.loads(ref.file("stats.json").read_text())
+    assert stats["resumed_from_step"] == 2 and stats["steps_run"] == 2
+    assert find_stage(machine(tmp_path, "third", store_url), "train", ref.digest) is not None
