@@ -85,6 +85,18 @@ def test_dask_shards_give_the_local_stage_byte_for_byte_with_global_dedup(tmp_pa
     assert SPOOL not in read_manifest(dask)["files"] and not dask.file(SPOOL).exists()
 
 
+def test_language_checks_and_truncation_on_the_workers_match_local(tmp_path):
+    collected = collected_stage(tmp_path / "in")
+    checks = {"batch_size": 4, "languages": ["en"], "max_chars": 120, "over_length": "truncate"}
+    local = run_clean(tmp_path / "local", collected, CleanSpec(workers=1, **checks))
+    dask = run_clean(tmp_path / "dask", collected, CleanSpec(workers=2, executor="dask", **checks))
+    assert stage_files(dask) == stage_files(local)
+    assert read_stats(dask) == read_stats(local)
+    dropped = read_manifest(dask)["ledger"]["dropped"]
+    assert "language_unsure" in dropped or "language_not_allowed" in dropped
+    assert '"truncated": "chars"' in stage_files(dask)["records.jsonl"]
+
+
 def test_a_running_scheduler_at_dask_address_cleans_the_shards(tmp_path):
     from distributed import LocalCluster
 
