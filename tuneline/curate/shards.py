@@ -66,6 +66,9 @@ def dask_client(spec: CleanSpec) -> Iterator[Any]:
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address="127.0.0.1:0",  # its HTTP server always starts: no fixed port
+                    # workers' own logs: a task's error comes back here as the exception it raised,
+                    # while a worker's heartbeat error at close (a race under load) would be noise
+                    silence_logs=logging.CRITICAL,
                 ) as cluster,
                 Client(cluster, set_as_default=False) as client,
             ):
