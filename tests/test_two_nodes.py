@@ -1,6 +1,10 @@
 """Two training nodes on loopback: two `accelerate launch` runs with machine ranks 0 and 1 (one gloo
-worker each on CPU) train one train stage, and it equals a one-node run with two workers (which
-also stands for distributed training on one machine: the whole split dealt over two processes).
+worker each on CPU) train one train stage through an object store (moto's S3 server), and it
+equals a one-node run with two workers (which also stands for distributed training on one
+machine: the whole split dealt over two processes).
+
+Each node has its own local folder bound to one bucket prefix, as two machines would: node 1 gets
+the split stage from the store, and the trained stage that node 0 publishes there.
 
 The reference is one node with 2 processes, not 1 process with a batch twice as large: under DDP
 the two layouts are the same computation (global ranks 0 and 1, the same data shards, the same
@@ -11,16 +15,19 @@ batch pads and reduces in another order and agrees only to float rounding.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from s3_server import s3_server  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 from train_fixtures import make_split_and_model, small_spec
 
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import DistributedSpec, ModelSpec
-from tuneline.store import StageRef, find_stage, read_stats
+from tuneline.store import StageRef, find_stage, read_manifest, read_stats, verify_stage
 from tuneline.train import launch
 from tuneline.train import stage as train
 
@@ -56,8 +63,13 @@ def run_in_thread(results: dict[str, object], key: str, *args: object, **kwargs:
 
 
 @pytest.mark.slow
-def test_two_nodes_train_the_stage_of_one_node(tmp_path):
-    splits, model = make_split_and_model(tmp_path)
+def test_two_nodes_train_the_stage_of_one_node(tmp_path, s3_server):  # noqa: F811
+    url = f"s3://{s3_server.bucket()}/team/project"
+    folders = [open_artifacts(url, str(tmp_path / "art")), open_artifacts(url, str(tmp_path / "node1"))]
+    splits, model = make_split_and_model(tmp_path)  # written on node 0 (tmp_path/art), published
+    assert not (folders[1] / "stages").exists()
+    node_splits = [splits, find_stage(folders[1], "split", splits.digest)]  # node 1's from the store
+    assert Path(node_splits[1].path).is_relative_to(folders[1])
     port = free_port()
     one_node = small_spec(
         max_steps=2, distributed=DistributedSpec(strategy="ddp", processes_per_node=2, main_port=0)
@@ -76,7 +88,7 @@ def test_two_nodes_train_the_stage_of_one_node(tmp_path):
         )
         key = f"node{rank}"
         threads.append(
-            run_in_thread(results, key, tmp_path / "art", splits, model, spec, echo=logs[key].append)
+            run_in_thread(results, key, folders[rank], node_splits[rank], model, spec, echo=logs[key].append)
         )
     for thread in threads:
         thread.join(timeout=300)
@@ -84,7 +96,9 @@ def test_two_nodes_train_the_stage_of_one_node(tmp_path):
     assert not errors, errors
     node0, node1, reference = results["node0"], results["node1"], results["one_node"]
     assert node0.digest == node1.digest != reference.digest  # nodes and processes_per_node differ
-    assert find_stage(tmp_path / "art", "train", node0.digest) == node1
+    assert Path(node1.path).is_relative_to(folders[1])  # read back from the store
+    verify_stage(node1)  # its files match the manifest node 0 committed, so they are node 0's
+    assert read_manifest(node1)["files"] == read_manifest(node0)["files"]
     expected, got = weights(reference), weights(node0)
     assert expected.keys() == got.keys() and expected
     for name, tensor in expected.items():
@@ -127,3 +141,39 @@ def test_each_node_launches_from_its_own_folder(tmp_path, monkeypatch):
     with pytest.raises(launch.LaunchError, match="reaches 10.0.0.1:29400") as error:
         launch.launch_training(request, spec, node_dirs[1])
     assert "every node started the same recipe (each its own node_rank) within 600 s" in str(error.value)
+
+
+# What torch 2.13's static rendezvous printed here when the other node never came (wait_s 20).
+MAIN_ALONE = (
+    "torch.distributed.DistStoreError: Timed out after 21 seconds waiting for clients. 1/2 clients joined."
+)
+MAIN_UNREACHED = (
+    "torch.distributed.DistNetworkError: The client socket has timed out after 20000ms while trying to "
+    "connect to (10.0.0.1, 29400)."
+)
+
+
+@pytest.mark.parametrize(
+    ("node_rank", "printed", "message"),
+    [
+        (
+            0,
+            MAIN_ALONE,
+            "node 0 waited 600 s (train.distributed.wait_s) at 10.0.0.1:29400 and 1 of 2 nodes joined",
+        ),
+        (1, MAIN_UNREACHED, "node 1 could not reach the main node at 10.0.0.1:29400 within 600 s"),
+    ],
+)
+def test_a_node_that_never_meets_the_other_says_so(tmp_path, monkeypatch, node_rank, printed, message):
+    script = f"print('Traceback (most recent call last):'); print({printed!r}); exit(1)"
+    monkeypatch.setattr(launch, "launch_command", lambda config, request, **_: [sys.executable, "-c", script])
+    spec = DistributedSpec(
+        strategy="ddp", nodes=2, node_rank=node_rank, main_address="10.0.0.1", main_port=29400
+    )
+    request = launch.LaunchRequest(
+        artifacts_dir=str(tmp_path), splits=StageRef(stage="split", digest="s0", path=str(tmp_path)),
+        model=ModelSpec(name="tiny"), train=small_spec(), digest="d0",
+    )  # fmt: skip
+    with pytest.raises(launch.LaunchError) as error:
+        launch.launch_training(request, spec, tmp_path)
+    assert message in str(error.value) and "Traceback" not in str(error.value)

@@ -18,6 +18,7 @@ share an artifacts folder do not overwrite each other's config. The workers of a
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from collections import deque
@@ -181,14 +182,42 @@ def launch_training(
                     echo(line.rstrip("\n"))
             returncode = process.wait()
     if returncode != 0:
+        log_path = work_dir / LOG_FILE
+        if message := _nodes_missing(list(tail), spec):
+            raise LaunchError(f"{message}; full log: {log_path}")
         raise LaunchError(
             f"train.distributed: {spec.world_size} {spec.strategy} workers failed (exit {returncode}); "
-            f"full log: {work_dir / LOG_FILE}{_nodes_hint(spec)}\n" + "\n".join(tail)
+            f"full log: {log_path}{_nodes_hint(spec)}\n" + "\n".join(tail)
         )
 
 
+# torch's static rendezvous, on the main node and on the others, when a node does not come.
+_NOT_JOINED = re.compile(r"waiting for clients\. (\d+)/(\d+) clients joined")
+_NOT_REACHED = "client socket has timed out"
+
+
+def _nodes_missing(tail: list[str], spec: DistributedSpec) -> str | None:
+    """The user's mistake, without torch's traceback, when the nodes never met: the main node saw
+    too few join, or another node could not reach the main one, within `wait_s`."""
+    address, start = f"{spec.main_address}:{spec.main_port}", "start the same recipe on every node"
+    for line in reversed(tail):
+        if joined := _NOT_JOINED.search(line):
+            return (
+                f"train.distributed: node 0 waited {spec.wait_s} s (train.distributed.wait_s) at {address} "
+                f"and {joined[1]} of {joined[2]} nodes joined; {start} (each its own node_rank) within "
+                f"wait_s of each other, and check that the other machines reach {address}"
+            )
+        if _NOT_REACHED in line:
+            return (
+                f"train.distributed: node {spec.node_rank} could not reach the main node at {address} "
+                f"within {spec.wait_s} s (train.distributed.wait_s); {start} (node_rank 0 there), and "
+                "check main_address, main_port and that the port is open between the machines"
+            )
+    return None
+
+
 def _nodes_hint(spec: DistributedSpec) -> str:
-    """What to check when a run over several machines fails (often: a node that never joined)."""
+    """What to check when a run over several machines fails for another reason."""
     if spec.nodes == 1:
         return ""
     return (
