@@ -49,7 +49,7 @@ def run(label: str, overrides: list[str], env: dict[str, str]) -> float:
         )
     lines = [line.strip() for line in result.stdout.splitlines()]
     summary = [
-        line for line in lines if "->" in line or "reused" in line.lower() or "registered" in line.lower()
+        line for line in lines if any(word in line.lower() for word in ("tuned", "reused", "models:/"))
     ]
     print(f"{label}: {seconds:.1f} s")
     for line in summary[:6]:
