@@ -90,6 +90,11 @@ def run_from_collected(
     trained = train(
         artifacts_dir, splits, recipe.model, recipe.train, recipe.register, recipe.name, pretrained
     )
+    if recipe.train.distributed.node_rank > 0:  # this machine lent its workers; node 0 evaluates, registers
+        augmented, pretraining = [data] if recipe.augment else [], [pretrained] if pretrained else []
+        produced = [collected, *augmented, cleaned, gated, splits, *selection, *pretraining, trained]
+        summary = report(run_dir, {ref.stage: ref for ref in produced}, started.isoformat(timespec="seconds"))
+        return {**summary, "run_dir": str(run_dir)}
     evaluated = evaluate(artifacts_dir, splits, trained, recipe.model, recipe.evaluate, recipe.register)
     # lm-eval benchmarks, base vs tuned: the "did fine-tuning make it forget" check.
     benchmarked = []
