@@ -26,8 +26,9 @@ from safetensors.torch import load_file
 from train_fixtures import make_split_and_model, small_spec
 
 from tuneline.objectstore import open_artifacts
+from tuneline.pipeline import train_key
 from tuneline.recipe import DistributedSpec, ModelSpec
-from tuneline.store import StageRef, find_stage, read_manifest, read_stats, verify_stage
+from tuneline.store import StageRef, find_stage, read_manifest, read_stats, verify_stage, write_stage
 from tuneline.train import launch
 from tuneline.train import stage as train
 
@@ -177,3 +178,26 @@ def test_a_node_that_never_meets_the_other_says_so(tmp_path, monkeypatch, node_r
     with pytest.raises(launch.LaunchError) as error:
         launch.launch_training(request, spec, tmp_path)
     assert message in str(error.value) and "Traceback" not in str(error.value)
+
+
+def test_a_fresh_start_drops_the_old_checkpoints_on_every_node(tmp_path, monkeypatch):
+    """With `train.resume: fresh` node 0 starts at step 0, so node 1 must too: a checkpoint left in
+    its own folder would have its workers resume where node 0's do not."""
+    splits, model = StageRef(stage="split", digest="s0", path=str(tmp_path)), ModelSpec(name="tiny")
+    distributed = DistributedSpec(strategy="ddp", nodes=2, node_rank=1, main_port=29400)
+    spec = small_spec(resume="fresh", distributed=distributed)
+    digest = train_key(model, spec, splits)
+    old = train.checkpoint_dir(tmp_path, digest) / "checkpoint-2"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text('{"global_step": 2}')
+    seen = {}
+
+    def launched(request, spec, work_dir, echo=None):
+        seen["old checkpoint at launch"] = old.exists()
+        with write_stage(tmp_path, "train", digest):  # node 0 publishes the stage
+            pass
+
+    monkeypatch.setattr(launch, "launch_training", launched)
+    monkeypatch.setattr(train, "download_checkpoint", lambda *args: pytest.fail("fresh downloads nothing"))
+    assert train.run_train(tmp_path, splits, model, spec).digest == digest
+    assert seen == {"old checkpoint at launch": False}

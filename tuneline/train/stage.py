@@ -226,6 +226,9 @@ def _train_unlocked(
     main_node = train.distributed.node_rank == 0
     if train.resume == "fresh" and main_node:
         _remove_dir(work_dir)
+    elif train.resume == "fresh":  # another node: its own old checkpoints, not node 0's launch files
+        for old in work_dir.glob("checkpoint-*"):  # on a shared disk (node 0 removes them too)
+            _remove_dir(old)
     elif last_complete_checkpoint(work_dir, remove_partial=False) is None:
         download_checkpoint(artifacts_dir, work_dir)  # uploaded by a run on another machine, if any
     if not launch.needs_launch(train.distributed):
