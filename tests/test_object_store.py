@@ -233,3 +233,36 @@ def test_a_training_resumes_on_another_machine_from_the_uploaded_checkpoint(
     stats = json.loads(ref.file("stats.json").read_text())
     assert stats["resumed_from_step"] == 2 and stats["steps_run"] == 2
     assert find_stage(machine(tmp_path, "third", store_url), "train", ref.digest) is not None
+
+
+def test_retention_on_another_machine_removes_expired_models_from_the_store(tmp_path, s3_server, store_url):  # noqa: F811
+    """The store is the truth: retention run on a machine without local copies plans from the
+    store's manifests and removes the expired model and its evaluation there, for every machine."""
+    from datetime import UTC, datetime, timedelta
+
+    from register_fixtures import TRAIN_STATS
+
+    from tuneline.register.retention import apply_retention, plan_retention
+    from tuneline.store import write_stage
+
+    first, second = machine(tmp_path, "a", store_url), machine(tmp_path, "b", store_url)
+
+    def stage(name, digest, stats, inputs=()):
+        with write_stage(first, name, digest, list(inputs)) as writer:
+            writer.stats = stats
+        return find_stage(first, name, digest)
+
+    splits = stage("split", "s1", {})
+    trained = stage("train", "t-old", {**TRAIN_STATS, "mlflow_run_id": "gone"}, [splits])
+    stage("evaluate", "e-old", {}, [splits, trained])
+    later = datetime.now(UTC) + timedelta(days=30)
+    plan = plan_retention(second, f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}", 15, later)
+    report = apply_retention(plan)
+
+    assert [entry.digest for entry in report.removed] == ["t-old"]
+    stored = keys(s3_server, store_url)
+    assert not any(key.startswith(("stages/train/", "stages/evaluate/")) for key in stored), stored
+    assert "stages/split/s1/manifest.json" in stored  # data stages are never touched
+    bound_store(first).committed.clear()  # machine a, in a later process
+    assert find_stage(first, "train", "t-old") is None  # its local copy no longer counts
+    assert find_stage(first, "split", "s1") is not None

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,8 @@ class ObjectStore:
     url: str
     fs: Any = field(repr=False)
     put_options: dict[str, Any] = field(default_factory=dict)
+    # (stage, digest) this process saw committed: found again without asking the store.
+    committed: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def open(cls, url: str) -> ObjectStore:
@@ -130,6 +133,22 @@ class ObjectStore:
         with self._errors("read"):
             return self.fs.exists(self.stage_key(stage, digest, MANIFEST))
 
+    def manifests(self, stage: str) -> dict[str, dict[str, Any]]:
+        """The committed manifests of every stage of this kind in the store, by digest."""
+        with self._errors("read"):
+            paths = self.fs.glob(self.stage_key(stage, "*", MANIFEST))
+            return {path.split("/")[-2]: json.loads(self.fs.cat_file(path)) for path in sorted(paths)}
+
+    def remove_stage(self, stage: str, digest: str) -> None:
+        """Delete a stage from the store: its manifest first (from then on it does not exist),
+        then its attempts."""
+        self.committed.discard((stage, digest))
+        with self._errors("delete"):
+            with suppress(FileNotFoundError):
+                self.fs.rm_file(self.stage_key(stage, digest, MANIFEST))
+            if self.fs.exists(self.stage_key(stage, digest)):
+                self.fs.rm(self.stage_key(stage, digest), recursive=True)
+
     def publish(self, folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         """Upload a finished stage's files under a fresh attempt, then its manifest (the commit).
         Returns the manifest as committed (with its `attempt`)."""
@@ -144,6 +163,7 @@ class ObjectStore:
             self.fs.pipe_file(
                 self.stage_key(stage, digest, MANIFEST), json.dumps(committed, indent=2).encode()
             )
+        self.committed.add((stage, digest))
         log.info("published stage %s %s to %s (attempt %s)", stage, digest, self.url, attempt)
         return committed
 

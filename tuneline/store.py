@@ -260,25 +260,25 @@ def find_stage(artifacts_dir: str | Path, stage: str, digest: str) -> StageRef |
     """The finished stage with this digest, or None: a folder without a manifest does not count.
 
     With an object store bound to the folder (tuneline/objectstore.py) the store is the truth: a
-    stage committed there by another machine is copied here, and a local one it lacks is published.
+    stage committed there by another machine is copied here, and a local copy of a stage the
+    store does not hold (removed by retention elsewhere) does not count.
     """
     folder = stage_dir(artifacts_dir, stage, digest)
+    found = StageRef(stage=stage, digest=digest, path=str(folder.resolve()))
     remote = objectstore.bound_store(artifacts_dir)
+    if remote is None:
+        return found if (folder / MANIFEST).is_file() else None
+    if (stage, digest) in remote.committed and (folder / MANIFEST).is_file():
+        return found
+    manifest = remote.read_manifest(stage, digest)
+    if manifest is None:
+        return None
     if not (folder / MANIFEST).is_file():
-        if remote is None or (manifest := remote.read_manifest(stage, digest)) is None:
-            return None
         with stage_lock(artifacts_dir, stage, digest):
             if not (folder / MANIFEST).is_file():
                 objectstore.fetch_stage(remote, folder, manifest)
-        _published.add((remote.url, stage, digest))
-    elif remote is not None and (remote.url, stage, digest) not in _published:
-        if not remote.has_stage(stage, digest):  # written before the store was bound, or its upload died
-            remote.publish(folder, json.loads((folder / MANIFEST).read_text(encoding="utf-8")))
-        _published.add((remote.url, stage, digest))
-    return StageRef(stage=stage, digest=digest, path=str(folder.resolve()))
-
-
-_published: set[tuple[str, str, str]] = set()  # (store, stage, digest) known committed in the store
+    remote.committed.add((stage, digest))
+    return found
 
 
 class StageWriter:
@@ -371,7 +371,6 @@ def _write_atomically(
         }
         if remote := objectstore.bound_store(artifacts_dir):  # the store's manifest is the commit
             manifest = remote.publish(tmp, manifest)
-            _published.add((remote.url, stage, digest))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         if final.exists():  # a stage without manifest left by a crash before the rename
             shutil.rmtree(final)

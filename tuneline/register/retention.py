@@ -48,6 +48,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from tuneline.errors import UserError
+from tuneline.objectstore import bound_store
 from tuneline.register.registry import registry_lock
 from tuneline.register.run_details import EXPORTED_TAG
 from tuneline.store import (
@@ -158,9 +159,8 @@ def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def model_created(folder: Path) -> datetime:
+def model_created(manifest: dict[str, Any]) -> datetime:
     """When a stage finished: its manifest's `finished_at`."""
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     return as_utc(datetime.fromisoformat(manifest["finished_at"]))
 
 
@@ -232,10 +232,13 @@ def all_versions(client: mlflow.MlflowClient) -> Iterator[Any]:
 def stage_manifests(artifacts_dir: str | Path, stages: Iterable[str]) -> dict[tuple[str, str], dict]:
     """The manifests of the finished stages of these kinds, by (stage, digest)."""
     found = {}
+    remote = bound_store(artifacts_dir)  # an object store: its stages, not only this machine's copies
     for stage in stages:
         for path in sorted((Path(artifacts_dir) / "stages" / stage).glob(f"*/{MANIFEST}")):
             if not path.parent.name.startswith(TMP_PREFIX):
                 found[(stage, path.parent.name)] = json.loads(path.read_text(encoding="utf-8"))
+        for digest, manifest in (remote.manifests(stage) if remote else {}).items():
+            found.setdefault((stage, digest), manifest)
     return found
 
 
@@ -310,6 +313,7 @@ def plan_retention(
     exports = read_exports(artifacts_dir)
     writers = {stage: live_writers(artifacts_dir, stage) for stage in MODEL_STAGES}
     context = {"versions": versions, "exports": exports, "writers": writers, "children": children}
+    context["manifests"] = manifests
     trains = [
         plan_model(artifacts_dir, "train", digest, retention_days, now, context, client)
         for stage, digest in manifests
@@ -342,8 +346,7 @@ def plan_model(
 ) -> ModelEntry:
     """One model stage's entry: what holds it (alias, export, a kept train built on it, youth,
     a live run), else `remove` with the stages built from it and its versions."""
-    path = stage_dir(artifacts_dir, stage, digest)
-    created = model_created(path)
+    created = model_created(context["manifests"][(stage, digest)])
     expires = expires_at(created, retention_days)
     versions = context["versions"].get(digest, []) if stage == "train" else []
     exports = context["exports"].get(digest, []) if stage == "train" else []
@@ -366,13 +369,13 @@ def plan_model(
                   bytes=folder_bytes(stage_dir(artifacts_dir, s, d)))
         for s, d in group[1:]
     ]  # fmt: skip
-    size = folder_bytes(path) + sum(item.bytes for item in items)
+    size = folder_bytes(stage_dir(artifacts_dir, stage, digest)) + sum(item.bytes for item in items)
     size += sum(logged_model_bytes(client, v) for v in versions)
     expired = f"expired {expires.date().isoformat()}: no alias, not exported, not in use"
     return ModelEntry(
         stage=stage,
         digest=digest,
-        path=str(path),
+        path=str(stage_dir(artifacts_dir, stage, digest)),
         created=created,
         expires=expires,
         action="keep" if reasons else "remove",
@@ -472,7 +475,10 @@ def remove_model(plan: RetentionPlan, entry: ModelEntry, client: mlflow.MlflowCl
             kept_by = remove_versions(plan, entry, client)
             if kept_by:
                 return entry.model_copy(update={"action": "keep", "reasons": kept_by})
+        remote = bound_store(plan.artifacts_dir)
         for stage, digest in group:  # the stages built from the model first, the model last
+            if remote:  # gone for every machine first, then this machine's copy
+                remote.remove_stage(stage, digest)
             trash(stage_dir(plan.artifacts_dir, stage, digest))
     return entry
 

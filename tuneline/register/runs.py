@@ -172,7 +172,9 @@ def expires(
     exports = read_exports(artifacts_dir).get(trained.digest, []) if trained else []
     aliases, tags = (version.aliases, [version.tags.get(EXPORTED_TAG)]) if version else ([], [])
     return expiry(
-        model_created(trained.dir) if trained else created, float(days), holders(aliases, tags, exports)
+        model_created(read_manifest(trained)) if trained else created,
+        float(days),
+        holders(aliases, tags, exports),
     )
 
 
