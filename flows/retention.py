@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from tuneline.errors import quiet_user_errors
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import Recipe
 from tuneline.register.retention import RetentionReport, apply_retention, plan_retention
 
@@ -26,7 +27,9 @@ def retention(recipe: Recipe, dry_run: bool = False, now: datetime | None = None
     sets the clock (default: the current time)."""
     quiet_user_errors()  # a worker's log shows a user's mistake without a traceback
     spec = recipe.register
-    plan = plan_retention(recipe.work_dir, spec.tracking_uri, spec.retention_days, now)
+    plan = plan_retention(
+        open_artifacts(recipe.artifacts_dir, recipe.work_dir), spec.tracking_uri, spec.retention_days, now
+    )
     report = apply_retention(plan, dry_run=dry_run)
     create_table_artifact(
         table_rows(report),

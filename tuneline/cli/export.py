@@ -10,6 +10,7 @@ import typer
 
 from tuneline.cli.options import DEFAULT_ARTIFACTS_DIR, fail
 from tuneline.errors import UserError
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import RecipeError, load_recipe
 
 
@@ -65,7 +66,10 @@ def export_command(
             loaded = load_recipe(recipe)
         except RecipeError as error:
             raise fail(str(error)) from None
-        artifacts_dir = artifacts_dir or Path(loaded.work_dir)
+        try:
+            artifacts_dir = artifacts_dir or open_artifacts(loaded.artifacts_dir, loaded.work_dir)
+        except UserError as error:  # an object store that cannot be reached
+            raise fail(error) from None
         tracking_uri = tracking_uri or loaded.register.tracking_uri
         model_name = loaded.register.model_name
     artifacts_dir = artifacts_dir or DEFAULT_ARTIFACTS_DIR

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from tuneline.cli.options import fail
 from tuneline.errors import UserError
+from tuneline.objectstore import open_artifacts
 from tuneline.recipe import RecipeError, load_recipe
 
 COLUMNS = ("action", "stage", "digest", "created (UTC)", "expires", "size", "why", "with it")
@@ -44,7 +45,10 @@ def retention_command(
     clock = parse_now(now)
     try:
         plan = plan_retention(
-            recipe.work_dir, recipe.register.tracking_uri, recipe.register.retention_days, clock
+            open_artifacts(recipe.artifacts_dir, recipe.work_dir),
+            recipe.register.tracking_uri,
+            recipe.register.retention_days,
+            clock,
         )
         report = apply_retention(plan, dry_run=dry_run)
     except UserError as error:
