@@ -120,7 +120,7 @@ def test_a_node_whose_main_node_never_publishes_names_wait_s(tmp_path):
     spec = DistributedSpec(strategy="ddp", nodes=2, node_rank=1, wait_s=1)
     lines: list[str] = []
     with pytest.raises(launch.LaunchError, match=r"within 1 s \(train.distributed.wait_s\)") as error:
-        train.wait_for_main_node(tmp_path, "d0", spec, echo=lines.append, poll_s=0.2)
+        launch.wait_for_main_node(tmp_path, "d0", spec, echo=lines.append, poll_s=0.2)
     assert "check node 0's log" in str(error.value)
     assert lines == ["node 1: workers done; waiting up to 1 s for node 0 to publish the train stage d0"]
 

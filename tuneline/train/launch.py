@@ -21,6 +21,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +33,9 @@ from pydantic import BaseModel, ConfigDict
 
 from tuneline.errors import UserError
 from tuneline.experiment import TrackingTarget
+from tuneline.pipeline import TRAIN
 from tuneline.recipe import DistributedSpec, ModelSpec, TrainSpec
-from tuneline.store import StageRef
+from tuneline.store import StageRef, find_stage
 
 REQUEST_FILE = "launch_request.json"
 CONFIG_FILE = "accelerate_config.yaml"
@@ -225,3 +227,31 @@ def _nodes_hint(spec: DistributedSpec) -> str:
         f"(each its own node_rank) within {spec.wait_s} s (train.distributed.wait_s) of the others and "
         f"reaches {spec.main_address}:{spec.main_port}"
     )
+
+
+def wait_for_main_node(
+    artifacts_dir: str | Path,
+    digest: str,
+    spec: DistributedSpec,
+    echo: Callable[[str], None] | None = None,
+    poll_s: float = 1.0,
+) -> StageRef:
+    """On a node other than the main one, once its workers are done: the train stage that the
+    main node's rank 0 writes and publishes (with an object store as artifacts_dir, found there and
+    copied here). Raises LaunchError after `spec.wait_s` seconds without it."""
+    if echo:
+        echo(
+            f"node {spec.node_rank}: workers done; waiting up to {spec.wait_s} s for node 0 to "
+            f"publish the train stage {digest}"
+        )
+    deadline = time.monotonic() + spec.wait_s
+    while (ref := find_stage(artifacts_dir, TRAIN.name, digest)) is None:
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"train.distributed: node {spec.node_rank} trained, but the train stage {digest} did not "
+                f"appear in {artifacts_dir} within {spec.wait_s} s (train.distributed.wait_s); check node "
+                "0's log, that both nodes use the same artifacts_dir (an object store), or raise wait_s "
+                "if saving the model takes longer"
+            )
+        time.sleep(poll_s)
+    return ref

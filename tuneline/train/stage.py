@@ -36,7 +36,7 @@ from tuneline import models
 from tuneline.experiment import TrackingTarget
 from tuneline.objectstore import download_checkpoint
 from tuneline.pipeline import TRAIN, train_key
-from tuneline.recipe import DistributedSpec, ModelSpec, TrainSpec
+from tuneline.recipe import ModelSpec, TrainSpec
 from tuneline.store import StageRef, StageWriter, find_stage, iter_records, stage_lock, write_stage
 from tuneline.train import export, launch, layout, methods
 from tuneline.train import tracking as tracking_lib
@@ -251,41 +251,13 @@ def _train_unlocked(
                 f"see {launch_dir / launch.LOG_FILE}"
             )
         if ref is None:
-            ref = wait_for_main_node(artifacts_dir, digest, train.distributed, echo)
+            ref = launch.wait_for_main_node(artifacts_dir, digest, train.distributed, echo)
         _remove_dir(launch_dir)
     if main_node:
         _remove_dir(work_dir)
     else:  # on a disk shared with the main node the checkpoints are its to remove
         with suppress(OSError):
             work_dir.rmdir()
-    return ref
-
-
-def wait_for_main_node(
-    artifacts_dir: str | Path,
-    digest: str,
-    spec: DistributedSpec,
-    echo: Callable[[str], None] | None = None,
-    poll_s: float = 1.0,
-) -> StageRef:
-    """On a node other than the main one, once its workers are done: the train stage that the
-    main node's rank 0 writes and publishes (with an object store as artifacts_dir, found there and
-    copied here). Raises LaunchError after `spec.wait_s` seconds without it."""
-    if echo:
-        echo(
-            f"node {spec.node_rank}: workers done; waiting up to {spec.wait_s} s for node 0 to "
-            f"publish the train stage {digest}"
-        )
-    deadline = time.monotonic() + spec.wait_s
-    while (ref := find_stage(artifacts_dir, TRAIN.name, digest)) is None:
-        if time.monotonic() > deadline:
-            raise launch.LaunchError(
-                f"train.distributed: node {spec.node_rank} trained, but the train stage {digest} did not "
-                f"appear in {artifacts_dir} within {spec.wait_s} s (train.distributed.wait_s); check node "
-                "0's log, that both nodes use the same artifacts_dir (an object store), or raise wait_s "
-                "if saving the model takes longer"
-            )
-        time.sleep(poll_s)
     return ref
 
 
