@@ -27,10 +27,20 @@ from train_fixtures import make_split_and_model, small_spec
 
 from tuneline.objectstore import open_artifacts
 from tuneline.pipeline import train_key
-from tuneline.recipe import DistributedSpec, ModelSpec
-from tuneline.store import StageRef, find_stage, read_manifest, read_stats, verify_stage, write_stage
+from tuneline.recipe import DistributedSpec, ModelSpec, validate_recipe
+from tuneline.store import (
+    StageRef,
+    find_stage,
+    iter_records,
+    read_manifest,
+    read_stats,
+    verify_stage,
+    write_stage,
+)
 from tuneline.train import launch
 from tuneline.train import stage as train
+
+DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "support_intents.jsonl"
 
 
 def free_port() -> int:
@@ -201,3 +211,37 @@ def test_a_fresh_start_drops_the_old_checkpoints_on_every_node(tmp_path, monkeyp
     monkeypatch.setattr(train, "download_checkpoint", lambda *args: pytest.fail("fresh downloads nothing"))
     assert train.run_train(tmp_path, splits, model, spec).digest == digest
     assert seen == {"old checkpoint at launch": False}
+
+
+@pytest.mark.slow
+def test_the_second_nodes_run_ends_after_the_train_stage(tmp_path, prefect_server, monkeypatch):
+    """Node 1's flow lends its workers to the training and ends there: evaluate and register run
+    once, on node 0, not once per node. Node 0 is played by a launcher that publishes the stage."""
+    from tuneline.flows.finetune import finetune
+
+    lines = DATA.read_text().splitlines()[:120]
+    (tmp_path / "tickets.jsonl").write_text("\n".join(lines) + "\n")
+    _, model = make_split_and_model(tmp_path)
+
+    def node0_publishes(request, spec, work_dir, echo=None):
+        with write_stage(request.artifacts_dir, "train", request.digest, [request.splits]) as writer:
+            for record in iter_records(request.splits, "train.jsonl"):
+                writer.count_in()
+                writer.keep({"id": record["id"]}, "trained.jsonl")
+
+    monkeypatch.setattr(launch, "launch_training", node0_publishes)
+    recipe = validate_recipe(
+        {
+            "name": "node-1",
+            "artifacts_dir": str(tmp_path / "node1"),
+            "sources": [{"name": "tickets", "path": str(tmp_path / "tickets.jsonl")}],
+            "gate": {"min_records": 50, "min_chars": 1, "max_chars": 400},
+            "model": {"name": model.name},
+            "train": {"distributed": {"strategy": "ddp", "nodes": 2, "node_rank": 1, "main_port": 29400}},
+            "register": {"model_name": "node-1"},
+        }
+    )
+    summary = finetune(recipe)
+    assert [row["stage"] for row in summary["funnel"]][-2:] == ["split", "train"]
+    assert "evaluation" not in summary and "registry" not in summary
+    assert not (tmp_path / "node1" / "stages" / "evaluate").exists()
