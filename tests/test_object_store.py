@@ -142,11 +142,20 @@ def test_one_local_folder_serves_one_store(tmp_path, s3_server):  # noqa: F811
         open_artifacts(other_url, str(folder))
 
 
-def test_a_missing_bucket_and_credentials_in_the_url_are_clear_errors(tmp_path, s3_server):  # noqa: F811
+def test_a_missing_bucket_an_unreachable_store_and_credentials_in_the_url_are_clear_errors(
+    tmp_path,
+    s3_server,  # noqa: F811
+    monkeypatch,
+):
     with pytest.raises(
         ObjectStoreError, match="the bucket 'no-such-bucket' of s3://no-such-bucket/p does not"
     ):
         open_artifacts("s3://no-such-bucket/p", str(tmp_path / "a"))
+    with monkeypatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+        env.setenv("AWS_MAX_ATTEMPTS", "1")
+        with pytest.raises(ObjectStoreError, match="cannot reach s3://any-bucket/p: EndpointConnectionError"):
+            open_artifacts("s3://any-bucket/p", str(tmp_path / "b"))
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     with pytest.raises(RecipeError) as error:
         load_recipe(recipe, ["artifacts_dir=s3://key:secret@bucket/p"])

@@ -106,7 +106,7 @@ class ObjectStore:
 
         try:
             # No listings cache: another machine's commit must be seen at the next look.
-            fs, _ = fsspec.core.url_to_fs(url, use_listings_cache=False)
+            fs, _ = fsspec.core.url_to_fs(url, use_listings_cache=False, skip_instance_cache=True)
         except ImportError as error:
             raise ObjectStoreError(
                 f"artifacts_dir: {url} needs a package that is not installed ({error}); "
@@ -267,12 +267,14 @@ def open_artifacts(artifacts_dir: str, work_dir: str) -> Path:
         return Path(work_dir).resolve()
     store = ObjectStore.open(artifacts_dir)
     bucket = store.key().split("/")[0]
-    with store._errors("reach"):
-        if not store.fs.exists(bucket):
-            raise ObjectStoreError(
-                f"artifacts_dir: the bucket {bucket!r} of {artifacts_dir} does not exist (or these "
-                "credentials cannot see it); create it, or fix the URL"
-            )
+    try:
+        with store._errors("reach"):
+            store.fs.info(bucket)
+    except FileNotFoundError:
+        raise ObjectStoreError(
+            f"artifacts_dir: the bucket {bucket!r} of {artifacts_dir} does not exist (or these "
+            "credentials cannot see it); create it, or fix the URL"
+        ) from None
     return bind(work_dir, artifacts_dir)
 
 
