@@ -10,6 +10,9 @@ The reference is one node with 2 processes, not 1 process with a batch twice as 
 the two layouts are the same computation (global ranks 0 and 1, the same data shards, the same
 gradient all-reduce over gloo), so the weights agree to the bit; a single process with the doubled
 batch pads and reduces in another order and agrees only to float rounding.
+
+Also: what a node says when the others never come, a fresh start on every node, and node 1's
+flow ending after the train stage.
 """
 
 from __future__ import annotations
