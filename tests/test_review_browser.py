@@ -60,7 +60,7 @@ def choose(page, select, option: str) -> None:
 
 
 def test_a_paused_round_is_decided_in_the_prefect_ui_form(prefect_ui, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     artifacts = tmp_path / "artifacts"
@@ -81,7 +81,8 @@ def test_a_paused_round_is_decided_in_the_prefect_ui_form(prefect_ui, tmp_path):
                 form = page.get_by_role("dialog")
                 form.wait_for()
                 fields = form.locator("textarea")  # reviewer, then per row: id, question, answer, reason
-                assert fields.count() == 1 + 4 * pending.count
+                # The dialog opens before its form renders (seen under load): wait for the fields.
+                expect(fields).to_have_count(1 + 4 * pending.count, timeout=30_000)
                 assert fields.nth(3).input_value() in {answer for _, answer in TOPICS}  # pre-filled
                 fields.nth(0).fill("ui-reviewer")
                 decision = form.locator("button.p-select-button__control").nth(1)
