@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -196,6 +197,28 @@ def add_records_and_wait_for_a_refresh(project: Path, lines: list[str], worker) 
         time.sleep(1)
 
 
+def stop_worker(worker: subprocess.Popen) -> None:
+    """Stop the worker and the flow runs it has going (each in a session of its own). A stopping
+    worker waits for its runs, and a refresh fires every 4 s: under load one still in flight kept
+    the worker up past 30 s and then hung on once the server had gone."""
+    import psutil
+
+    def kill_runs() -> None:
+        for child in psutil.Process(worker.pid).children(recursive=True):
+            child.kill()
+
+    if worker.poll() is not None:
+        return
+    kill_runs()
+    os.killpg(worker.pid, signal.SIGTERM)
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        kill_runs()
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+
+
 def train_unregistered(project: Path, recipe) -> Path:
     """A train stage with another seed on the newest split, in this process, registered nowhere."""
     from tuneline.train.stage import run_train
@@ -215,7 +238,6 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
     registers without promoting (no win), and the retention deployment, with its clock 30 days
     ahead, removes a trained model nothing keeps and keeps the champion and the candidate."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    from tuneline.flows.deploy import deploy, plan_deployments
     from tuneline.flows.server import local_prefect_server, stop_server
 
     from tuneline.recipe import load_recipe
@@ -224,7 +246,6 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     home = project / "store" / "prefect"
     recipe = load_recipe(project / "recipe.yaml")
-    worker = None
     try:
         with local_prefect_server(home) as api_url, temporary_settings({PREFECT_API_URL: api_url}):
             worker = subprocess.Popen(
@@ -234,38 +255,45 @@ def test_scheduled_refresh_and_retention_run_on_a_worker(project, monkeypatch):
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
             )
-            deploy(
-                api_url,
-                plan_deployments(recipe, PREFECT_FILE, only=["refresh"], every={"refresh": 4}),
-                project,
-            )
-            first = wait_for_runs("refresh", 1, worker)[0]
-            assert "train" in task_names(first.id)
-            assert registered_versions(project) == {"1": ["candidate", "champion"]}
-
-            unchanged = wait_for_runs("refresh", 2, worker)[1]
-            names = task_names(unchanged.id)
-            assert "collect" in names and not names & {"clean", "train", "evaluate", "register"}
-            assert registered_versions(project) == {"1": ["candidate", "champion"]}
-
-            lines = DATA.read_text().splitlines()
-            add_records_and_wait_for_a_refresh(project, lines[200:240], worker)
-            assert registered_versions(project) == {"1": ["champion"], "2": ["candidate"]}  # no win
-            experiment = train_unregistered(project, recipe)  # someone's try, never registered
-
-            later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
-            retention = plan_deployments(
-                recipe, PREFECT_FILE, only=["retention"], every={"retention": 4},
-                parameters={"retention": {"now": later}},
-            )  # fmt: skip
-            deploy(api_url, retention, project)
-            wait_for_runs("retention", 1, worker)
-            # 30 days old by the injected clock: the model no alias keeps goes, the aliased stay.
-            assert not experiment.exists()
-            assert registered_versions(project) == {"1": ["champion"], "2": ["candidate"]}
-            assert all((project / "store" / "stages" / stage).is_dir() for stage in ("collect", "split"))
+            try:
+                check_scheduled_runs(project, recipe, api_url, worker)
+            finally:
+                stop_worker(worker)  # while the server is up: a run cut off from it hangs
     finally:
-        if worker is not None:
-            os.killpg(worker.pid, 15)
-            worker.wait(timeout=30)
         stop_server(home)
+
+
+def check_scheduled_runs(project: Path, recipe, api_url: str, worker: subprocess.Popen) -> None:
+    """The scheduled refresh and retention runs on `worker`, and what each leaves in the store."""
+    from tuneline.flows.deploy import deploy, plan_deployments
+
+    deploy(
+        api_url,
+        plan_deployments(recipe, PREFECT_FILE, only=["refresh"], every={"refresh": 4}),
+        project,
+    )
+    first = wait_for_runs("refresh", 1, worker)[0]
+    assert "train" in task_names(first.id)
+    assert registered_versions(project) == {"1": ["candidate", "champion"]}
+
+    unchanged = wait_for_runs("refresh", 2, worker)[1]
+    names = task_names(unchanged.id)
+    assert "collect" in names and not names & {"clean", "train", "evaluate", "register"}
+    assert registered_versions(project) == {"1": ["candidate", "champion"]}
+
+    lines = DATA.read_text().splitlines()
+    add_records_and_wait_for_a_refresh(project, lines[200:240], worker)
+    assert registered_versions(project) == {"1": ["champion"], "2": ["candidate"]}  # no win
+    experiment = train_unregistered(project, recipe)  # someone's try, never registered
+
+    later = (datetime.now(UTC) + timedelta(days=30)).isoformat()
+    retention = plan_deployments(
+        recipe, PREFECT_FILE, only=["retention"], every={"retention": 4},
+        parameters={"retention": {"now": later}},
+    )  # fmt: skip
+    deploy(api_url, retention, project)
+    wait_for_runs("retention", 1, worker)
+    # 30 days old by the injected clock: the model no alias keeps goes, the aliased stay.
+    assert not experiment.exists()
+    assert registered_versions(project) == {"1": ["champion"], "2": ["candidate"]}
+    assert all((project / "store" / "stages" / stage).is_dir() for stage in ("collect", "split"))
