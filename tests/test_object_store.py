@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from s3_server import s3_server  # noqa: F401  (fixture)
 
 from tuneline.errors import UserError
@@ -161,33 +160,21 @@ def test_a_missing_bucket_an_unreachable_store_and_credentials_in_the_url_are_cl
         load_recipe(recipe, ["artifacts_dir=s3://key:secret@bucket/p"])
     message = str(error.value)
     assert "artifacts_dir" in message and "has credentials in it" in message and "secret" not in message
+    with pytest.raises(RecipeError, match="give its path \\(/mnt/shared\\), not a URL"):
+        load_recipe(recipe, ["artifacts_dir=file:///mnt/shared"])
 
 
 @pytest.mark.slow
 def test_a_whole_run_commits_to_the_store_and_another_machine_reuses_it(tmp_path, s3_server, prefect_server):  # noqa: F811
     """The finetune flow with artifacts_dir on S3: every stage and the MLflow model are in the
     bucket; a second machine (another local_dir, the same tracking store) reuses every stage."""
+    from train_fixtures import small_project
     from tuneline.flows.finetune import finetune
 
-    from tuneline.models import make_tiny_model
-
     url = f"s3://{s3_server.bucket()}/runs"
-    data = Path(__file__).resolve().parents[1] / "recipes" / "data" / "support_intents.jsonl"
-    lines = data.read_text().splitlines()[:120]
-    (tmp_path / "tickets.jsonl").write_text("\n".join(lines) + "\n")
-    texts = [json.loads(line)["instruction"] for line in lines if line.endswith("}")]
-    make_tiny_model(tmp_path / "base", texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
-    recipe = {
-        "name": "s3-test",
-        "artifacts_dir": url,
-        "sources": [{"name": "tickets", "path": str(tmp_path / "tickets.jsonl")}],
-        "gate": {"min_records": 50, "min_chars": 1, "max_chars": 400},
-        "model": {"name": str(tmp_path / "base")},
-        "train": {"max_steps": 2, "batch_size": 16, "max_length": 96, "lora": {"r": 4, "alpha": 8}},
-        "evaluate": {"max_new_tokens": 3, "max_examples": 4},
-        "register": {"model_name": "s3-test", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
-    }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    train = {"max_steps": 2, "batch_size": 16, "max_length": 96, "lora": {"r": 4, "alpha": 8}}
+    register = {"model_name": "s3-test", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    small_project(tmp_path, "s3-test", artifacts_dir=url, train=train, register=register)
 
     first = finetune(load_recipe(tmp_path / "recipe.yaml", [f"local_dir={tmp_path / 'a'}"]))
     stored = keys(s3_server, url)

@@ -15,21 +15,19 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from postgres_server import free_port
+from train_fixtures import small_project
 from tuneline.flows.server import ServerStartError, local_prefect_server, reusable_server, stop_server
 from typer.testing import CliRunner
 
 from tuneline.cli.main import app
 from tuneline.errors import UserError
 from tuneline.experiment import check_tracking_store
-from tuneline.models import make_tiny_model
 from tuneline.recipe import RecipeError, validate_recipe
 from tuneline.register.serve import resolve_model
 
 pytestmark = pytest.mark.slow
 
-DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "support_intents.jsonl"
 MODEL = "pg-test"
 
 
@@ -37,21 +35,7 @@ MODEL = "pg-test"
 def project(tmp_path_factory, postgres):
     """A recipe file over 120 quickstart records and a tiny base model, and fresh databases."""
     root = tmp_path_factory.mktemp("pg-project")
-    lines = DATA.read_text().splitlines()[:120]
-    (root / "tickets.jsonl").write_text("\n".join(lines) + "\n")
-    texts = [json.loads(line)["instruction"] for line in lines if line.endswith("}")]
-    make_tiny_model(root / "base", texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
-    recipe = {
-        "name": "pg-test",
-        "artifacts_dir": str(root / "store"),
-        "sources": [{"name": "tickets", "path": str(root / "tickets.jsonl")}],
-        "gate": {"min_records": 50, "min_chars": 1, "max_chars": 400},
-        "model": {"name": str(root / "base")},
-        "train": {"max_steps": 3, "batch_size": 16, "max_length": 96, "lora": {"r": 4, "alpha": 8}},
-        "evaluate": {"max_new_tokens": 3, "max_examples": 4},
-        "register": {"model_name": MODEL},
-    }
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    small_project(root, MODEL)
     return {
         "root": root,
         "store": root / "store",

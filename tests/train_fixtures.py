@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import yaml
 
 from tuneline import models
 from tuneline.recipe import LoraSpec, ModelSpec, TrainSpec
 from tuneline.records import make_record
 from tuneline.store import StageRef, find_stage, write_stage
+
+QUICKSTART_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "support_intents.jsonl"
 
 QUESTIONS = {
     "refund": ["I want my money back", "refund the lamp please", "can I get a refund", "money back now"],
@@ -50,3 +55,26 @@ def small_spec(**changes: object) -> TrainSpec:
         logging_steps=1,
     )
     return spec.model_copy(update=changes)
+
+
+def small_project(root: Path, name: str, **changes: object) -> Path:
+    """A whole-run recipe file in `root` over the quickstart's first 120 records (bad lines
+    included) and a tiny base model built from them; `changes` replace top-level sections.
+    Returns the recipe's path."""
+    lines = QUICKSTART_DATA.read_text().splitlines()[:120]
+    (root / "tickets.jsonl").write_text("\n".join(lines) + "\n")
+    texts = [json.loads(line)["instruction"] for line in lines if line.endswith("}")]
+    models.make_tiny_model(root / "base", texts, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2)
+    recipe = {
+        "name": name,
+        "artifacts_dir": str(root / "store"),
+        "sources": [{"name": "tickets", "path": str(root / "tickets.jsonl")}],
+        "gate": {"min_records": 50, "min_chars": 1, "max_chars": 400},
+        "model": {"name": str(root / "base")},
+        "train": {"max_steps": 3, "batch_size": 16, "max_length": 96, "lora": {"r": 4, "alpha": 8}},
+        "evaluate": {"max_new_tokens": 3, "max_examples": 4},
+        "register": {"model_name": name},
+        **changes,
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return root / "recipe.yaml"

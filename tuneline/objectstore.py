@@ -81,6 +81,10 @@ def check_url(url: str) -> None:
             "written to the run's recipe.yaml and parameters; give them in the environment "
             "(for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and remove them from the URL"
         )
+    if parts.scheme in ("file", "local"):
+        raise ValueError(
+            f"{url!r}: for a local or mounted folder give its path ({parts.path or '/PATH'}), not a URL"
+        )
     if not parts.netloc:
         raise ValueError(f"{url!r} names no bucket; write {parts.scheme}://BUCKET/PREFIX")
     if parts.scheme not in fsspec.available_protocols():
