@@ -233,6 +233,7 @@ def test_a_training_resumes_on_another_machine_from_the_uploaded_checkpoint(
     ref = train.run_train(other, find_stage(other, "split", splits.digest), model, spec)
     stats = json.loads(ref.file("stats.json").read_text())
     assert stats["resumed_from_step"] == 2 and stats["steps_run"] == 2
+    assert not [key for key in keys(s3_server, store_url) if key.startswith("checkpoints/")]  # done with
     assert find_stage(machine(tmp_path, "third", store_url), "train", ref.digest) is not None
 
 

@@ -326,6 +326,18 @@ def upload_checkpoint(artifacts_dir: str | Path, checkpoint: Path) -> None:
     log.info("uploaded %s to %s", checkpoint.name, store.url)
 
 
+def remove_checkpoints(artifacts_dir: str | Path, work_dir: Path) -> None:
+    """Delete a finished training's uploaded checkpoints (its stage is committed: nothing resumes
+    from them any more). Nothing without a bound store."""
+    store = bound_store(artifacts_dir)
+    if store is None:
+        return
+    key = checkpoint_key(store, artifacts_dir, work_dir)
+    with store._errors("delete"):
+        if store.fs.exists(key):
+            store.fs.rm(key, recursive=True)
+
+
 def download_checkpoint(artifacts_dir: str | Path, work_dir: Path) -> Path | None:
     """The newest complete checkpoint a training with this `work_dir` uploaded, downloaded into it,
     or None (no store, or none uploaded). Used when the local folder has no checkpoint."""

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 
 from tuneline import models
 from tuneline.experiment import TrackingTarget
-from tuneline.objectstore import download_checkpoint
+from tuneline.objectstore import download_checkpoint, remove_checkpoints
 from tuneline.pipeline import TRAIN, train_key
 from tuneline.recipe import ModelSpec, TrainSpec
 from tuneline.store import StageRef, StageWriter, find_stage, iter_records, stage_lock, write_stage
@@ -255,6 +255,7 @@ def _train_unlocked(
         _remove_dir(launch_dir)
     if main_node:
         _remove_dir(work_dir)
+        remove_checkpoints(artifacts_dir, work_dir)  # the uploaded ones, with an object store
     else:  # on a disk shared with the main node the checkpoints are its to remove
         with suppress(OSError):
             work_dir.rmdir()
