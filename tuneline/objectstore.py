@@ -39,7 +39,6 @@ from tuneline.errors import UserError
 BINDING = "object_store.json"
 MANIFEST = "manifest.json"
 STAGES = "stages"
-CHECKPOINTS = "checkpoints"
 # Written last into a checkpoint folder by the trainer, uploaded last: a checkpoint without it is partial.
 CHECKPOINT_COMMIT = "trainer_state.json"
 # s3fs uploads a file in parts of this size once it is twice as large: the upload streams from
@@ -132,10 +131,6 @@ class ObjectStore:
                 return json.loads(self.fs.cat_file(self.stage_key(stage, digest, MANIFEST)))
         except FileNotFoundError:
             return None
-
-    def has_stage(self, stage: str, digest: str) -> bool:
-        with self._errors("read"):
-            return self.fs.exists(self.stage_key(stage, digest, MANIFEST))
 
     def manifests(self, stage: str) -> dict[str, dict[str, Any]]:
         """The committed manifests of every stage of this kind in the store, by digest."""
